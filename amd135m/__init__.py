@@ -1,0 +1,1 @@
+"""amd135m: AMD-135M re-implemented in JAX/Flax."""
