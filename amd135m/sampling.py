@@ -1,0 +1,221 @@
+"""Generation: a jitted prefill, then a `lax.while_loop` decode over the KV cache.
+
+Temperature, top-k, top-p and the seeds are traced values, so changing them never recompiles;
+shapes are bucketed (prompt length, new-token budget) so that nearby requests share one program.
+Each row has its own seed and its own stop ids, so a row's output does not depend on its batch.
+"""
+import dataclasses
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from amd135m import model as model_lib
+from amd135m.errors import UserError
+
+PAD_ID = -1  # fills the output buffer after a row stops; never a real token id
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """temperature 0 means greedy; top_k 0 and top_p 1 disable those filters."""
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  def validate(self) -> None:
+    if not self.temperature >= 0:
+      raise UserError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+    if self.top_k < 0:
+      raise UserError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise UserError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Token choice, shared with speculative decoding so that both shape distributions the same way.
+
+def filter_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
+  """Temperature, then top-k, then top-p (the reference's order), as masked logits.
+
+  logits: [..., V] f32; temperature > 0, top_k, top_p: traced scalars. Filtered entries are -inf.
+  """
+  vocab = logits.shape[-1]
+  logits = logits / temperature
+  ordered = -jnp.sort(-logits, axis=-1)                                        # [..., V] descending
+  rank = jnp.arange(vocab)
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+  in_top_k = rank < k
+  probs = jax.nn.softmax(jnp.where(in_top_k, ordered, -jnp.inf), axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  # Keep the smallest prefix whose mass reaches top_p; the first token is always kept.
+  keep = in_top_k & ((mass_before < top_p) | (top_p >= 1.0))
+  threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def probabilities(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
+  """The distribution tokens are drawn from: one-hot argmax when temperature is 0. [..., V]."""
+  greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+  safe_t = jnp.where(temperature > 0, temperature, 1.0)
+  sampled = jax.nn.softmax(filter_logits(logits, safe_t, top_k, top_p), axis=-1)
+  return jnp.where(temperature > 0, sampled, greedy)
+
+
+def choose_tokens(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p) -> jax.Array:
+  """One token per row. logits: [B, V] f32; keys: [B] PRNG keys. Returns [B] int32."""
+  def sample(logits):
+    filtered = filter_logits(logits, temperature, top_k, top_p)
+    return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+
+  def greedy(logits):
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  # A traced branch: greedy runs skip the sort over the vocabulary entirely.
+  return jax.lax.cond(temperature > 0, sample, greedy, logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Jitted programs.
+
+@functools.partial(jax.jit, static_argnames=("config", "cache_len"))
+def prefill(params, config: model_lib.ModelConfig, tokens: jax.Array, prompt_lens: jax.Array,
+            cache_len: int):
+  """Runs the padded prompts through the model into a fresh cache.
+
+  tokens: [B, P] int32 (right-padded); prompt_lens: [B] int32.
+  Returns the logits at each row's last prompt token [B, V] and the cache with length = prompt_lens;
+  the padded slots beyond are never attended and get overwritten by decode.
+  """
+  cache = model_lib.init_cache(config, tokens.shape[0], cache_len)
+  logits, cache = model_lib.forward(params, config, tokens, cache)
+  last = jnp.take_along_axis(logits, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]
+  return last, cache.replace(length=prompt_lens)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoopState:
+  step: jax.Array        # scalar int32: tokens produced so far (same for every row)
+  tokens: jax.Array      # [B, N] int32 output buffer, PAD_ID after a row stops
+  num_tokens: jax.Array  # [B] int32 tokens produced per row, its stop token included
+  done: jax.Array        # [B] bool
+  last: jax.Array        # [B] int32 the newest token of each row
+  cache: model_lib.Cache
+
+
+jax.tree_util.register_dataclass(
+    _LoopState, data_fields=["step", "tokens", "num_tokens", "done", "last", "cache"],
+    meta_fields=[])
+
+
+@functools.partial(jax.jit, static_argnames=("config", "buffer_len"))
+def decode(params, config: model_lib.ModelConfig, first_logits: jax.Array, cache: model_lib.Cache,
+           max_new_tokens: jax.Array, seeds: jax.Array, stop_ids: jax.Array, temperature: jax.Array,
+           top_k: jax.Array, top_p: jax.Array, buffer_len: int):
+  """The decode loop. first_logits: [B, V]; seeds: [B] uint32; stop_ids: [B, K] int32 (-1 pads).
+
+  Token i of row b is drawn with key fold_in(key(seeds[b]), i). Returns (tokens [B, buffer_len],
+  num_tokens [B]). One forward per token after the first, which comes from the prefill logits.
+  """
+  keys = jax.vmap(jax.random.key)(seeds)
+
+  def pick(logits, step, done):
+    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+    token = choose_tokens(logits, step_keys, temperature, top_k, top_p)
+    return jnp.where(done, PAD_ID, token)
+
+  def record(state_tokens, num_tokens, done, token, step):
+    state_tokens = jax.lax.dynamic_update_slice(state_tokens, token[:, None], (0, step))
+    num_tokens = num_tokens + (~done).astype(jnp.int32)
+    is_stop = jnp.any(token[:, None] == stop_ids, axis=-1)
+    done = done | is_stop | (step + 1 >= max_new_tokens)
+    return state_tokens, num_tokens, done
+
+  batch = first_logits.shape[0]
+  not_done = jnp.zeros((batch,), bool)
+  first = pick(first_logits, 0, not_done)
+  buffer = jnp.full((batch, buffer_len), PAD_ID, jnp.int32)
+  buffer, num_tokens, done = record(buffer, jnp.zeros((batch,), jnp.int32), not_done, first, 0)
+  state = _LoopState(jnp.int32(1), buffer, num_tokens, done, first, cache)
+
+  def cond(s: _LoopState):
+    return (s.step < max_new_tokens) & ~jnp.all(s.done)
+
+  def body(s: _LoopState):
+    # Finished rows keep stepping with a harmless token; their output stays PAD_ID.
+    feed = jnp.where(s.done, 0, s.last)[:, None]
+    logits, cache = model_lib.forward(params, config, feed, s.cache)
+    token = pick(logits[:, -1], s.step, s.done)
+    buffer, num_tokens, done = record(s.tokens, s.num_tokens, s.done, token, s.step)
+    return _LoopState(s.step + 1, buffer, num_tokens, done, jnp.where(s.done, s.last, token), cache)
+
+  final = jax.lax.while_loop(cond, body, state)
+  return final.tokens, final.num_tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Host-side entry point.
+
+def bucket(n: int, minimum: int = 16) -> int:
+  """The next power of two at or above n (and `minimum`): the shapes we compile for."""
+  return max(minimum, 1 << math.ceil(math.log2(max(n, 1))))
+
+
+@dataclasses.dataclass
+class Generation:
+  tokens: list[list[int]]  # new tokens per row, a stop token included when one ended the row
+  stopped: list[bool]      # whether the row ended on a stop id (else it ran out of budget)
+
+
+def generate(params, config: model_lib.ModelConfig, prompts: Sequence[Sequence[int]],
+             max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
+             seed: int | Sequence[int] = 0,
+             stop_ids: Sequence[int] | Sequence[Sequence[int]] = ()) -> Generation:
+  """Generates for a batch of token-id prompts of any lengths.
+
+  seed: one int (row b uses seed + b) or one per row. stop_ids: shared, or one list per row.
+  """
+  sampling.validate()
+  batch = len(prompts)
+  if batch == 0:
+    raise UserError("no prompts given")
+  lens = [len(p) for p in prompts]
+  if min(lens) == 0:
+    raise UserError("a prompt encodes to no tokens: give non-empty text (or a tokenizer with BOS)")
+  if max_new_tokens < 1:
+    raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if max(lens) + max_new_tokens > config.max_seq_len:
+    raise UserError(f"prompt ({max(lens)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds "
+                    f"the model's context of {config.max_seq_len}: shorten one of them")
+  for row, prompt in enumerate(prompts):
+    bad = [t for t in prompt if not 0 <= t < config.vocab_size]
+    if bad:
+      raise UserError(f"prompt {row} has token id {bad[0]} outside the vocabulary "
+                      f"[0, {config.vocab_size}): it was encoded for another model")
+
+  prompt_len = bucket(max(lens))
+  buffer_len = bucket(max_new_tokens)
+  tokens = np.zeros((batch, prompt_len), np.int32)
+  for row, prompt in enumerate(prompts):
+    tokens[row, :len(prompt)] = prompt
+
+  seeds = [seed + row for row in range(batch)] if isinstance(seed, int) else list(seed)
+  per_row_stops = stop_ids if stop_ids and not isinstance(stop_ids[0], int) else [stop_ids] * batch
+  width = max(1, max(len(s) for s in per_row_stops))
+  stops = np.full((batch, width), -1, np.int32)
+  for row, ids in enumerate(per_row_stops):
+    stops[row, :len(ids)] = list(ids)
+
+  first_logits, cache = prefill(params, config, jnp.asarray(tokens), jnp.asarray(lens, jnp.int32),
+                                cache_len=prompt_len + buffer_len)
+  out, counts = decode(params, config, first_logits, cache, jnp.int32(max_new_tokens),
+                       jnp.asarray(np.asarray(seeds, np.uint32)), jnp.asarray(stops),
+                       jnp.float32(sampling.temperature), jnp.int32(sampling.top_k),
+                       jnp.float32(sampling.top_p), buffer_len=buffer_len)
+  out, counts = np.asarray(out), np.asarray(counts)
+  rows = [out[row, :counts[row]].tolist() for row in range(batch)]
+  stopped = [bool(r) and r[-1] in set(per_row_stops[i]) for i, r in enumerate(rows)]
+  return Generation(tokens=rows, stopped=stopped)

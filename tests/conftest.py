@@ -1,0 +1,27 @@
+"""Shared fixtures: the real SmolLM2 GGUF, and JAX set up once for the whole suite."""
+import os
+import pathlib
+import sys
+
+import pytest
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import jax  # noqa: E402
+
+jax.config.update("jax_enable_x64", False)
+# Persistent compilation cache outside the repo: reruns of the suite skip XLA compiles.
+jax.config.update("jax_compilation_cache_dir",
+                  str(pathlib.Path.home() / ".cache" / "amd135m" / "jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import fetch_test_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> pathlib.Path:
+  path = fetch_test_models.smollm2_path()
+  if not path.exists():
+    pytest.fail(f"{path} is missing: run `make models` (make test does it)")
+  return path
