@@ -25,3 +25,21 @@ def smollm2_gguf() -> pathlib.Path:
   if not path.exists():
     pytest.fail(f"{path} is missing: run `make models` (make test does it)")
   return path
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+  """(ModelConfig, params on device) of the real SmolLM2, loaded once for the whole suite."""
+  from amd135m import checkpoints
+  config, params = checkpoints.load_params(smollm2_gguf)
+  return config, jax.tree.map(jax.numpy.asarray, params)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf):
+  """transformers' own GGUF loading of the same file (dequantised to f32), the reference."""
+  import torch
+  import transformers
+  model = transformers.LlamaForCausalLM.from_pretrained(
+      smollm2_gguf.parent, gguf_file=smollm2_gguf.name, torch_dtype=torch.float32)
+  return model.eval()

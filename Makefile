@@ -1,0 +1,35 @@
+# Two commands set up everything on a fresh machine with Python 3.11: `make demo`, `make test`.
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+SMOLLM2 := $(shell $(PY) tools/fetch_test_models.py --print-path 2>/dev/null)
+
+.PHONY: install models test demo bench clean
+
+# torch first, pinned: that takes the CPU wheel; letting transformers pull torch brings a CUDA build.
+$(VENV)/.installed: setup.py
+	test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet torch==2.13.0
+	$(PYTHON) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Test and demo models go to a cache outside the repo ($$AMD135M_CACHE, default ~/.cache/amd135m).
+models: install
+	$(PYTHON) tools/fetch_test_models.py
+
+test: models
+	$(PYTHON) -m pytest tests -q --durations=20
+
+demo: models
+	$(PYTHON) -m amd135m.generate --model $(SMOLLM2) --max-new-tokens 96 \
+	  --prompt "Write a Python function that checks whether a number is prime." \
+	  --prompt "What is the capital of France?"
+
+bench: models
+	$(PYTHON) -m amd135m.bench decode --model $(SMOLLM2) --json
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache
