@@ -219,3 +219,29 @@ def generate(params, config: model_lib.ModelConfig, prompts: Sequence[Sequence[i
   rows = [out[row, :counts[row]].tolist() for row in range(batch)]
   stopped = [bool(r) and r[-1] in set(per_row_stops[i]) for i, r in enumerate(rows)]
   return Generation(tokens=rows, stopped=stopped)
+
+
+def generate_text(params, config: model_lib.ModelConfig, tokenizer, texts: Sequence[str],
+                  max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
+                  seed: int = 0) -> list[dict]:
+  """Encodes, generates as one batch, decodes; one record per text (the CLI's JSON lines).
+
+  `seconds` is the wall time of the whole batch (prefill, decode, host transfers), so
+  tokens_per_second of a row is its new tokens over the batch's time.
+  """
+  import time  # noqa: PLC0415 (only this host-side helper times anything)
+
+  prompts = [tokenizer.encode(text) for text in texts]
+  if any(not text for text in texts):
+    raise UserError("empty prompt: give some text to continue")
+  start = time.perf_counter()
+  result = generate(params, config, prompts, max_new_tokens, sampling, seed,
+                    stop_ids=list(tokenizer.stop_ids))
+  seconds = time.perf_counter() - start
+  records = []
+  for text, ids, stopped in zip(texts, result.tokens, result.stopped):
+    shown = ids[:-1] if stopped else ids  # the stop token ends the text; it is not part of it
+    records.append(dict(prompt=text, completion=tokenizer.decode(shown), token_ids=ids,
+                        new_tokens=len(ids), stopped=stopped, seconds=seconds,
+                        tokens_per_second=len(ids) / seconds))
+  return records

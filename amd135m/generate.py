@@ -1,0 +1,69 @@
+"""python -m amd135m.generate --model PATH --prompt TEXT [--prompt ...] --max-new-tokens N
+
+PATH is a GGUF file or a Hugging Face Llama directory. --temperature 0 (the default) is greedy.
+"""
+import argparse
+import json
+import sys
+
+from amd135m import checkpoints, sampling, tokenizer as tokenizer_lib
+from amd135m.errors import UserError
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(prog="amd135m.generate", description=__doc__.splitlines()[0])
+  parser.add_argument("--model", required=True, help="a .gguf file or a Hugging Face directory")
+  parser.add_argument("--prompt", action="append", default=[], help="repeat for a batch")
+  parser.add_argument("--prompts-file", help="JSONL with a 'prompt' field per line")
+  parser.add_argument("--max-new-tokens", type=int, default=128)
+  parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+  parser.add_argument("--top-k", type=int, default=0, help="0 disables")
+  parser.add_argument("--top-p", type=float, default=1.0, help="1 disables")
+  parser.add_argument("--seed", type=int, default=0, help="row i uses seed + i")
+  parser.add_argument("--json", action="store_true", help="one JSON object per prompt and line")
+  return parser.parse_args(argv)
+
+
+def read_prompts(args) -> list[str]:
+  prompts = list(args.prompt)
+  if args.prompts_file:
+    try:
+      with open(args.prompts_file, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+          if line.strip():
+            record = json.loads(line)
+            if not isinstance(record, dict) or "prompt" not in record:
+              raise UserError(f"{args.prompts_file}:{number}: expected an object with a 'prompt'")
+            prompts.append(record["prompt"])
+    except OSError as e:
+      raise UserError(f"cannot read --prompts-file: {e.strerror}: {args.prompts_file}") from e
+    except json.JSONDecodeError as e:
+      raise UserError(f"{args.prompts_file}:{e.lineno}: not valid JSON ({e.msg})") from e
+  if not prompts:
+    raise UserError("no prompt given: pass --prompt TEXT or --prompts-file F.jsonl")
+  return prompts
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  try:
+    prompts = read_prompts(args)
+    config, params = checkpoints.load_params(args.model)
+    tokenizer = tokenizer_lib.load_tokenizer(args.model)
+    params_sampling = sampling.SamplingParams(args.temperature, args.top_k, args.top_p)
+    records = sampling.generate_text(params, config, tokenizer, prompts, args.max_new_tokens,
+                                     params_sampling, args.seed)
+  except UserError as e:
+    print(f"amd135m.generate: error: {e}", file=sys.stderr)
+    return 2
+  for record in records:
+    if args.json:
+      print(json.dumps(record, ensure_ascii=False))
+    else:
+      print(f"{record['prompt']}{record['completion']}\n"
+            f"  [{record['new_tokens']} tokens, {record['tokens_per_second']:.1f} tokens/s]\n")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
