@@ -16,6 +16,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT / "tests"))
 import fetch_test_models  # noqa: E402
 
 
@@ -38,8 +39,5 @@ def smollm2(smollm2_gguf):
 @pytest.fixture(scope="session")
 def smollm2_hf(smollm2_gguf):
   """transformers' own GGUF loading of the same file (dequantised to f32), the reference."""
-  import torch
-  import transformers
-  model = transformers.LlamaForCausalLM.from_pretrained(
-      smollm2_gguf.parent, gguf_file=smollm2_gguf.name, torch_dtype=torch.float32)
-  return model.eval()
+  import hf_reference
+  return hf_reference.load_transformers_gguf(smollm2_gguf)

@@ -1,0 +1,21 @@
+"""The package never imports the references it is tested against."""
+import subprocess
+import sys
+
+
+def test_package_imports_neither_torch_nor_transformers():
+  modules = ["amd135m", "amd135m.model", "amd135m.sampling", "amd135m.tokenizer",
+             "amd135m.checkpoints", "amd135m.convert", "amd135m.generate", "amd135m.config_lib"]
+  code = ("import sys\n" + "".join(f"import {m}\n" for m in modules) +
+          "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert result.stdout.strip() == "[]"
+
+
+def test_no_source_file_imports_them_lazily():
+  import pathlib
+  import re
+  pattern = re.compile(r"^\s*(import|from)\s+(torch|transformers)\b", re.M)
+  package = pathlib.Path(__file__).resolve().parents[1] / "amd135m"
+  offenders = [str(p) for p in package.rglob("*.py") if pattern.search(p.read_text())]
+  assert offenders == []

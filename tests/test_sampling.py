@@ -1,0 +1,107 @@
+"""Token choice and the jitted generation loop."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from amd135m import sampling
+from amd135m.errors import UserError
+import hf_reference as ref
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  hf = ref.tiny_hf_model(seed=3, init_std=0.2, vocab_size=64)
+  return ref.our_config(hf), ref.our_params(hf)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [
+    (1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.9), (0.5, 20, 0.6), (1.0, 1, 1.0), (2.0, 0, 0.05)])
+def test_filter_matches_transformers_warpers(temperature, top_k, top_p):
+  logits = np.random.RandomState(0).randn(4, 300).astype(np.float32) * 3
+  warped = torch.as_tensor(logits)
+  for warper in [transformers.TemperatureLogitsWarper(temperature),
+                 top_k and transformers.TopKLogitsWarper(top_k),
+                 top_p < 1.0 and transformers.TopPLogitsWarper(top_p)]:
+    if warper:
+      warped = warper(None, warped)
+  ours = sampling.filter_logits(jnp.asarray(logits), temperature, top_k, top_p)
+  expected = warped.numpy()
+  np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(expected))
+  kept = np.isfinite(expected)
+  np.testing.assert_allclose(np.asarray(ours)[kept], expected[kept], rtol=1e-6)
+
+
+def test_sampled_tokens_follow_the_distribution():
+  """20000 draws from a 6-token distribution pass a chi-square test at the 0.1% level."""
+  logits = jnp.log(jnp.asarray([0.4, 0.25, 0.15, 0.1, 0.07, 0.03]))
+  keys = jax.random.split(jax.random.key(0), 20000)
+  draws = jax.jit(jax.vmap(lambda k: sampling.choose_tokens(logits[None], k[None], 1.0, 0, 1.0)))(
+      keys)[:, 0]
+  counts = np.bincount(np.asarray(draws), minlength=6)
+  expected = 20000 * np.array([0.4, 0.25, 0.15, 0.1, 0.07, 0.03])
+  chi2 = ((counts - expected) ** 2 / expected).sum()
+  assert chi2 < 20.5, (counts, chi2)  # chi-square 0.999 quantile with 5 degrees of freedom
+
+
+def test_no_recompilation_for_new_knobs(tiny):
+  """Temperature, top-k, top-p, seed and max_new_tokens within a bucket reuse one program."""
+  config, params = tiny
+  prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+  sampling.generate(params, config, prompts, 10, sampling.SamplingParams(0.0), seed=0)
+  sizes = (sampling.prefill._cache_size(), sampling.decode._cache_size())
+  for knobs, seed, n in [((0.8, 5, 0.9), 1, 12), ((1.5, 0, 1.0), 7, 16), ((0.0, 3, 0.5), 2, 9)]:
+    sampling.generate(params, config, prompts, n, sampling.SamplingParams(*knobs), seed=seed)
+  assert (sampling.prefill._cache_size(), sampling.decode._cache_size()) == sizes
+
+
+@pytest.mark.parametrize("knobs", [(0.0, 0, 1.0), (0.9, 8, 0.95)])
+def test_ragged_batch_equals_single_rows(tiny, knobs):
+  config, params = tiny
+  prompts = [[5, 9, 2], [7, 1, 1, 3, 8, 2, 6, 4, 4], [11]]
+  params_sampling = sampling.SamplingParams(*knobs)
+  batch = sampling.generate(params, config, prompts, 20, params_sampling, seed=[3, 4, 5]).tokens
+  for row, prompt in enumerate(prompts):
+    alone = sampling.generate(params, config, [prompt], 20, params_sampling, seed=[3 + row])
+    assert batch[row] == alone.tokens[0]
+
+
+def test_top_k_one_is_greedy(tiny):
+  config, params = tiny
+  greedy = sampling.generate(params, config, [[3, 4]], 16).tokens
+  top1 = sampling.generate(params, config, [[3, 4]], 16, sampling.SamplingParams(1.0, 1), seed=9)
+  assert top1.tokens == greedy
+
+
+def test_per_row_stop_ids(tiny):
+  """Each row stops on its own ids, its stop token last; others run to the budget."""
+  config, params = tiny
+  prompts = [[5, 9, 2], [7, 1, 1]]
+  free = sampling.generate(params, config, prompts, 24).tokens
+  stop_row0 = free[0][6]
+  stopped = sampling.generate(params, config, prompts, 24, stop_ids=[[stop_row0], [-5]])
+  assert stopped.tokens[0] == free[0][:free[0].index(stop_row0) + 1]
+  assert stopped.stopped == [True, False]
+  assert stopped.tokens[1] == free[1] and len(free[1]) == 24
+
+
+def test_budget_is_exact(tiny):
+  config, params = tiny
+  for n in [1, 2, 16, 17]:
+    assert len(sampling.generate(params, config, [[1, 2]], n).tokens[0]) == n
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(prompts=[[1, 2]], max_new_tokens=10_000), "exceeds the model's context"),
+    (dict(prompts=[[]], max_new_tokens=4), "no tokens"),
+    (dict(prompts=[[1, 64]], max_new_tokens=4), "outside the vocabulary"),
+    (dict(prompts=[[1]], max_new_tokens=0), "max_new_tokens"),
+    (dict(prompts=[[1]], max_new_tokens=4, sampling=sampling.SamplingParams(top_p=0.0)), "top_p"),
+    (dict(prompts=[[1]], max_new_tokens=4, sampling=sampling.SamplingParams(-1.0)), "temperature"),
+])
+def test_bad_requests_are_user_errors(tiny, bad, message):
+  config, params = tiny
+  with pytest.raises(UserError, match=message):
+    sampling.generate(params, config, **bad)
