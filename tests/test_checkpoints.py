@@ -23,6 +23,7 @@ from gguf import quants
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 from amd135m import checkpoints
+import hf_reference
 from amd135m.checkpoints import (flatten_params, hf_name_to_path, hf_shapes, iter_hf_tensors,
                                  load_params, path_to_hf_name, read_gguf_config, read_header,
                                  read_hf_config, save_hf, write_safetensors)
@@ -60,6 +61,12 @@ def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
 def hf_rows_from_gguf(w: np.ndarray, n_heads: int) -> np.ndarray:
   """Inverse of llama_cpp_permute by index bookkeeping, not by the loader's reshape."""
   return w[np.argsort(llama_cpp_permute(np.arange(w.shape[0]), n_heads))]
+
+
+def transformers_gguf_state_dict(path: pathlib.Path) -> tuple[dict[str, np.ndarray], object]:
+  """transformers' float32 state dict of a GGUF: the reference for our GGUF loader."""
+  model = hf_reference.load_transformers_gguf(path)
+  return {name: tensor.numpy() for name, tensor in model.state_dict().items()}, model.config
 
 
 # ---------------------------------------------------------------------------------------------
