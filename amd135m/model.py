@@ -7,32 +7,12 @@ checkpoint conversion is a rename plus a transpose of linear weights:
 Kernels are [in, out] because XLA's CPU matrix-vector product streams that layout about 1.4-2x faster
 (measured on this project's 2-core machine), and decode is bound by reading the weights.
 """
-import dataclasses
-
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  vocab_size: int
-  dim: int
-  n_layers: int
-  n_heads: int
-  n_kv_heads: int
-  ffn_dim: int
-  rope_theta: float = 10000.0
-  norm_eps: float = 1e-5
-  max_seq_len: int = 2048
-  tie_embeddings: bool = False
-  dtype: str = "float32"        # compute dtype of activations and matmuls
-  param_dtype: str = "float32"  # storage dtype of the weights
-
-  @property
-  def head_dim(self) -> int:
-    return self.dim // self.n_heads
+from amd135m.model_config import ModelConfig  # noqa: F401 (re-exported: model.ModelConfig)
 
 
 # ---------------------------------------------------------------------------------------------

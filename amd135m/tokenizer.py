@@ -21,12 +21,12 @@ import pathlib
 import re
 from typing import Any, Mapping
 
-import gguf
 import numpy as np
 import sentencepiece
 import tokenizers
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
 
+from amd135m import gguf_file
 from amd135m.errors import UserError
 
 _SPACE = "\u2581"  # sentencepiece's visible space
@@ -204,14 +204,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
   if path.suffix.lower() != ".gguf":
     raise UserError(f"{path} is neither a directory nor a .gguf file: "
                     "pass a Hugging Face model directory or a .gguf file")
-  try:
-    reader = gguf.GGUFReader(path)  # memory-maps the file: metadata only, no tensor is read
-  except (ValueError, KeyError, OSError) as e:
-    raise UserError(f"{path} is not a readable GGUF file ({e}): "
-                    "re-download or re-convert it") from e
-  metadata = {key: _gguf_value(field) for key, field in reader.fields.items()
-              if key.startswith("tokenizer.")}
-  return from_gguf_metadata(metadata, name=str(path))
+  metadata = gguf_file.read_gguf_header(path).metadata  # reads no tensor
+  return from_gguf_metadata({k: v for k, v in metadata.items() if k.startswith("tokenizer.")},
+                            name=str(path))
 
 
 def from_gguf_metadata(metadata: Mapping[str, Any], name: str = "the GGUF file") -> Tokenizer:
@@ -249,12 +244,6 @@ def from_gguf_metadata(metadata: Mapping[str, Any], name: str = "the GGUF file")
                other_stop_ids=[ids["eot"], ids["eom"]], add_bos=add_bos, add_eos=add_eos,
                pad_id=ids["padding"], unk_id=ids["unknown"],
                chat_template=meta("tokenizer.chat_template"))
-
-
-def _gguf_value(field: gguf.ReaderField):
-  """One metadata value as a Python str, int, float, bool or list."""
-  value = field.contents()
-  return value.item() if isinstance(value, np.generic) else value
 
 
 def _gguf_byte_level(tokens: list[str], types: list[int], merges: list[str] | None,

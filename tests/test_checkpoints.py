@@ -5,7 +5,6 @@ type, equals what transformers' GGUF loader produces (rotary permutation undone,
 HF: tiny random LlamaForCausalLMs survive transformers -> ours -> ours -> transformers bit for bit.
 """
 import dataclasses
-import functools
 import json
 import pathlib
 import subprocess

@@ -431,7 +431,7 @@ def test_not_a_gguf(tmp_path):
   with pytest.raises(UserError, match="neither a directory nor a .gguf"):
     load_tokenizer(tmp_path / "weights.bin")
   (tmp_path / "broken.gguf").write_bytes(b"not a gguf at all")
-  with pytest.raises(UserError, match="not a readable GGUF"):
+  with pytest.raises(UserError, match="not a GGUF file"):
     load_tokenizer(tmp_path / "broken.gguf")
 
 

@@ -15,7 +15,7 @@ from amd135m.checkpoints.layout import (DTYPES, CheckpointTensors, TensorSpec, a
                                         flatten_params, hf_name_to_path, hf_shapes,
                                         params_from_tensors, path_to_hf_name)
 from amd135m.checkpoints.safetensors_io import SafetensorsWriter, read_header, write_safetensors
-from amd135m.model import ModelConfig
+from amd135m.model_config import ModelConfig
 
 
 def iter_hf_tensors(path: str | os.PathLike, dtype: Any = None) -> CheckpointTensors:

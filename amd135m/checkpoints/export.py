@@ -15,7 +15,7 @@ from amd135m.checkpoints.layout import (CheckpointTensors, TensorSpec, as_dtype,
                                         flatten_params, hf_shapes)
 from amd135m.checkpoints.safetensors_io import ShardedWriter
 from amd135m.errors import UserError
-from amd135m.model import ModelConfig
+from amd135m.model_config import ModelConfig
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers 4.x's default; one 7B bf16 fits in 3 shards
 Progress = Callable[..., Iterable]  # progress(iterable, total=n) -> iterable, e.g. tqdm.tqdm

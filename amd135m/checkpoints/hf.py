@@ -8,7 +8,7 @@ from amd135m.checkpoints import safetensors_io
 from amd135m.checkpoints.layout import (CheckpointTensors, DTYPES, check_config, check_specs,
                                         hf_shapes)
 from amd135m.errors import UserError
-from amd135m.model import ModelConfig
+from amd135m.model_config import ModelConfig
 
 # Tensors some older exports carry that the model recomputes; skipping them loses nothing.
 _DERIVED_SUFFIXES = (".rotary_emb.inv_freq",)

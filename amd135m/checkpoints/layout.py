@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 
 from amd135m.errors import UserError
-from amd135m.model import ModelConfig
+from amd135m.model_config import ModelConfig
 
 DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype(np.float32),
