@@ -27,18 +27,25 @@ def parse_args(argv):
 def read_prompts(args) -> list[str]:
   prompts = list(args.prompt)
   if args.prompts_file:
+    name = args.prompts_file
     try:
-      with open(args.prompts_file, encoding="utf-8") as f:
+      with open(name, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
-          if line.strip():
+          if not line.strip():
+            continue
+          try:
             record = json.loads(line)
-            if not isinstance(record, dict) or "prompt" not in record:
-              raise UserError(f"{args.prompts_file}:{number}: expected an object with a 'prompt'")
-            prompts.append(record["prompt"])
+          except json.JSONDecodeError as e:
+            # Parsed one line at a time, so e.lineno is always 1: report the file's line number.
+            raise UserError(f"{name}:{number}: not valid JSON ({e.msg})") from e
+          # A non-string prompt would otherwise fail deep inside the tokenizer with a TypeError.
+          if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise UserError(f"{name}:{number}: expected an object with a string 'prompt'")
+          prompts.append(record["prompt"])
     except OSError as e:
-      raise UserError(f"cannot read --prompts-file: {e.strerror}: {args.prompts_file}") from e
-    except json.JSONDecodeError as e:
-      raise UserError(f"{args.prompts_file}:{e.lineno}: not valid JSON ({e.msg})") from e
+      raise UserError(f"cannot read --prompts-file: {e.strerror}: {name}") from e
+    except UnicodeDecodeError as e:
+      raise UserError(f"{name}: not UTF-8 text ({e.reason})") from e
   if not prompts:
     raise UserError("no prompt given: pass --prompt TEXT or --prompts-file F.jsonl")
   return prompts
