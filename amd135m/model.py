@@ -172,7 +172,10 @@ class Llama(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, cache: Cache | None = None,
-               return_attention: bool = False) -> tuple[jax.Array, Cache | None]:
+               return_attention: bool = False,
+               logit_positions: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
+    """logit_positions: [B, K] indices into T; when given, logits are [B, K, V] at those positions
+    only (a prefill needs one position per row, and the head is a fifth of a 135M model's FLOPs)."""
     c = self.config
     b, t = tokens.shape
     embed = Embedding(c, name="embed_tokens")
@@ -191,6 +194,8 @@ class Llama(nn.Module):
       if kv is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])
+    if logit_positions is not None:
+      x = jnp.take_along_axis(x, logit_positions[:, :, None], axis=1)                # [B, K, D]
     x = RMSNorm(c, name="norm")(x)
 
     if c.tie_embeddings:
@@ -218,9 +223,10 @@ def logical_axes(config: ModelConfig) -> dict:
   return nn.get_partition_spec(boxed)
 
 
-def forward(params: dict, config: ModelConfig, tokens: jax.Array, cache: Cache | None = None):
-  """(logits [B, T, V] f32, new cache). See `Llama` for the cache semantics."""
-  return Llama(config).apply({"params": params}, tokens, cache)
+def forward(params: dict, config: ModelConfig, tokens: jax.Array, cache: Cache | None = None,
+            logit_positions: jax.Array | None = None):
+  """(logits [B, T, V] f32, new cache). See `Llama` for the cache and logit_positions."""
+  return Llama(config).apply({"params": params}, tokens, cache, False, logit_positions)
 
 
 def forward_with_attention(params: dict, config: ModelConfig, tokens: jax.Array,

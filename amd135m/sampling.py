@@ -91,9 +91,9 @@ def prefill(params, config: model_lib.ModelConfig, tokens: jax.Array, prompt_len
   the padded slots beyond are never attended and get overwritten by decode.
   """
   cache = model_lib.init_cache(config, tokens.shape[0], cache_len)
-  logits, cache = model_lib.forward(params, config, tokens, cache)
-  last = jnp.take_along_axis(logits, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]
-  return last, cache.replace(length=prompt_lens)
+  logits, cache = model_lib.forward(params, config, tokens, cache,
+                                    logit_positions=(prompt_lens - 1)[:, None])
+  return logits[:, 0], cache.replace(length=prompt_lens)
 
 
 @dataclasses.dataclass(frozen=True)

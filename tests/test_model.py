@@ -143,3 +143,14 @@ def test_greedy_generation_matches_transformers():
   assert cut is None, f"reference margin under 1e-3 at step {cut}: pick another seed"
   ours = sampling.generate(params, config, [prompt[0].tolist()], 32).tokens[0]
   assert ours == expected
+
+
+def test_logits_at_chosen_positions(pair):
+  """logit_positions picks rows' positions before the head: equal to slicing the full logits."""
+  _, config, params = pair
+  tokens = jnp.asarray(np.random.RandomState(8).randint(0, config.vocab_size, (2, 9)))
+  full, _ = model_lib.forward(params, config, tokens)
+  positions = jnp.asarray([[8, 0], [3, 5]])
+  picked, _ = model_lib.forward(params, config, tokens, logit_positions=positions)
+  expected = jnp.take_along_axis(full, positions[:, :, None], axis=1)
+  np.testing.assert_allclose(np.asarray(picked), np.asarray(expected), atol=1e-5, rtol=0)
