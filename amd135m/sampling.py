@@ -59,10 +59,13 @@ def filter_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
 
 def probabilities(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
   """The distribution tokens are drawn from: one-hot argmax when temperature is 0. [..., V]."""
-  greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
-  safe_t = jnp.where(temperature > 0, temperature, 1.0)
-  sampled = jax.nn.softmax(filter_logits(logits, safe_t, top_k, top_p), axis=-1)
-  return jnp.where(temperature > 0, sampled, greedy)
+  def greedy(logits):
+    return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+
+  def sampled(logits):
+    return jax.nn.softmax(filter_logits(logits, temperature, top_k, top_p), axis=-1)
+
+  return jax.lax.cond(temperature > 0, sampled, greedy, logits)  # greedy skips the sort
 
 
 def choose_tokens(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p) -> jax.Array:
@@ -170,15 +173,20 @@ class Generation:
   stopped: list[bool]      # whether the row ended on a stop id (else it ran out of budget)
 
 
-def generate(params, config: model_lib.ModelConfig, prompts: Sequence[Sequence[int]],
-             max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
-             seed: int | Sequence[int] = 0,
-             stop_ids: Sequence[int] | Sequence[Sequence[int]] = ()) -> Generation:
-  """Generates for a batch of token-id prompts of any lengths.
+@dataclasses.dataclass
+class Request:
+  """A validated batch, padded to bucketed shapes, with per-row seeds and stop ids."""
+  tokens: np.ndarray          # [B, P] int32, right-padded, P = bucket(longest prompt)
+  lens: list[int]             # prompt length per row
+  seeds: np.ndarray           # [B] uint32
+  stops: np.ndarray           # [B, K] int32, -1 pads
+  row_stops: list[list[int]]  # the same, unpadded
 
-  seed: one int (row b uses seed + b) or one per row. stop_ids: shared, or one list per row.
-  """
-  sampling.validate()
+
+def prepare_request(config: model_lib.ModelConfig, prompts: Sequence[Sequence[int]],
+                    max_new_tokens: int, seed: int | Sequence[int] = 0,
+                    stop_ids: Sequence[int] | Sequence[Sequence[int]] = ()) -> Request:
+  """Checks a request against the model (one clear UserError each) and pads it."""
   batch = len(prompts)
   if batch == 0:
     raise UserError("no prompts given")
@@ -195,53 +203,41 @@ def generate(params, config: model_lib.ModelConfig, prompts: Sequence[Sequence[i
     if bad:
       raise UserError(f"prompt {row} has token id {bad[0]} outside the vocabulary "
                       f"[0, {config.vocab_size}): it was encoded for another model")
-
-  prompt_len = bucket(max(lens))
-  buffer_len = bucket(max_new_tokens)
-  tokens = np.zeros((batch, prompt_len), np.int32)
+  tokens = np.zeros((batch, bucket(max(lens))), np.int32)
   for row, prompt in enumerate(prompts):
     tokens[row, :len(prompt)] = prompt
-
   seeds = [seed + row for row in range(batch)] if isinstance(seed, int) else list(seed)
-  per_row_stops = stop_ids if stop_ids and not isinstance(stop_ids[0], int) else [stop_ids] * batch
-  width = max(1, max(len(s) for s in per_row_stops))
-  stops = np.full((batch, width), -1, np.int32)
-  for row, ids in enumerate(per_row_stops):
-    stops[row, :len(ids)] = list(ids)
+  if len(seeds) != batch:
+    raise UserError(f"{len(seeds)} seeds for {batch} prompts: give one seed or one per prompt")
+  stop_ids = list(stop_ids)
+  row_stops = ([list(s) for s in stop_ids] if stop_ids and not isinstance(stop_ids[0], int)
+               else [stop_ids] * batch)
+  stops = np.full((batch, max(1, max(len(s) for s in row_stops))), -1, np.int32)
+  for row, ids in enumerate(row_stops):
+    stops[row, :len(ids)] = ids
+  return Request(tokens, lens, np.asarray(seeds, np.uint32), stops, row_stops)
 
-  first_logits, cache = prefill(params, config, jnp.asarray(tokens), jnp.asarray(lens, jnp.int32),
+
+def generate(params, config: model_lib.ModelConfig, prompts: Sequence[Sequence[int]],
+             max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
+             seed: int | Sequence[int] = 0,
+             stop_ids: Sequence[int] | Sequence[Sequence[int]] = ()) -> Generation:
+  """Generates for a batch of token-id prompts of any lengths.
+
+  seed: one int (row b uses seed + b) or one per row. stop_ids: shared, or one list per row.
+  """
+  sampling.validate()
+  request = prepare_request(config, prompts, max_new_tokens, seed, stop_ids)
+  prompt_len = request.tokens.shape[1]
+  buffer_len = bucket(max_new_tokens)
+  first_logits, cache = prefill(params, config, jnp.asarray(request.tokens),
+                                jnp.asarray(request.lens, jnp.int32),
                                 cache_len=prompt_len + buffer_len)
   out, counts = decode(params, config, first_logits, cache, jnp.int32(max_new_tokens),
-                       jnp.asarray(np.asarray(seeds, np.uint32)), jnp.asarray(stops),
+                       jnp.asarray(request.seeds), jnp.asarray(request.stops),
                        jnp.float32(sampling.temperature), jnp.int32(sampling.top_k),
                        jnp.float32(sampling.top_p), buffer_len=buffer_len)
   out, counts = np.asarray(out), np.asarray(counts)
-  rows = [out[row, :counts[row]].tolist() for row in range(batch)]
-  stopped = [bool(r) and r[-1] in set(per_row_stops[i]) for i, r in enumerate(rows)]
+  rows = [out[row, :counts[row]].tolist() for row in range(len(request.lens))]
+  stopped = [bool(r) and r[-1] in set(request.row_stops[i]) for i, r in enumerate(rows)]
   return Generation(tokens=rows, stopped=stopped)
-
-
-def generate_text(params, config: model_lib.ModelConfig, tokenizer, texts: Sequence[str],
-                  max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
-                  seed: int = 0) -> list[dict]:
-  """Encodes, generates as one batch, decodes; one record per text (the CLI's JSON lines).
-
-  `seconds` is the wall time of the whole batch (prefill, decode, host transfers), so
-  tokens_per_second of a row is its new tokens over the batch's time.
-  """
-  import time  # noqa: PLC0415 (only this host-side helper times anything)
-
-  prompts = [tokenizer.encode(text) for text in texts]
-  if any(not text for text in texts):
-    raise UserError("empty prompt: give some text to continue")
-  start = time.perf_counter()
-  result = generate(params, config, prompts, max_new_tokens, sampling, seed,
-                    stop_ids=list(tokenizer.stop_ids))
-  seconds = time.perf_counter() - start
-  records = []
-  for text, ids, stopped in zip(texts, result.tokens, result.stopped):
-    shown = ids[:-1] if stopped else ids  # the stop token ends the text; it is not part of it
-    records.append(dict(prompt=text, completion=tokenizer.decode(shown), token_ids=ids,
-                        new_tokens=len(ids), stopped=stopped, seconds=seconds,
-                        tokens_per_second=len(ids) / seconds))
-  return records

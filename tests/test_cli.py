@@ -9,7 +9,7 @@ import sys
 import jax
 import pytest
 
-from amd135m import generate, sampling
+from amd135m import generate, inference, sampling
 from amd135m import tokenizer as tokenizer_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -80,14 +80,14 @@ def test_greedy_cli_matches_in_process_generate(cli_records, smollm2, tokenizer)
 def test_sampling_flags_reach_generate_text(smollm2, smollm2_gguf, monkeypatch, capsys):
   """In process: the flags arrive as SamplingParams and a seed, and the seed decides the draw."""
   seen = []
-  real = sampling.generate_text
+  real = inference.generate_text
 
   def spy(*args, **kwargs):
     bound = inspect.signature(real).bind(*args, **kwargs).arguments
-    seen.append((bound["max_new_tokens"], bound["sampling"], bound["seed"]))
+    seen.append((bound["max_new_tokens"], bound["sampling_params"], bound["seed"]))
     return real(*args, **kwargs)
 
-  monkeypatch.setattr(sampling, "generate_text", spy)
+  monkeypatch.setattr(inference, "generate_text", spy)
   # The session's params, not a second GGUF read; same batch shapes as above, so no new compile.
   monkeypatch.setattr(generate.checkpoints, "load_params", lambda *args, **kwargs: smollm2)
 

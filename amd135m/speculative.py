@@ -1,0 +1,336 @@
+"""Speculative decoding: one jitted `lax.while_loop` over a draft and a target.
+
+Each iteration the draft proposes gamma tokens, the target scores all gamma + 1 positions in one
+forward, and every row accepts its own prefix by the modified rejection sampling of Leviathan et
+al. (2023) / Chen et al. (2023): accept x ~ q with probability min(1, p(x) / q(x)); at the first
+rejection draw from normalize(max(0, p - q)); when all gamma pass, draw a bonus token from p.
+With temperature 0, p and q are one-hot argmaxes and the same rule is exactly greedy verification.
+
+Bookkeeping. Each row holds its committed sequence (prompt + accepted tokens) in `seq`, length L.
+The target's cache holds seq[:L-1]; the newest token is fed at the next verification. The draft's
+cache is rolled back to L-2 and fed seq[L-2:L], so a token it never saw (the last of an all-
+accepted run) is filled in for the cost of one wider forward. Rollback is moving `length`.
+"""
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from amd135m import model as model_lib
+from amd135m import sampling
+from amd135m.errors import UserError
+
+# ---------------------------------------------------------------------------------------------
+# Drafts: one interface, `init` before the loop and `propose` inside it.
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDraft:
+  """A (small) Llama with its own KV cache. Its vocabulary must be an id-prefix of the target's."""
+  config: model_lib.ModelConfig
+
+  def init(self, params, tokens: jax.Array, prompt_lens: jax.Array, cache_len: int):
+    """The draft cache after the prompts. tokens: [B, P] (ids past the draft's vocabulary -> 0)."""
+    tokens = jnp.where(tokens < self.config.vocab_size, tokens, 0)
+    cache = model_lib.init_cache(self.config, tokens.shape[0], cache_len)
+    _, cache = model_lib.forward(params, self.config, tokens, cache,
+                                 logit_positions=(prompt_lens - 1)[:, None])
+    return cache.replace(length=prompt_lens)
+
+  def propose(self, params, cache, seq, seq_len, gamma, max_gamma: int, keys, knobs,
+              target_vocab: int):
+    """gamma (traced, <= max_gamma) proposals per row and the draft distributions they came from.
+
+    Returns tokens [B, G] int32, q [B, G, V_target] f32 (zero mass past the draft's vocabulary;
+    positions >= gamma are unused), and the new cache.
+    """
+    vocab = self.config.vocab_size
+    in_vocab = lambda t: jnp.where(t < vocab, t, 0)
+    last_two = jnp.take_along_axis(seq, seq_len[:, None] - 2 + jnp.arange(2)[None], axis=1)
+    cache = cache.replace(length=seq_len - 2)
+    logits, cache = model_lib.forward(params, self.config, in_vocab(last_two), cache,
+                                      logit_positions=jnp.ones((seq.shape[0], 1), jnp.int32))
+
+    def draw(logits, i):  # [B, V_draft] -> token [B], q [B, V_target]
+      q = sampling.probabilities(logits, *knobs)
+      step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
+      token = jax.vmap(jax.random.categorical)(step_keys, jnp.log(q)).astype(jnp.int32)
+      return token, jnp.pad(q, ((0, 0), (0, target_vocab - vocab)))
+
+    first, q_first = draw(logits[:, 0], 0)
+
+    def step(carry, i):
+      cache, token = carry
+      # Past the current gamma (adaptive), skip the forward: its proposal is never looked at.
+      def run(cache):
+        logits, cache = model_lib.forward(params, self.config, token[:, None], cache)
+        return draw(logits[:, 0], i), cache
+      def skip(cache):
+        return (token, jnp.zeros((token.shape[0], target_vocab), jnp.float32)), cache
+      (next_token, q), cache = jax.lax.cond(i < gamma, run, skip, cache)
+      return (cache, next_token), (next_token, q)
+
+    (cache, _), (rest, q_rest) = jax.lax.scan(step, (cache, first), jnp.arange(1, max_gamma))
+    tokens = jnp.concatenate([first[:, None], rest.T], axis=1)
+    q = jnp.concatenate([q_first[:, None], jnp.swapaxes(q_rest, 0, 1)], axis=1)
+    return tokens, q, cache
+
+  forwards_per_token = 1  # one draft forward per drafted token
+
+
+@dataclasses.dataclass(frozen=True)
+class NgramDraft:
+  """Prompt lookup: no model. Find the latest earlier occurrence of the sequence's last n tokens
+  (n = max_ngram down to 1) and propose the tokens that followed it; q is one-hot on them."""
+  max_ngram: int = 2
+
+  def init(self, params, tokens, prompt_lens, cache_len):
+    return ()
+
+  def propose(self, params, state, seq, seq_len, gamma, max_gamma: int, keys, knobs,
+              target_vocab: int):
+    batch, width = seq.shape
+    positions = jnp.arange(width)
+    # For each n, the start j of the latest match seq[j:j+n] == seq[L-n:L] with j + n < L.
+    best = jnp.full((batch,), -1, jnp.int32)
+    for n in range(1, self.max_ngram + 1):  # longer n found later wins: the more specific match
+      tail = jnp.take_along_axis(seq, seq_len[:, None] - n + jnp.arange(n)[None], axis=1)
+      match = jnp.ones((batch, width), bool)
+      for k in range(n):
+        shifted = jnp.roll(seq, -k, axis=1)
+        match &= shifted == tail[:, k:k + 1]
+      match &= (positions[None] + n < seq_len[:, None]) & (seq_len[:, None] >= n + 1)
+      latest = jnp.max(jnp.where(match, positions[None], -1), axis=1)
+      best = jnp.where(latest >= 0, latest + n, best)  # where the continuation starts
+    # Without any match, propose the last token again (rejected, unless the text repeats).
+    start = jnp.where(best >= 0, best, seq_len - 1)
+    offsets = start[:, None] + jnp.arange(max_gamma)[None]
+    # A continuation may run into the newest tokens; past L it repeats the last one.
+    offsets = jnp.minimum(offsets, seq_len[:, None] - 1)
+    tokens = jnp.take_along_axis(seq, offsets, axis=1)
+    q = jax.nn.one_hot(tokens, target_vocab, dtype=jnp.float32)
+    return tokens, q, state
+
+  forwards_per_token = 0  # no model
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+@dataclasses.dataclass(frozen=True)
+class _State:
+  iteration: jax.Array     # scalar int32
+  seq: jax.Array           # [B, W] prompt + committed tokens
+  seq_len: jax.Array       # [B] committed length L
+  new_tokens: jax.Array    # [B] tokens generated so far (a stop token included)
+  done: jax.Array          # [B] bool
+  gamma: jax.Array         # scalar int32, the current draft length
+  target_cache: model_lib.Cache
+  draft_state: object
+  # Statistics per row: target forwards, drafted and accepted tokens, by draft position too.
+  target_calls: jax.Array  # [B]
+  drafted: jax.Array       # [B]
+  accepted: jax.Array      # [B]
+  accepted_at: jax.Array   # [B, G]
+  drafted_at: jax.Array    # [B, G]
+
+
+jax.tree_util.register_dataclass(
+    _State, data_fields=[f.name for f in dataclasses.fields(_State)], meta_fields=[])
+
+
+def _residual(p: jax.Array, q: jax.Array) -> jax.Array:
+  """normalize(max(0, p - q)); where that has no mass (p == q up to rounding), p itself."""
+  r = jnp.maximum(p - q, 0.0)
+  total = r.sum(-1, keepdims=True)
+  return jnp.where(total > 0, r / jnp.where(total > 0, total, 1.0), p)
+
+
+@functools.partial(jax.jit, static_argnames=("target_config", "draft", "max_gamma", "adaptive",
+                                             "seq_width"))
+def _loop(target_params, draft_params, target_config, draft, first_logits, target_cache,
+          draft_state, seq, prompt_lens, max_new_tokens, seeds, stop_ids, temperature, top_k,
+          top_p, gamma, max_gamma: int, adaptive: bool, seq_width: int):
+  knobs = (temperature, top_k, top_p)
+  batch = seq.shape[0]
+  vocab = target_config.vocab_size
+  keys = jax.vmap(jax.random.key)(seeds)
+  vmap_fold = jax.vmap(jax.random.fold_in, in_axes=(0, None))
+
+  # The first token comes from the target's prefill logits (step key 0, as in sampling.decode).
+  first = sampling.choose_tokens(first_logits, vmap_fold(keys, 0), *knobs)
+  seq = jnp.where(jnp.arange(seq_width)[None] == prompt_lens[:, None], first[:, None], seq)
+  done = jnp.any(first[:, None] == stop_ids, axis=-1) | (max_new_tokens <= 1)
+  zeros = jnp.zeros((batch,), jnp.int32)
+  zeros_at = jnp.zeros((batch, max_gamma), jnp.int32)
+  state = _State(jnp.int32(0), seq, prompt_lens + 1, zeros + 1, done, gamma, target_cache,
+                 draft_state, zeros, zeros, zeros, zeros_at, zeros_at)
+
+  def cond(s: _State):
+    return ~jnp.all(s.done)
+
+  def body(s: _State):
+    active = ~s.done
+    it_keys = vmap_fold(vmap_fold(keys, 1), s.iteration)  # per row, per iteration
+    draft_keys = vmap_fold(it_keys, 0)
+    accept_keys, residual_keys = vmap_fold(it_keys, 1), vmap_fold(it_keys, 2)
+
+    proposals, q, draft_state = draft.propose(draft_params, s.draft_state, s.seq, s.seq_len,
+                                              s.gamma, max_gamma, draft_keys, knobs, vocab)
+    # Target: the newest committed token and the proposals, at each row's own offset.
+    newest = jnp.take_along_axis(s.seq, s.seq_len[:, None] - 1, axis=1)
+    verify = jnp.concatenate([newest, proposals], axis=1)                        # [B, G+1]
+    cache = s.target_cache.replace(length=s.seq_len - 1)
+    logits, cache = model_lib.forward(target_params, target_config, verify, cache)
+    p = sampling.probabilities(logits, *knobs)                                   # [B, G+1, V]
+
+    # Accept x ~ q with probability min(1, p(x)/q(x)): u * q(x) < p(x), u ~ U[0, 1).
+    p_x = jnp.take_along_axis(p[:, :-1], proposals[..., None], axis=-1)[..., 0]  # [B, G]
+    q_x = jnp.take_along_axis(q, proposals[..., None], axis=-1)[..., 0]
+    u = jax.vmap(lambda k: jax.random.uniform(k, (max_gamma,)))(accept_keys)
+    in_gamma = jnp.arange(max_gamma)[None] < s.gamma
+    ok = (u * q_x < p_x) & in_gamma
+    n_accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)     # [B]
+
+    # The token after the accepted prefix: residual at a rejection, bonus from p after all gamma.
+    p_n = jnp.take_along_axis(p, n_accepted[:, None, None], axis=1)[:, 0]
+    q_n = jnp.take_along_axis(jnp.pad(q, ((0, 0), (0, 1), (0, 0))), n_accepted[:, None, None],
+                              axis=1)[:, 0]
+    all_passed = (n_accepted == s.gamma)[:, None]
+    final_dist = jnp.where(all_passed, p_n, _residual(p_n, q_n))
+    final = jax.vmap(jax.random.categorical)(residual_keys, jnp.log(final_dist)).astype(jnp.int32)
+
+    # New tokens: proposals[:n] then `final`, cut at a stop id and at the budget.
+    slot = jnp.arange(max_gamma + 1)[None]
+    candidates = jnp.where(slot < n_accepted[:, None],
+                           jnp.pad(proposals, ((0, 0), (0, 1))), final[:, None])  # [B, G+1]
+    is_stop = jnp.any(candidates[..., None] == stop_ids[:, None, :], axis=-1) & (
+        slot <= n_accepted[:, None])
+    first_stop = jnp.where(jnp.any(is_stop, axis=1), jnp.argmax(is_stop, axis=1), max_gamma + 1)
+    produced = jnp.minimum(n_accepted + 1, first_stop + 1)
+    produced = jnp.minimum(produced, max_new_tokens - s.new_tokens)
+    produced = jnp.where(active, produced, 0)
+
+    index = jnp.arange(seq_width)[None] - s.seq_len[:, None]
+    write = (index >= 0) & (index < produced[:, None])
+    seq = jnp.where(write, jnp.take_along_axis(candidates, jnp.clip(index, 0, max_gamma), axis=1),
+                    s.seq)
+    new_tokens = s.new_tokens + produced
+    done = s.done | (active & ((first_stop <= n_accepted) | (new_tokens >= max_new_tokens)))
+
+    count = active.astype(jnp.int32)
+    accepted_at = s.accepted_at + (count[:, None] * (slot[:, :-1] < n_accepted[:, None]))
+    drafted_at = s.drafted_at + count[:, None] * in_gamma
+    if adaptive:  # HF's heuristic, per batch: +2 after an all-accepted round, else -1
+      all_ok = jnp.all(jnp.where(active, n_accepted == s.gamma, True))
+      gamma = jnp.clip(jnp.where(all_ok, s.gamma + 2, s.gamma - 1), 1, max_gamma)
+    else:
+      gamma = s.gamma
+    return _State(s.iteration + 1, seq, s.seq_len + produced, new_tokens, done, gamma,
+                  cache.replace(length=s.seq_len + n_accepted), draft_state,
+                  s.target_calls + count, s.drafted + count * s.gamma,
+                  s.accepted + count * n_accepted, accepted_at, drafted_at)
+
+  final = jax.lax.while_loop(cond, body, state)
+  return dict(seq=final.seq, new_tokens=final.new_tokens, target_calls=final.target_calls,
+              drafted=final.drafted, accepted=final.accepted, accepted_at=final.accepted_at,
+              drafted_at=final.drafted_at, iterations=final.iteration)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host-side entry point.
+
+
+@dataclasses.dataclass
+class SpeculativeResult:
+  tokens: list[list[int]]  # new tokens per row, a stop token included when one ended it
+  stopped: list[bool]
+  rows: list[dict]         # statistics per row (see `statistics`)
+  totals: dict             # the same over the batch; target_calls there are batched forwards
+
+
+def statistics(drafted, accepted, target_calls, verified_tokens, accepted_at, drafted_at,
+               draft_forwards_per_token: int) -> dict:
+  """acceptance_rate = accepted draft tokens / drafted tokens (ours). amd_acceptance is AMD's
+  script's figure, (accepted tokens - target calls) / draft calls, where its accepted tokens are
+  all tokens the verification rounds produced (`verified_tokens`: every new token but the first,
+  which comes from the prefill) and a draft call is one draft forward; with a model draft and a
+  fixed gamma it equals ours except for the last round's cut at the budget or a stop."""
+  draft_calls = int(drafted) * draft_forwards_per_token
+  return dict(
+      acceptance_rate=float(accepted / drafted) if drafted else 0.0,
+      amd_acceptance=float((verified_tokens - target_calls) / draft_calls) if draft_calls else None,
+      tokens_per_target_call=float(verified_tokens / target_calls) if target_calls else 0.0,
+      target_calls=int(target_calls), draft_forwards=draft_calls, drafted=int(drafted),
+      accepted=int(accepted),
+      acceptance_by_position=[float(a / d) if d else 0.0 for a, d in zip(accepted_at, drafted_at)])
+
+
+def check_vocabularies(draft_vocab: int, target_vocab: int) -> None:
+  if draft_vocab > target_vocab:
+    raise UserError(f"the draft's vocabulary ({draft_vocab}) is larger than the target's "
+                    f"({target_vocab}): the draft must use an id-prefix of the target's vocabulary")
+
+
+def speculative_generate(target_params, target_config: model_lib.ModelConfig, draft,
+                         draft_params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                         gamma: int = 4, sampling_params: sampling.SamplingParams =
+                         sampling.SamplingParams(), seed: int | Sequence[int] = 0,
+                         stop_ids: Sequence[int] | Sequence[Sequence[int]] = (),
+                         adaptive: bool = False, max_gamma: int | None = None
+                         ) -> SpeculativeResult:
+  """Speculative decoding of a batch of token-id prompts; the same arguments as
+  sampling.generate, plus the draft (ModelDraft or NgramDraft) and gamma.
+
+  adaptive: start at `gamma` and adapt per batch up to max_gamma (default 2 * gamma)."""
+  sampling_params.validate()
+  if gamma < 1:
+    raise UserError(f"gamma must be >= 1, got {gamma}")
+  if isinstance(draft, ModelDraft):
+    check_vocabularies(draft.config.vocab_size, target_config.vocab_size)
+  max_gamma = max_gamma or (2 * gamma if adaptive else gamma)
+  request = sampling.prepare_request(target_config, prompts, max_new_tokens, seed, stop_ids)
+  if isinstance(draft, ModelDraft) and max(request.lens) + max_new_tokens > draft.config.max_seq_len:
+    raise UserError(f"prompt plus max_new_tokens exceeds the draft's context of "
+                    f"{draft.config.max_seq_len}: shorten one of them")
+
+  batch, prompt_len = request.tokens.shape
+  # Room for the budget plus one round's overshoot: a round may write gamma + 1 tokens past it.
+  seq_width = prompt_len + sampling.bucket(max_new_tokens) + max_gamma + 1
+  tokens = jnp.asarray(request.tokens)
+  lens = jnp.asarray(request.lens, jnp.int32)
+  first_logits, target_cache = sampling.prefill(target_params, target_config, tokens, lens,
+                                                cache_len=seq_width)
+  draft_state = _draft_init(draft, draft_params, tokens, lens, seq_width)
+  seq = jnp.pad(tokens, ((0, 0), (0, seq_width - prompt_len)))
+  out = _loop(target_params, draft_params, target_config, draft, first_logits, target_cache,
+              draft_state, seq, lens, jnp.int32(max_new_tokens), jnp.asarray(request.seeds),
+              jnp.asarray(request.stops), jnp.float32(sampling_params.temperature),
+              jnp.int32(sampling_params.top_k), jnp.float32(sampling_params.top_p),
+              jnp.int32(gamma), max_gamma=max_gamma, adaptive=adaptive, seq_width=seq_width)
+  out = jax.tree.map(np.asarray, out)
+  per_token = draft.forwards_per_token
+  rows_tokens, rows_stats = [], []
+  for b in range(batch):
+    n = int(out["new_tokens"][b])
+    rows_tokens.append(out["seq"][b, request.lens[b]:request.lens[b] + n].tolist())
+    rows_stats.append(statistics(out["drafted"][b], out["accepted"][b], out["target_calls"][b],
+                                 n - 1, out["accepted_at"][b], out["drafted_at"][b], per_token))
+  stopped = [bool(r) and r[-1] in set(request.row_stops[b]) for b, r in enumerate(rows_tokens)]
+  # Over the batch, rates count each row's own rounds; target_calls is the batched forwards
+  # (the busiest row's count), which is what the batch's wall time pays for.
+  totals = statistics(out["drafted"].sum(), out["accepted"].sum(), out["target_calls"].sum(),
+                      out["new_tokens"].sum() - batch, out["accepted_at"].sum(0),
+                      out["drafted_at"].sum(0), per_token)
+  totals.update(target_calls=int(out["iterations"]), row_target_calls=int(out["target_calls"].sum()),
+                new_tokens=int(out["new_tokens"].sum()))
+  return SpeculativeResult(rows_tokens, stopped, rows_stats, totals)
+
+
+@functools.partial(jax.jit, static_argnames=("draft", "cache_len"))
+def _draft_init(draft, draft_params, tokens, lens, cache_len):
+  return draft.init(draft_params, tokens, lens, cache_len)
