@@ -225,6 +225,11 @@ def bench_speculative(target: str, draft: str, gamma: int, n_prompts: int = 4,
   model_s, model_out = _per_prompt(spec(speculative.ModelDraft(draft_config), draft_params),
                                    prompts)
   ngram_s, ngram_out = _per_prompt(spec(speculative.NgramDraft(), None), prompts)
+  adaptive_s, adaptive_out = _per_prompt(
+      lambda p: speculative.speculative_generate(params, config,
+                                                 speculative.ModelDraft(draft_config),
+                                                 draft_params, [p], new_tokens, gamma,
+                                                 adaptive=True), prompts)
 
   def summary(seconds, outs):
     accepted = sum(o.totals["accepted"] for o in outs)
@@ -243,13 +248,15 @@ def bench_speculative(target: str, draft: str, gamma: int, n_prompts: int = 4,
                 prompts=f"HumanEval/0..{n_prompts - 1}", new_tokens=new_tokens,
                 target_only=dict(tokens_per_second=target_tps, seconds=target_s),
                 draft_only=dict(tokens_per_second=total / sum(draft_s), cost_ratio=cost_ratio),
-                speculative=summary(model_s, model_out), ngram=summary(ngram_s, ngram_out))
+                speculative=summary(model_s, model_out), ngram=summary(ngram_s, ngram_out),
+                adaptive=summary(adaptive_s, adaptive_out))
   a = result["speculative"]["acceptance_rate"]
   predicted = ((1 - a ** (gamma + 1)) / (1 - a) if a < 1 else gamma + 1) / (gamma * cost_ratio + 1)
   result["speculative"].update(
       speedup=result["speculative"]["tokens_per_second"] / target_tps, predicted_speedup=predicted,
       share_of_predicted=result["speculative"]["tokens_per_second"] / target_tps / predicted)
-  result["ngram"]["speedup"] = result["ngram"]["tokens_per_second"] / target_tps
+  for name in ("ngram", "adaptive"):
+    result[name]["speedup"] = result[name]["tokens_per_second"] / target_tps
 
   if reference:
     with tempfile.TemporaryDirectory() as tmp:
@@ -331,6 +338,9 @@ def print_speculative(r: dict) -> None:
         f"(predicted {s['predicted_speedup']:.2f}x, {100 * s['share_of_predicted']:.0f}%)")
   print(f"n-gram {n['tokens_per_second']:.1f} tokens/s, acceptance {n['acceptance_rate']:.3f}, "
         f"speedup {n['speedup']:.2f}x")
+  ad = r["adaptive"]
+  print(f"adaptive gamma (from {r['gamma']}, up to {2 * r['gamma']}) {ad['tokens_per_second']:.1f} "
+        f"tokens/s, acceptance {ad['acceptance_rate']:.3f}, speedup {ad['speedup']:.2f}x")
   if "transformers" in r:
     hf = r["transformers"]
     print(f"transformers greedy {hf['greedy']['tokens_per_second']:.1f}, assisted "

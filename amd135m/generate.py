@@ -58,13 +58,15 @@ def read_prompts(args) -> list[str]:
   return prompts
 
 
-def load_draft(path: str | None):
-  """(draft, draft params) for --draft: None, 'ngram', or a model path."""
+def load_draft(path: str | None, target_config, target_tokenizer):
+  """(draft, draft params) for --draft: None, 'ngram', or a model path (its tokenizer checked)."""
   if path is None:
     return None, None
   if path == "ngram":
     return speculative.NgramDraft(), None
   config, params = checkpoints.load_params(path)
+  speculative.check_vocabularies(config.vocab_size, target_config.vocab_size,
+                                 tokenizer_lib.load_tokenizer(path), target_tokenizer)
   return speculative.ModelDraft(config), params
 
 
@@ -74,7 +76,7 @@ def main(argv=None) -> int:
     prompts = read_prompts(args)
     config, params = checkpoints.load_params(args.model)
     tokenizer = tokenizer_lib.load_tokenizer(args.model)
-    draft, draft_params = load_draft(args.draft)
+    draft, draft_params = load_draft(args.draft, config, tokenizer)
     records = inference.generate_text(
         params, config, tokenizer, prompts, args.max_new_tokens,
         sampling.SamplingParams(args.temperature, args.top_k, args.top_p), args.seed,

@@ -38,23 +38,55 @@ class SamplingParams:
 # ---------------------------------------------------------------------------------------------
 # Token choice, shared with speculative decoding so that both shape distributions the same way.
 
+def _order_keys(x: jax.Array) -> jax.Array:
+  """float32 -> uint32 with the same order (sign-flipped bits), so thresholds can be bisected."""
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def _smallest_key(keys: jax.Array, holds) -> jax.Array:
+  """The smallest uint32 k with holds(k) for each row ([..., 1]), holds monotone in k and true
+  at the row's largest key. 32 halvings of the key range, each one pass over the vocabulary:
+  cheaper on CPU than sorting 49k logits (about 9 ms a row here)."""
+  lo = jnp.min(keys, axis=-1, keepdims=True)
+  hi = jnp.max(keys, axis=-1, keepdims=True)
+
+  def halve(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    ok = holds(mid)
+    return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+  lo, hi = jax.lax.fori_loop(0, 32, halve, (lo, hi))
+  return hi
+
+
 def filter_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
   """Temperature, then top-k, then top-p (the reference's order), as masked logits.
 
   logits: [..., V] f32; temperature > 0, top_k, top_p: traced scalars. Filtered entries are -inf.
+  Top-k keeps logits >= the k-th largest; top-p keeps the tokens whose strictly larger
+  neighbours hold less than top_p of the mass, i.e. the smallest prefix of the sorted
+  distribution that reaches top_p (the first token always). Thresholds are found by bisection.
   """
-  vocab = logits.shape[-1]
   logits = logits / temperature
-  ordered = -jnp.sort(-logits, axis=-1)                                        # [..., V] descending
-  rank = jnp.arange(vocab)
-  k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-  in_top_k = rank < k
-  probs = jax.nn.softmax(jnp.where(in_top_k, ordered, -jnp.inf), axis=-1)
-  mass_before = jnp.cumsum(probs, axis=-1) - probs
-  # Keep the smallest prefix whose mass reaches top_p; the first token is always kept.
-  keep = in_top_k & ((mass_before < top_p) | (top_p >= 1.0))
-  threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
-  return jnp.where(logits >= threshold, logits, -jnp.inf)
+  keys = _order_keys(logits)
+
+  def top_k_threshold(keys):  # the k-th largest key: fewer than k keys lie above it
+    return _smallest_key(keys, lambda k: jnp.sum(keys > k, -1, keepdims=True) < top_k)
+
+  lowest = jnp.min(keys, axis=-1, keepdims=True)
+  kth = jax.lax.cond(top_k > 0, top_k_threshold, lambda keys: lowest, keys)
+  logits = jnp.where(keys >= kth, logits, -jnp.inf)
+  keys = jnp.where(keys >= kth, keys, 0)
+
+  def top_p_threshold(keys):  # the smallest key whose strictly larger keys hold < top_p
+    probs = jax.nn.softmax(logits, axis=-1)
+    return _smallest_key(keys, lambda k: jnp.sum(jnp.where(keys > k, probs, 0.0), -1,
+                                                 keepdims=True) < top_p)
+
+  threshold = jax.lax.cond(top_p < 1.0, top_p_threshold, lambda keys: kth, keys)
+  return jnp.where(keys >= threshold, logits, -jnp.inf)
 
 
 def probabilities(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
@@ -65,19 +97,28 @@ def probabilities(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
   def sampled(logits):
     return jax.nn.softmax(filter_logits(logits, temperature, top_k, top_p), axis=-1)
 
-  return jax.lax.cond(temperature > 0, sampled, greedy, logits)  # greedy skips the sort
+  return jax.lax.cond(temperature > 0, sampled, greedy, logits)  # greedy skips the filters
+
+
+def draw(probs: jax.Array, keys: jax.Array) -> jax.Array:
+  """One token per row from probs [B, V] by the inverse CDF: one uniform per row rather than
+  jax.random.categorical's Gumbel noise over the whole vocabulary (1.4 ms a row on this CPU).
+  A zero-probability token is never drawn. Returns [B] int32."""
+  cdf = jnp.cumsum(probs, axis=-1)
+  u = jax.vmap(lambda key: jax.random.uniform(key, ()))(keys) * cdf[:, -1]
+  token = jax.vmap(lambda c, x: jnp.searchsorted(c, x, side="right"))(cdf, u)
+  return jnp.minimum(token, probs.shape[-1] - 1).astype(jnp.int32)
 
 
 def choose_tokens(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p) -> jax.Array:
   """One token per row. logits: [B, V] f32; keys: [B] PRNG keys. Returns [B] int32."""
   def sample(logits):
-    filtered = filter_logits(logits, temperature, top_k, top_p)
-    return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+    return draw(jax.nn.softmax(filter_logits(logits, temperature, top_k, top_p), axis=-1), keys)
 
   def greedy(logits):
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-  # A traced branch: greedy runs skip the sort over the vocabulary entirely.
+  # A traced branch: greedy runs skip the filters and the random numbers entirely.
   return jax.lax.cond(temperature > 0, sample, greedy, logits)
 
 

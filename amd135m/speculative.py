@@ -57,7 +57,7 @@ class ModelDraft:
     def draw(logits, i):  # [B, V_draft] -> token [B], q [B, V_target]
       q = sampling.probabilities(logits, *knobs)
       step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
-      token = jax.vmap(jax.random.categorical)(step_keys, jnp.log(q)).astype(jnp.int32)
+      token = sampling.draw(q, step_keys)
       return token, jnp.pad(q, ((0, 0), (0, target_vocab - vocab)))
 
     first, q_first = draw(logits[:, 0], 0)
@@ -202,7 +202,7 @@ def _loop(target_params, draft_params, target_config, draft, first_logits, targe
                               axis=1)[:, 0]
     all_passed = (n_accepted == s.gamma)[:, None]
     final_dist = jnp.where(all_passed, p_n, _residual(p_n, q_n))
-    final = jax.vmap(jax.random.categorical)(residual_keys, jnp.log(final_dist)).astype(jnp.int32)
+    final = sampling.draw(final_dist, residual_keys)
 
     # New tokens: proposals[:n] then `final`, cut at a stop id and at the budget.
     slot = jnp.arange(max_gamma + 1)[None]
@@ -270,10 +270,20 @@ def statistics(drafted, accepted, target_calls, verified_tokens, accepted_at, dr
       acceptance_by_position=[float(a / d) if d else 0.0 for a, d in zip(accepted_at, drafted_at)])
 
 
-def check_vocabularies(draft_vocab: int, target_vocab: int) -> None:
+def check_vocabularies(draft_vocab: int, target_vocab: int, draft_tokenizer=None,
+                       target_tokenizer=None) -> None:
+  """The draft's ids must mean the target's: its vocabulary an id-prefix of the target's (AMD's
+  32000 inside CodeLlama's 32016). With both tokenizers, every draft id's token is compared."""
   if draft_vocab > target_vocab:
     raise UserError(f"the draft's vocabulary ({draft_vocab}) is larger than the target's "
                     f"({target_vocab}): the draft must use an id-prefix of the target's vocabulary")
+  if draft_tokenizer is not None and target_tokenizer is not None:
+    for token_id in range(min(draft_vocab, draft_tokenizer.vocab_size)):
+      if draft_tokenizer.token(token_id) != target_tokenizer.token(token_id):
+        raise UserError(
+            f"draft and target tokenizers differ at id {token_id} "
+            f"({draft_tokenizer.token(token_id)!r} vs {target_tokenizer.token(token_id)!r}): "
+            "the draft must use an id-prefix of the target's vocabulary")
 
 
 def speculative_generate(target_params, target_config: model_lib.ModelConfig, draft,

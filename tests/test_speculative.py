@@ -227,3 +227,36 @@ def test_smollm2_target_greedy_equals_target_only(smollm2, smollm2_gguf):
     # Verification scores 5 positions per forward where target-only scores one: rounding may
     # differ at near-ties (margin < 1e-3); none occurs on these prompts, so all must be equal.
     assert result.tokens == expected
+
+
+class _Vocab:
+  def __init__(self, tokens):
+    self.tokens, self.vocab_size = tokens, len(tokens)
+
+  def token(self, i):
+    return self.tokens[i] if i < len(self.tokens) else None
+
+
+def test_tokenizers_must_agree_on_the_draft_ids():
+  target = _Vocab(["<s>", "a", "b", "c", "<fim>"])
+  speculative.check_vocabularies(4, 5, _Vocab(["<s>", "a", "b", "c"]), target)  # a prefix: fine
+  with pytest.raises(UserError, match="differ at id 2"):
+    speculative.check_vocabularies(4, 5, _Vocab(["<s>", "a", "x", "c"]), target)
+
+
+def test_cli_reports_speculative_statistics(smollm2, smollm2_gguf, monkeypatch, capsys):
+  """generate --draft ngram --gamma 3 --json: greedy tokens equal the plain run's, and each record
+  carries acceptance_rate, tokens_per_target_call and target_calls."""
+  import json
+  from amd135m import generate
+  monkeypatch.setattr(generate.checkpoints, "load_params", lambda *args, **kwargs: smollm2)
+  base = ["--model", str(smollm2_gguf), "--prompt", "def add(a, b):\n    return a + b\n\n\ndef",
+          "--max-new-tokens", "24", "--json"]
+  assert generate.main(base) == 0
+  plain = json.loads(capsys.readouterr().out)
+  assert generate.main(base + ["--draft", "ngram", "--gamma", "3"]) == 0
+  record = json.loads(capsys.readouterr().out)
+  assert record["token_ids"] == plain["token_ids"]
+  assert 0.0 <= record["acceptance_rate"] <= 1.0 and record["target_calls"] >= 1
+  assert record["tokens_per_target_call"] == pytest.approx(
+      (record["new_tokens"] - 1) / record["target_calls"])
