@@ -23,13 +23,18 @@ models: install
 test: models
 	$(PYTHON) -m pytest tests -q --durations=20
 
+# The main job on embedded defaults: SmolLM2-135M generates, then decodes speculatively with an
+# n-gram draft (prompt lookup) and reports its acceptance.
 demo: models
 	$(PYTHON) -m amd135m.generate --model $(SMOLLM2) --max-new-tokens 96 \
 	  --prompt "Write a Python function that checks whether a number is prime." \
 	  --prompt "What is the capital of France?"
+	$(PYTHON) -m amd135m.generate --model $(SMOLLM2) --max-new-tokens 96 --draft ngram --gamma 3 \
+	  --prompt "$$(printf 'def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n')"
 
 bench: models
 	$(PYTHON) -m amd135m.bench decode --model $(SMOLLM2) --json
+	$(PYTHON) -m amd135m.bench speculative --target $(SMOLLM2) --draft first:6 --gamma 4 --json
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -89,8 +89,11 @@ def main(argv=None) -> int:
     if args.json:
       print(json.dumps(record, ensure_ascii=False))
     else:
-      print(f"{record['prompt']}{record['completion']}\n"
-            f"  [{record['new_tokens']} tokens, {record['tokens_per_second']:.1f} tokens/s]\n")
+      stats = f"{record['new_tokens']} tokens, {record['tokens_per_second']:.1f} tokens/s"
+      if "acceptance_rate" in record:
+        stats += (f", acceptance {record['acceptance_rate']:.2f}, "
+                  f"{record['tokens_per_target_call']:.2f} tokens per target call")
+      print(f"{record['prompt']}{record['completion']}\n  [{stats}]\n")
   return 0
 
 
