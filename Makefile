@@ -28,7 +28,7 @@ test: models
 demo: models
 	$(PYTHON) -m amd135m.generate --model $(SMOLLM2) --max-new-tokens 96 \
 	  --prompt "Write a Python function that checks whether a number is prime." \
-	  --prompt "What is the capital of France?"
+	  --prompt "The three largest cities in France are"
 	$(PYTHON) -m amd135m.generate --model $(SMOLLM2) --max-new-tokens 96 --draft ngram --gamma 3 \
 	  --prompt "$$(printf 'def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n')"
 

@@ -1,6 +1,9 @@
 """Text in, records out: what the generate CLI and notebooks call, plain or speculative."""
+import contextlib
 import time
 from typing import Sequence
+
+import jax
 
 from amd135m import model as model_lib, sampling, speculative
 from amd135m.errors import UserError
@@ -15,18 +18,51 @@ def generate_text(params, config: model_lib.ModelConfig, tokenizer, texts: Seque
 
   With a draft (speculative.ModelDraft or NgramDraft), decodes speculatively and adds
   acceptance_rate, tokens_per_target_call and target_calls (each row's own) to the records.
-  `seconds` is the wall time of the whole batch (prefill, decode, host transfers), so
-  tokens_per_second of a row is its new tokens over the batch's time.
+  `seconds` is the wall time of the whole batch (prefill, decode, host transfers) less the time
+  spent tracing and compiling (reported as `compile_seconds`), so tokens_per_second of a row is
+  its new tokens over the batch's generation time.
   """
   if any(not text for text in texts):
     raise UserError("empty prompt: give some text to continue")
   prompts = [tokenizer.encode(text) for text in texts]
   stop_ids = list(tokenizer.stop_ids)
   start = time.perf_counter()
+  with compile_timer() as compile_seconds:
+    result, extras = _generate(params, config, prompts, max_new_tokens, sampling_params, seed,
+                               stop_ids, draft, draft_params, gamma, adaptive_gamma)
+  seconds = time.perf_counter() - start - sum(compile_seconds)
+  records = []
+  for text, ids, stopped, extra in zip(texts, result.tokens, result.stopped, extras):
+    shown = ids[:-1] if stopped else ids  # the stop token ends the text; it is not part of it
+    records.append(dict(prompt=text, completion=tokenizer.decode(shown), token_ids=ids,
+                        new_tokens=len(ids), stopped=stopped, seconds=seconds,
+                        tokens_per_second=len(ids) / seconds,
+                        compile_seconds=sum(compile_seconds), **extra))
+  return records
+
+
+@contextlib.contextmanager
+def compile_timer():
+  """Collects the seconds JAX spends tracing, lowering and compiling inside the block."""
+  durations = []
+
+  def listener(event: str, duration: float, **kwargs):
+    if event.startswith("/jax/core/compile/"):
+      durations.append(duration)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield durations
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def _generate(params, config, prompts, max_new_tokens, sampling_params, seed, stop_ids, draft,
+              draft_params, gamma, adaptive_gamma):
   if draft is None:
     result = sampling.generate(params, config, prompts, max_new_tokens, sampling_params, seed,
                                stop_ids=stop_ids)
-    extras = [{} for _ in texts]
+    extras = [{} for _ in prompts]
   else:
     result = speculative.speculative_generate(params, config, draft, draft_params, prompts,
                                               max_new_tokens, gamma, sampling_params, seed,
@@ -35,11 +71,4 @@ def generate_text(params, config: model_lib.ModelConfig, tokenizer, texts: Seque
     extras = [{key: row[key] for key in ("acceptance_rate", "tokens_per_target_call",
                                          "target_calls", "amd_acceptance")}
               for row in result.rows]
-  seconds = time.perf_counter() - start
-  records = []
-  for text, ids, stopped, extra in zip(texts, result.tokens, result.stopped, extras):
-    shown = ids[:-1] if stopped else ids  # the stop token ends the text; it is not part of it
-    records.append(dict(prompt=text, completion=tokenizer.decode(shown), token_ids=ids,
-                        new_tokens=len(ids), stopped=stopped, seconds=seconds,
-                        tokens_per_second=len(ids) / seconds, **extra))
-  return records
+  return result, extras
