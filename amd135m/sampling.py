@@ -40,7 +40,7 @@ class SamplingParams:
 
 def _order_keys(x: jax.Array) -> jax.Array:
   """float32 -> uint32 with the same order (sign-flipped bits), so thresholds can be bisected."""
-  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x), jnp.uint32)  # -0.0 ties +0.0
   return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
 
 
@@ -100,11 +100,20 @@ def probabilities(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
   return jax.lax.cond(temperature > 0, sampled, greedy, logits)  # greedy skips the filters
 
 
+def monotone_cdf(probs: jax.Array) -> jax.Array:
+  """cumsum(probs) made safe for inverse-CDF sampling: XLA computes long cumsums blockwise, so
+  rounding can make the sum dip or give a zero-probability token a sliver of width. Zeroing those
+  entries and taking a running max gives a zero-probability token exactly its left neighbour's
+  value, so `searchsorted(..., side="right")` can never land on it. [..., V]."""
+  cdf = jnp.where(probs > 0, jnp.cumsum(probs, axis=-1), 0.0)
+  return jax.lax.cummax(cdf, axis=cdf.ndim - 1)
+
+
 def draw(probs: jax.Array, keys: jax.Array) -> jax.Array:
   """One token per row from probs [B, V] by the inverse CDF: one uniform per row rather than
   jax.random.categorical's Gumbel noise over the whole vocabulary (1.4 ms a row on this CPU).
   A zero-probability token is never drawn. Returns [B] int32."""
-  cdf = jnp.cumsum(probs, axis=-1)
+  cdf = monotone_cdf(probs)
   u = jax.vmap(lambda key: jax.random.uniform(key, ()))(keys) * cdf[:, -1]
   token = jax.vmap(lambda c, x: jnp.searchsorted(c, x, side="right"))(cdf, u)
   return jnp.minimum(token, probs.shape[-1] - 1).astype(jnp.int32)

@@ -296,13 +296,17 @@ def speculative_generate(target_params, target_config: model_lib.ModelConfig, dr
   """Speculative decoding of a batch of token-id prompts; the same arguments as
   sampling.generate, plus the draft (ModelDraft or NgramDraft) and gamma.
 
-  adaptive: start at `gamma` and adapt per batch up to max_gamma (default 2 * gamma)."""
+  adaptive: start at `gamma` and adapt per batch up to max_gamma (default 2 * gamma). gamma is then
+  one value for the whole batch, so a row's tokens and statistics (not their distribution) depend
+  on its batch; with a fixed gamma each row equals its single run."""
   sampling_params.validate()
   if gamma < 1:
     raise UserError(f"gamma must be >= 1, got {gamma}")
   if isinstance(draft, ModelDraft):
     check_vocabularies(draft.config.vocab_size, target_config.vocab_size)
   max_gamma = max_gamma or (2 * gamma if adaptive else gamma)
+  if max_gamma < gamma:
+    raise UserError(f"max_gamma ({max_gamma}) must be at least gamma ({gamma})")
   request = sampling.prepare_request(target_config, prompts, max_new_tokens, seed, stop_ids)
   if isinstance(draft, ModelDraft) and max(request.lens) + max_new_tokens > draft.config.max_seq_len:
     raise UserError(f"prompt plus max_new_tokens exceeds the draft's context of "

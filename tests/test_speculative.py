@@ -268,3 +268,10 @@ def test_cli_reports_speculative_statistics(smollm2, smollm2_gguf, monkeypatch, 
   assert 0.0 <= record["acceptance_rate"] <= 1.0 and record["target_calls"] >= 1
   assert record["tokens_per_target_call"] == pytest.approx(
       (record["new_tokens"] - 1) / record["target_calls"])
+
+
+def test_gamma_beyond_max_gamma_is_refused(target):
+  config, params = target
+  with pytest.raises(UserError, match="max_gamma"):
+    speculative.speculative_generate(params, config, speculative.ModelDraft(config), params,
+                                     PROMPTS, 4, gamma=4, max_gamma=2)
