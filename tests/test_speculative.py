@@ -145,11 +145,11 @@ def sampled_pair():
 
 @pytest.mark.parametrize("knobs", [(1.0, 0, 1.0), (0.8, 5, 0.9)], ids=["plain", "shaped"])
 def test_sampling_matches_the_target_distribution(sampled_pair, knobs):
-  """8000 seeds (one row each) of 3 tokens: each position's tokens pass a chi-square test
+  """8000 seeds (one row each) of 5 tokens (gamma 2, so two or more rounds): each position's tokens pass a chi-square test
   against the exact target-only marginals, and a deliberately wrong residual (sampling from p
   instead of normalize(max(0, p - q)) at a rejection) fails the same test."""
   (config, params), (draft_config, draft_params) = sampled_pair
-  prompt, n, length = [1, 2, 3], 8000, 3
+  prompt, n, length = [1, 2, 3], 8000, 5  # 5 tokens: the prefill token, then several rounds
   exact = exact_token_distributions(config, params, prompt, knobs, length)
   knobs_p = sampling.SamplingParams(*knobs)
 
