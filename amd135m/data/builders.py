@@ -296,13 +296,25 @@ def prepare(name: str, manual_dir, data_dir, *, patterns=None, shard_index: int 
   return json.loads((builder.data_path / STATS_FILE).read_text())
 
 
-def load(name: str, data_dir, split: str = "train", *, patterns=None, shard_index: int = 0,
-         num_shards: int = 1):
-  """Random-access source over a prepared dataset; records are {'text': bytes, 'id': bytes}."""
+def _prepared(name: str, data_dir, patterns, shard_index: int, num_shards: int):
   builder = _builder(name, data_dir, patterns, shard_index, num_shards)
   if not (builder.data_path / STATS_FILE).exists():
     raise UserError(f"{name} is not prepared under {data_dir} (no {builder.data_path}): "
-                    f"run prepare({name!r}, manual_dir, {str(data_dir)!r}) first")
+                    f"run `python -m amd135m.data prepare --dataset {name} ...` first")
+  return builder
+
+
+def read_stats(name: str, data_dir, *, patterns=None, shard_index: int = 0,
+               num_shards: int = 1) -> dict:
+  """The stats `prepare` wrote: documents, files, and skipped records by reason."""
+  builder = _prepared(name, data_dir, patterns, shard_index, num_shards)
+  return json.loads((builder.data_path / STATS_FILE).read_text())
+
+
+def load(name: str, data_dir, split: str = "train", *, patterns=None, shard_index: int = 0,
+         num_shards: int = 1):
+  """Random-access source over a prepared dataset; records are {'text': bytes, 'id': bytes}."""
+  builder = _prepared(name, data_dir, patterns, shard_index, num_shards)
   return tfds.data_source(builder.name, split=split, data_dir=str(data_dir), download=False,
                           builder_kwargs={"config": builder.builder_config,
                                           "file_format": "array_record"})

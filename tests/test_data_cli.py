@@ -1,0 +1,91 @@
+"""python -m amd135m.data prepare|stats, and the tokenisation glue into the loader."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from amd135m.data import builders, loader, packing, tokenized
+from amd135m.errors import UserError
+from amd135m.tokenizer import load_tokenizer
+
+TEXTS = {"a.py": "def add(a, b):\n    return a + b\n",
+         "b.txt": "Shall I compare thee to a summer's day?\nThou art more lovely.",
+         "sub/c.py": "import os\nprint(os.getcwd())  # café\n"}
+
+
+@pytest.fixture(scope="module")
+def raw_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("raw")
+  for name, text in TEXTS.items():
+    (root / name).parent.mkdir(parents=True, exist_ok=True)
+    (root / name).write_text(text, encoding="utf-8")
+  (root / "empty.txt").write_text("")
+  return root
+
+
+def run(*args):
+  result = subprocess.run([sys.executable, "-m", "amd135m.data", *map(str, args)],
+                          capture_output=True, text=True)
+  return result.returncode, result.stdout, result.stderr
+
+
+def test_prepare_then_stats_counts_documents_skips_and_tokens(raw_dir, tmp_path, smollm2_gguf):
+  code, out, err = run("prepare", "--dataset", "local_text", "--manual-dir", raw_dir,
+                       "--data-dir", tmp_path)
+  assert code == 0, err
+  prepared = json.loads(out)
+  assert prepared["documents"] == 3 and prepared["skipped"] == {"empty_file": 1}
+  code, out, err = run("stats", "--dataset", "local_text", "--data-dir", tmp_path,
+                       "--tokenizer", smollm2_gguf)
+  assert code == 0, err
+  tokenizer = load_tokenizer(smollm2_gguf)
+  expected = sum(len(tokenizer.encode(t, add_bos=False)) for t in TEXTS.values())
+  assert json.loads(out)["tokens"] == expected
+
+
+@pytest.mark.parametrize("args,message", [
+    (["prepare", "--dataset", "local_text", "--manual-dir", "/nonexistent", "--data-dir", "/tmp"],
+     "does not exist"),
+    (["stats", "--dataset", "slimpajama", "--data-dir", "/nonexistent"], "not prepared"),
+])
+def test_bad_input_is_one_line(args, message):
+  code, out, err = run(*args)
+  lines = err.strip().splitlines()
+  assert code == 2 and len(lines) == 1 and lines[0].startswith("amd135m.data: error: ")
+  assert message in lines[0] and "Traceback" not in err
+
+
+def test_prepared_text_flows_into_the_loader(raw_dir, tmp_path, smollm2_gguf):
+  """local_text -> tokens -> packed windows: every document's tokens appear once, in the
+  windows, separated by the tokenizer's separator (SmolLM2 adds no BOS: its EOS)."""
+  builders.prepare("local_text", raw_dir, tmp_path)
+  tokenizer = load_tokenizer(smollm2_gguf)
+  docs = tokenized.TokenizedSource(builders.load("local_text", tmp_path), tokenizer)
+  sep = tokenized.separator_id(tokenizer)
+  assert sep == tokenizer.eos_id == 2
+  packed = packing.pack_documents([docs[i] for i in range(len(docs))], seq_len=7,
+                                  separator_id=sep)
+  stream = np.concatenate([packed.windows.reshape(-1),
+                           np.zeros(packed.dropped_tokens, np.int32)])  # the dropped tail
+  total = sum(len(docs[i]) + 1 for i in range(len(docs)))
+  assert len(stream) == total
+  batches = loader.DataLoader([docs], seq_len=7, global_batch_size=2, separator_id=sep,
+                              shuffle=False, num_epochs=1)
+  first = next(iter(batches))
+  np.testing.assert_array_equal(first["inputs"][0], packed.windows[0][:-1])
+
+
+def test_separator_rules():
+  class Tok:
+    vocab_size, bos_id, eos_id = 100, 1, 2
+
+  llama = Tok()
+  llama.add_bos = True
+  assert tokenized.separator_id(llama) == 1  # Llama-2: BOS between documents, as AMD-135M packs
+  llama.add_bos = False
+  assert tokenized.separator_id(llama) == 2
+  assert tokenized.separator_id(llama, override=7) == 7
+  with pytest.raises(UserError, match="outside the vocabulary"):
+    tokenized.separator_id(llama, override=100)
