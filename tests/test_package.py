@@ -7,7 +7,8 @@ def test_package_imports_neither_torch_nor_transformers():
   modules = ["amd135m", "amd135m.model", "amd135m.sampling", "amd135m.tokenizer",
              "amd135m.checkpoints", "amd135m.convert", "amd135m.generate", "amd135m.config_lib",
              "amd135m.inference", "amd135m.speculative", "amd135m.bench", "amd135m.data.builders",
-             "amd135m.data.loader", "amd135m.data.tokenized", "amd135m.data.__main__"]
+             "amd135m.data.loader", "amd135m.data.tokenized", "amd135m.data.__main__",
+             "amd135m.data.spm"]
   code = ("import sys\n" + "".join(f"import {m}\n" for m in modules) +
           "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))")
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
