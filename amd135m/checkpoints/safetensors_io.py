@@ -170,19 +170,12 @@ class ShardedWriter:
   def write(self, name: str, array: np.ndarray) -> None:
     self._writer_of[name].write(name, array)
 
-  def close(self) -> None:
-    for writer in self._writers:
-      writer.close()
-
   def __enter__(self):
     return self
 
   def __exit__(self, *exc):
-    if exc[0] is None:
-      self.close()
-    else:
-      for writer in self._writers:
-        writer._file.close()
+    for writer in self._writers:  # each closes; only a clean exit checks for unwritten tensors
+      writer.__exit__(*exc)
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray]) -> None:
