@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amd135m import model as model_lib, sampling, speculative
+from amd135m import bench, model as model_lib, sampling, speculative
 from amd135m.errors import UserError
 from amd135m.tokenizer import load_tokenizer
 import hf_reference as ref
@@ -207,20 +207,14 @@ def test_context_free_acceptance_matches_theory():
 # ---------------------------------------------------------------------------------------------
 # The real SmolLM2 as target.
 
-def first_layers_draft(config, params, n_layers: int):
-  """A draft built honestly from the target: its first layers, final norm and tied head."""
-  draft_config = dataclasses.replace(config, n_layers=n_layers)
-  keep = {k: v for k, v in params.items() if not k.startswith("layers_")}
-  keep.update({f"layers_{i}": params[f"layers_{i}"] for i in range(n_layers)})
-  return speculative.ModelDraft(draft_config), keep
-
-
 def test_smollm2_target_greedy_equals_target_only(smollm2, smollm2_gguf):
   config, params = smollm2
   tokenizer = load_tokenizer(smollm2_gguf)
   prompts = [tokenizer.encode("def fibonacci(n):\n"), tokenizer.encode("The capital of France is")]
   expected = sampling.generate(params, config, prompts, 24, stop_ids=tokenizer.stop_ids).tokens
-  draft, draft_params = first_layers_draft(config, params, 4)
+  # A draft built honestly from the target: its first 4 layers, final norm and tied head.
+  draft_config, draft_params = bench.load_draft("first:4", config, params)
+  draft = speculative.ModelDraft(draft_config)
   # Verification scores 5 positions per forward where target-only scores one, so rounding may
   # differ at a near-tie: compare each row up to its first step with a top-2 margin under 1e-3.
   cuts = []
