@@ -12,14 +12,11 @@ imports torch.
 """
 import argparse
 import json
-import os
 import pathlib
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from importlib import metadata
 
 import jax
 import jax.numpy as jnp
@@ -30,40 +27,11 @@ import tempfile
 
 from amd135m import checkpoints, model as model_lib, sampling, speculative
 from amd135m.errors import UserError
+from amd135m.provenance import provenance
 from amd135m.tokenizer import load_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DECODE_PROMPT = "The history of the printing press begins"
-
-
-def provenance() -> dict:
-  """What produced a number: git SHA, package versions, device, command."""
-  try:
-    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                capture_output=True, text=True).stdout.strip())
-  except (OSError, subprocess.CalledProcessError):
-    sha, dirty = None, None
-  versions = {}
-  for name in ["jax", "jaxlib", "flax", "numpy", "gguf", "tokenizers"]:
-    try:
-      versions[name] = metadata.version(name)
-    except metadata.PackageNotFoundError:
-      pass
-  cpu = platform.processor()
-  try:
-    cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-               if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  device = jax.devices()[0]
-  return dict(git_sha=sha, git_dirty=dirty, versions=versions, python=platform.python_version(),
-              device=dict(platform=device.platform, kind=device.device_kind, count=jax.device_count(),
-                          cpu=cpu, cpu_count=os.cpu_count()),
-              command=" ".join([os.path.basename(sys.executable), "-m", "amd135m.bench",
-                                *sys.argv[1:]]),
-              date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
 
 def copy_bandwidth(nbytes: int = 1 << 30, runs: int = 5) -> float:
