@@ -71,10 +71,16 @@ def test_prepared_text_flows_into_the_loader(raw_dir, tmp_path, smollm2_gguf):
                            np.zeros(packed.dropped_tokens, np.int32)])  # the dropped tail
   total = sum(len(docs[i]) + 1 for i in range(len(docs)))
   assert len(stream) == total
-  batches = loader.DataLoader([docs], seq_len=7, global_batch_size=2, separator_id=sep,
-                              shuffle=False, num_epochs=1)
-  first = next(iter(batches))
-  np.testing.assert_array_equal(first["inputs"][0], packed.windows[0][:-1])
+  batches = list(loader.DataLoader([docs], seq_len=7, global_batch_size=2, separator_id=sep,
+                                   shuffle=False, num_epochs=1))
+  np.testing.assert_array_equal(batches[0]["inputs"][0], packed.windows[0][:-1])
+  # A grain worker process tokenises the same documents from the array_record files.
+  with loader.DataLoader([docs], seq_len=7, global_batch_size=2, separator_id=sep,
+                         shuffle=False, num_epochs=1, worker_count=1) as in_worker:
+    got = list(in_worker)
+  assert len(got) == len(batches) == len(packed.windows) // 2
+  for ours, theirs in zip(got, batches):
+    np.testing.assert_array_equal(ours["inputs"], theirs["inputs"])
 
 
 def test_separator_rules():

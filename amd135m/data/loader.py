@@ -1,6 +1,6 @@
 """Deterministic, resumable, per-process loader of packed windows over a mixture of sources.
 
-Design (plain Python/numpy; no grain workers yet):
+Design (numpy packing in the calling process; documents read there or by grain workers):
 - Each source is random access (`len`, `source[i]` -> 1-D ints). Its documents are read in a
   seeded permutation that is redrawn every epoch, and packed on their own by a `WindowPacker`
   (a window never mixes sources).
@@ -15,11 +15,20 @@ Design (plain Python/numpy; no grain workers yet):
   unfinished global batch are dropped and counted (`dropped_tokens`, `dropped_windows`). All
   processes stop at the same batch, so every process gets the same number of batches.
 - `get_state()` is a JSON-able dict, identical on all processes (it describes the global
-  stream), so it may be restored with another process count.
+  stream), so it may be restored with another process count or worker count.
+- Workers: with `worker_count=N > 0`, each source's documents are read (and tokenised, for a
+  `TokenizedSource`) by N grain worker processes (`mp_prefetch`) in the source's shuffled order;
+  grain interleaves the workers' slices back into that exact order, so batches do not depend on
+  N. Packing stays in the calling process, whose position is the state; on `set_state` the
+  pipelines restart at the saved document, so a resume reads again only the one document per
+  source that the state cut through. Workers are spawned processes: a script that builds a
+  loader with workers needs the `if __name__ == "__main__":` guard, and `close()` (or `with`)
+  stops them. With workers, skipped rows (other processes' rows) are read by the workers too.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Sequence
 
 import numpy as np
@@ -28,6 +37,7 @@ from amd135m.data.packing import WindowPacker, check_seq_len
 from amd135m.errors import UserError
 
 _STATE_VERSION = 1
+_WORKER_BUFFER_DOCUMENTS = 4  # documents each worker reads ahead
 
 
 class _EpochShuffled:
@@ -51,18 +61,73 @@ class _EpochShuffled:
       self._epoch = epoch
     return self._source[int(self._order[position])]
 
+  def __getstate__(self) -> dict[str, Any]:
+    # Workers redraw the epoch's permutation themselves rather than unpickle a copy.
+    return {**self.__dict__, '_epoch': -1, '_order': np.arange(0)}
+
+
+class _ReadDocument:
+  """The map a grain worker runs: document i of the shuffled pass, as int32 token ids."""
+
+  def __init__(self, documents: _EpochShuffled):
+    self.documents = documents
+
+  def __call__(self, index: int) -> np.ndarray:  # [len] int32
+    return np.asarray(self.documents[index], np.int32).reshape(-1)
+
+
+class _WorkerPipeline:
+  """Documents start, start + 1, ... of a shuffled pass, read ahead by grain worker processes.
+
+  Random access in name only: the packer asks for consecutive indices; any other index
+  restarts the pipeline there (what `set_state` causes)."""
+
+  def __init__(self, documents: _EpochShuffled, num_documents: int | None, worker_count: int):
+    self._documents = documents
+    self._stop = sys.maxsize if num_documents is None else num_documents
+    self._worker_count = worker_count
+    self._iterator = None
+    self._next = -1
+
+  def _start(self, index: int) -> None:
+    import grain  # noqa: PLC0415 (only a loader with workers needs grain)
+    from absl import flags  # noqa: PLC0415
+    if not flags.FLAGS.is_parsed():  # grain reads its absl flags; a library has none to parse
+      flags.FLAGS.mark_as_parsed()
+    self.close()
+    options = grain.multiprocessing.MultiprocessingOptions(
+        num_workers=self._worker_count, per_worker_buffer_size=_WORKER_BUFFER_DOCUMENTS)
+    dataset = grain.MapDataset.range(index, self._stop).map(_ReadDocument(self._documents))
+    # No reader threads: grain's default reads 500 documents ahead in each worker.
+    read_options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    self._iterator = iter(dataset.to_iter_dataset(read_options).mp_prefetch(options))
+    self._next = index
+
+  def __getitem__(self, index: int) -> np.ndarray:  # [len] int32
+    if self._iterator is None or index != self._next:
+      self._start(index)
+    shared = next(self._iterator)
+    self._next = index + 1
+    return np.array(shared, np.int32)  # a copy, so the worker's shared memory is freed now
+
+  def close(self) -> None:
+    if self._iterator is not None:
+      self._iterator.close()
+      self._iterator = None
+
 
 class DataLoader:
   """Yields this process's rows of each global batch: {'inputs', 'targets': [b, T] int32}.
 
   `b = global_batch_size // process_count`, `T = seq_len`; 'source': [b] int32 says which
-  source each row came from.
+  source each row came from. `worker_count` grain worker processes per source read documents
+  (0: read in this process); the batches are the same for any worker count.
   """
 
   def __init__(self, sources: Sequence[Any], *, seq_len: int, global_batch_size: int,
                separator_id: int, weights: Sequence[float] | None = None, seed: int = 0,
                shuffle: bool = True, num_epochs: int | None = None, process_index: int = 0,
-               process_count: int = 1):
+               process_count: int = 1, worker_count: int = 0):
     check_seq_len(seq_len)
     if isinstance(sources, (str, bytes)) or not isinstance(sources, Sequence) or not sources:
       raise UserError('sources must be a non-empty list of random-access document sources.')
@@ -86,6 +151,9 @@ class DataLoader:
                       'with a positive sum, one per source.')
     if num_epochs is not None and num_epochs < 1:
       raise UserError(f'num_epochs must be None (endless) or >= 1, got {num_epochs}.')
+    if isinstance(worker_count, bool) or not isinstance(worker_count, int) or worker_count < 0:
+      raise UserError(f'worker_count must be an integer >= 0 (0 reads in this process), got '
+                      f'{worker_count!r}.')
     self.seq_len = int(seq_len)
     self.global_batch_size = int(global_batch_size)
     self.process_index, self.process_count = int(process_index), int(process_count)
@@ -95,10 +163,17 @@ class DataLoader:
                     'separator_id': int(separator_id), 'weights': self.weights.tolist(),
                     'seed': self.seed, 'shuffle': bool(shuffle), 'num_epochs': num_epochs,
                     'source_sizes': [len(s) for s in sources]}
-    self._packers = [
-        WindowPacker(_EpochShuffled(s, k, self.seed, shuffle), self.seq_len, separator_id,
-                     num_documents=None if num_epochs is None else num_epochs * len(s))
-        for k, s in enumerate(sources)]
+    self.worker_count = worker_count
+    self._pipelines = []
+    self._packers = []
+    for k, source in enumerate(sources):
+      documents = _EpochShuffled(source, k, self.seed, shuffle)
+      num_documents = None if num_epochs is None else num_epochs * len(source)
+      if worker_count:
+        documents = _WorkerPipeline(documents, num_documents, worker_count)
+        self._pipelines.append(documents)
+      self._packers.append(WindowPacker(documents, self.seq_len, separator_id,
+                                        num_documents=num_documents))
     self._batch_index = 0
     self._windows_seen = [0] * len(sources)
     self._done = False
@@ -120,6 +195,17 @@ class DataLoader:
 
   def __iter__(self) -> DataLoader:
     return self
+
+  def close(self) -> None:
+    """Stops the worker processes (none without workers); the loader restarts them if used."""
+    for pipeline in self._pipelines:
+      pipeline.close()
+
+  def __enter__(self) -> DataLoader:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
 
   def __next__(self) -> dict[str, np.ndarray]:
     if self._done:
