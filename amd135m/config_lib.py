@@ -3,6 +3,7 @@
 `load("configs/tiny.py:runlocal")` imports the file by path and passes the text after the colon;
 `parse_arg` turns "a=1,runlocal" into a ConfigDict of typed values, as big_vision does.
 """
+import dataclasses
 import importlib.util
 import pathlib
 
@@ -30,14 +31,95 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def base_config(model: dict) -> ml_collections.ConfigDict:
-  """The schema every experiment config shares (training extends it); `model` is a ModelConfig."""
+  """The schema every experiment config shares; `model` holds ModelConfig's fields.
+
+  Durations are in steps (`total_steps`) or tokens (`total_tokens`, which wins when > 0).
+  `batch_size` is global (all hosts), in sequences of `data.seq_len` tokens."""
   config = ml_collections.ConfigDict()
-  config.model = ml_collections.ConfigDict(model)
-  # Where weights and the tokenizer come from: a Hugging Face dir, a GGUF file, or '' (random init).
+  config.model = ml_collections.ConfigDict({"remat": "none", **model})
+  # Where weights and the tokenizer come from: a Hugging Face dir, a GGUF file, a training
+  # workdir, or '' (random init). A workdir's own checkpoints always win over init_from.
   config.init_from = ""
   config.tokenizer = ""
   config.seed = 0
+
+  # Sources: comma-separated 'synthetic' or BUILDER@DATA_DIR[:PATTERN] (prepared by
+  # `python -m amd135m.data prepare`); weights: comma-separated mixture weights, '' = equal.
+  config.data = ml_collections.ConfigDict(dict(
+      sources="synthetic", weights="", seq_len=256, separator_id=-1, shuffle=True,
+      num_epochs=0, eval_fraction=0.02, worker_count=0))
+
+  config.batch_size = 8
+  config.grad_accum = 1        # micro-batches per step (lax.scan), normalised by token count
+  config.total_steps = 100
+  config.total_tokens = 0
+  config.lr = 6e-4
+  config.end_lr = 6e-5
+  config.warmup_steps = 10
+  config.b1 = 0.9
+  config.b2 = 0.95
+  config.eps = 1e-8
+  config.weight_decay = 0.1
+  config.weight_decay_mask = "all"  # 'all' (TinyLlama/AMD), 'matrices' (no norms), 'kernels'
+  config.grad_clip = 1.0
+
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  config.sharding_rules = ""   # overrides of sharding.DEFAULT_RULES, e.g. 'kv_heads=replicate'
+
+  config.log_every = 10
+  config.eval_every = 100
+  config.eval_batches = 4
+  config.checkpoint_every = 100
+  config.keep_checkpoints = 3
+  config.async_checkpoint = True
+  config.peak_flops = 0.0      # per device, for MFU; 0 = known accelerators' table or measured
+  config.debug_batch_hashes = False  # write per-row hashes of every batch (multi-host tests)
   return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
+  """Applies 'key.path=value' strings; values take the type of the current value."""
+  for item in overrides:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise UserError(f"--config.{item}: write --config.KEY=VALUE")
+    node = config
+    parts = key.split(".")
+    for part in parts[:-1]:
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        raise UserError(f"unknown config key {key!r}: valid keys are {', '.join(keys(config))}")
+      node = node[part]
+    leaf = parts[-1]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node or isinstance(
+        node[leaf], ml_collections.ConfigDict):
+      raise UserError(f"unknown config key {key!r}: valid keys are {', '.join(keys(config))}")
+    node[leaf] = _typed(node[leaf], value, key)
+
+
+def _typed(current, value: str, key: str):
+  try:
+    if isinstance(current, bool):
+      if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+        raise ValueError
+      return value.lower() in ("1", "true", "yes")
+    if isinstance(current, int):
+      return int(float(value)) if float(value).is_integer() else int(value)
+    if isinstance(current, float):
+      return float(value)
+  except ValueError:
+    raise UserError(f"--config.{key}={value}: expected a {type(current).__name__}") from None
+  return value
+
+
+def keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """Every leaf key path of a config, sorted ('data.seq_len', 'lr', ...)."""
+  out = []
+  for name, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out.extend(keys(value, f"{prefix}{name}."))
+    else:
+      out.append(prefix + name)
+  return sorted(out)
 
 
 def load(spec: str) -> ml_collections.ConfigDict:
@@ -54,4 +136,8 @@ def load(spec: str) -> ml_collections.ConfigDict:
 
 def model_config(model: ml_collections.ConfigDict) -> model_lib.ModelConfig:
   """The frozen ModelConfig described by a config's `model` field."""
+  fields = {f.name for f in dataclasses.fields(model_lib.ModelConfig)}
+  unknown = sorted(set(model) - fields)
+  if unknown:
+    raise UserError(f"unknown model fields {unknown}: valid ones are {sorted(fields)}")
   return model_lib.ModelConfig(**model.to_dict())

@@ -188,9 +188,10 @@ class Llama(nn.Module):
     mask = key_positions[None, None, :] <= positions[:, :, None]                 # [B, T, S]
 
     new_k, new_v = [], []
+    layer = _remat(DecoderLayer, c.remat) if cache is None else DecoderLayer
     for i in range(c.n_layers):  # unrolled: slicing stacked weights would copy them every step
       cache_kv = None if cache is None else (cache.k[i], cache.v[i])
-      x, kv = DecoderLayer(c, name=f"layers_{i}")(
+      x, kv = layer(c, name=f"layers_{i}")(
           x, positions, mask, cache_kv, offsets, return_attention)
       if kv is not None:
         new_k.append(kv[0])
@@ -206,6 +207,22 @@ class Llama(nn.Module):
     logits = logits.astype(jnp.float32)
     new_cache = None if cache is None else Cache(tuple(new_k), tuple(new_v), cache.length + t)
     return logits, new_cache
+
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+
+
+def _remat(layer_cls, kind: str):
+  """The layer recomputed in the backward pass (training memory for FLOPs), or as is."""
+  if kind == "none":
+    return layer_cls
+  if kind not in REMAT_POLICIES:
+    raise ValueError(f"remat {kind!r}: choose 'none' or one of {sorted(REMAT_POLICIES)}")
+  # return_attention (argument 6, counting self) is a Python bool that selects code paths.
+  return nn.remat(layer_cls, policy=REMAT_POLICIES[kind], static_argnums=(6,))
 
 
 # ---------------------------------------------------------------------------------------------

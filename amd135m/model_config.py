@@ -16,6 +16,7 @@ class ModelConfig:
   tie_embeddings: bool = False
   dtype: str = "float32"        # compute dtype of activations and matmuls
   param_dtype: str = "float32"  # storage dtype of the weights
+  remat: str = "none"           # training: recompute each layer in the backward ('none'|'full'|'dots')
 
   @property
   def head_dim(self) -> int:

@@ -9,6 +9,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
+# Eight fake CPU devices for the sharded-training tests; unsharded code runs on the first one.
+jax.config.update("jax_num_cpu_devices", 8)
 # Persistent compilation cache outside the repo: reruns of the suite skip XLA compiles.
 jax.config.update("jax_compilation_cache_dir",
                   str(pathlib.Path.home() / ".cache" / "amd135m" / "jax_cache"))

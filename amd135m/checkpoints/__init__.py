@@ -4,11 +4,13 @@ Everything lands in one params pytree whose names mirror Hugging Face's LlamaFor
 (see layout.py). Only numpy, ml_dtypes and gguf are used, and tensors stream one at a time, so
 converting a 7B model needs about one tensor's worth of memory beyond the interpreter.
 """
+import dataclasses
 import os
 from typing import Any
 
 from amd135m.checkpoints.export import (ConvertSummary, SavedCheckpoint, convert_checkpoint,
                                         open_checkpoint, save_hf)
+from amd135m.checkpoints import orbax_io
 from amd135m.checkpoints.gguf_io import read_gguf_config, unpermute_rotary
 from amd135m.checkpoints.hf import read_hf_config
 from amd135m.checkpoints.layout import (DTYPES, CheckpointTensors, TensorSpec, as_dtype,
@@ -29,9 +31,21 @@ def iter_hf_tensors(path: str | os.PathLike, dtype: Any = None) -> CheckpointTen
 
 
 def load_params(path: str | os.PathLike, dtype: Any = None) -> tuple[ModelConfig, dict]:
-  """(config, params) from an HF directory or .gguf; params is a nested dict of numpy arrays."""
+  """(config, params) from an HF directory, a .gguf or a training workdir (its latest
+  checkpoint); params is a nested dict of numpy arrays."""
+  if orbax_io.is_workdir(path):
+    config, params = orbax_io.load_workdir_params(path)
+    if dtype is not None:
+      dtype = as_dtype(dtype)
+      params = _map_leaves(lambda x: x.astype(dtype), params)
+      config = dataclasses.replace(config, param_dtype=dtype.name)
+    return config, params
   tensors = iter_hf_tensors(path, dtype)
   return tensors.config, params_from_tensors(tensors)
+
+
+def _map_leaves(fn, tree):
+  return {k: _map_leaves(fn, v) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
 
 
 __all__ = [

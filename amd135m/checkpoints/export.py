@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from amd135m.checkpoints import gguf_io, hf
+from amd135m.checkpoints import gguf_io, hf, orbax_io
 from amd135m.checkpoints.layout import (CheckpointTensors, TensorSpec, as_dtype, check_specs,
                                         flatten_params, hf_shapes)
 from amd135m.checkpoints.safetensors_io import ShardedWriter
@@ -99,6 +99,12 @@ def save_hf(directory: str | os.PathLike, config: ModelConfig, tensors_or_params
 def open_checkpoint(path: str | os.PathLike) -> CheckpointTensors:
   """Dispatch on what `path` is: a Hugging Face directory or a GGUF file."""
   path = pathlib.Path(path)
+  if orbax_io.is_workdir(path):
+    # A training workdir's params are restored whole (orbax reads by array, not by HF name).
+    config, params = orbax_io.load_workdir_params(path)
+    tensors = _as_tensors(config, params)
+    tensors.source = f"{path} (training workdir)"
+    return tensors.cast(None)
   if path.is_dir():
     return hf.open_hf_dir(path)
   if not path.exists():

@@ -1,0 +1,130 @@
+"""python -m amd135m.train --config configs/F.py[:arg] --workdir DIR [--config.KEY=VALUE ...]
+
+Multi-host: under SLURM or Open MPI, `jax.distributed.initialize()` reads the cluster from the
+environment; elsewhere pass --coordinator HOST:PORT --num_processes N --process_id I.
+--local_processes N starts N CPU processes on this machine (gloo collectives) and waits for them.
+--dry_run compiles the step for the config's mesh on fake CPU devices and prints per-device
+memory from XLA's analysis, without data or training.
+"""
+import argparse
+import os
+import socket
+import subprocess
+import sys
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(prog="python -m amd135m.train", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", required=True, help="configs/F.py[:arg]")
+  parser.add_argument("--workdir", help="checkpoints, metrics and logs go here")
+  parser.add_argument("--dry_run", action="store_true",
+                      help="compile the step on fake CPU devices and report memory")
+  parser.add_argument("--devices", type=int, default=0,
+                      help="fake CPU devices (per process); dry runs default to the mesh's size")
+  parser.add_argument("--coordinator", help="HOST:PORT of process 0 (multi-host without SLURM)")
+  parser.add_argument("--num_processes", type=int)
+  parser.add_argument("--process_id", type=int)
+  parser.add_argument("--local_processes", type=int, default=0,
+                      help="run N processes on this machine (CPU, gloo) and wait for them")
+  parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+  args, rest = parser.parse_known_args(argv)
+  overrides = []
+  for item in rest:
+    if not item.startswith("--config."):
+      parser.error(f"unrecognized argument {item}: config overrides look like --config.KEY=VALUE")
+    overrides.append(item[len("--config."):])
+  if not args.dry_run and not args.workdir:
+    parser.error("--workdir is required (unless --dry_run)")
+  return args, overrides
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _without(argv: list[str], flag: str) -> list[str]:
+  """argv less `flag VALUE` / `flag=VALUE`."""
+  out, skip = [], False
+  for item in argv:
+    if skip:
+      skip = False
+    elif item == flag:
+      skip = True
+    elif not item.startswith(flag + "="):
+      out.append(item)
+  return out
+
+
+def launch_local(argv: list[str], processes: int) -> int:
+  """Runs this command as `processes` local processes; the first failure's code is returned."""
+  port = _free_port()
+  children = []
+  for index in range(processes):
+    command = [sys.executable, "-m", "amd135m.train", *argv, "--coordinator",
+               f"127.0.0.1:{port}", "--num_processes", str(processes), "--process_id", str(index)]
+    children.append(subprocess.Popen(command, env={**os.environ, "JAX_PLATFORMS": "cpu"}))
+  codes = [child.wait() for child in children]
+  return next((code for code in codes if code), 0)
+
+
+def init_distributed(args) -> None:
+  import jax
+  if args.coordinator:
+    if args.num_processes is None or args.process_id is None:
+      raise SystemExit("amd135m.train: error: --coordinator needs --num_processes and --process_id")
+    if jax.config.jax_platforms == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
+                               process_id=args.process_id)
+  elif any(v in os.environ for v in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")) and int(
+      os.environ.get("SLURM_NTASKS", os.environ.get("OMPI_COMM_WORLD_SIZE", "1"))) > 1:
+    jax.distributed.initialize()  # reads the cluster from SLURM / Open MPI
+
+
+def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args, overrides = parse_args(argv)
+  if args.local_processes:
+    return launch_local(_without(argv, "--local_processes"), args.local_processes)
+
+  from amd135m import config_lib
+  from amd135m.errors import UserError
+  try:
+    config = config_lib.load(args.config)
+    config_lib.apply_overrides(config, overrides)
+  except UserError as e:
+    print(f"amd135m.train: error: {e}", file=sys.stderr)
+    return 2
+
+  import jax
+  devices = args.devices
+  if args.dry_run and not devices:
+    devices = max(1, abs(config.mesh.data * config.mesh.fsdp * config.mesh.tensor))
+  if devices:
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", devices)
+  init_distributed(args)
+
+  from amd135m.training import loop
+  try:
+    if args.dry_run:
+      report = loop.dry_run(config)
+      print(loop.format_dry_run(report))
+      return 0
+    result = loop.train_and_evaluate(config, args.workdir, progress=not args.no_progress)
+  except UserError as e:
+    print(f"amd135m.train: error: {e}", file=sys.stderr)
+    return 2
+  if jax.process_index() == 0:
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in {**result.last_metrics,
+                                                     **result.eval_metrics}.items()
+                        if isinstance(v, float))
+    print(f"{'preempted' if result.preempted else 'finished'} at step {result.step}: {summary}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

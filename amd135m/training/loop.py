@@ -1,0 +1,296 @@
+"""train_and_evaluate(config, workdir): the training loop that the CLI and notebooks call.
+
+Resume order: the workdir's latest checkpoint -> config.init_from (weights only) -> random init.
+Every checkpoint holds the train state, the data iterator state and the config, so a rerun of the
+same command continues at exactly the next batch. SIGTERM (preemption) saves the current step on
+every host and returns normally.
+"""
+import dataclasses
+import math
+import os
+import pathlib
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from amd135m import checkpoints, config_lib, metrics as metrics_lib, optim, provenance, sharding
+from amd135m.checkpoints import orbax_io
+from amd135m.errors import UserError
+from amd135m.training import data as data_lib, step as step_lib
+
+# Test seams (kill -9 mid-run, kill -9 during a save, SIGTERM), triggered at a step, not by timing.
+_KILL_AFTER_STEP = "AMD135M_TEST_KILL_AFTER_STEP"
+_KILL_DURING_SAVE = "AMD135M_TEST_KILL_DURING_SAVE"
+_SIGTERM_AFTER_STEP = "AMD135M_TEST_SIGTERM_AFTER_STEP"
+
+
+class TrainingDiverged(UserError):
+  """The loss became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class Result:
+  step: int
+  last_metrics: dict
+  eval_metrics: dict
+  preempted: bool
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Derived settings: total_steps from total_tokens; checks that need no devices."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  tokens_per_step = config.batch_size * config.data.seq_len
+  if config.total_tokens > 0:
+    config.total_steps = max(1, math.ceil(config.total_tokens / tokens_per_step))
+  if config.batch_size % config.grad_accum:
+    raise UserError(f"batch_size {config.batch_size} does not divide into grad_accum "
+                    f"{config.grad_accum} micro-batches")
+  if config.data.seq_len > config.model.max_seq_len:
+    raise UserError(f"data.seq_len {config.data.seq_len} exceeds model.max_seq_len "
+                    f"{config.model.max_seq_len}")
+  for key in ("log_every", "eval_every", "checkpoint_every", "total_steps", "keep_checkpoints"):
+    if config[key] < 1:
+      raise UserError(f"{key} must be >= 1, got {config[key]}")
+  return config
+
+
+def _tokenizer(config):
+  from amd135m.tokenizer import load_tokenizer
+  path = config.tokenizer or config.init_from
+  return load_tokenizer(path) if path else None
+
+
+def _init_from(config, model_config):
+  """A params function for fine-tuning from config.init_from, after checking the architecture."""
+  source_config, params = checkpoints.load_params(pathlib.Path(config.init_from).expanduser())
+  fields = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
+            "tie_embeddings")
+  mismatched = {f: (getattr(source_config, f), getattr(model_config, f)) for f in fields
+                if getattr(source_config, f) != getattr(model_config, f)}
+  if mismatched:
+    raise UserError(f"init_from {config.init_from} has another architecture "
+                    f"(checkpoint, config): {mismatched}; make config.model match it")
+  return lambda rng: jax.tree.map(jnp.asarray, params)
+
+
+def _global_batch(local: dict, batch_sharding) -> dict:
+  return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
+          for k, v in local.items() if k in ("inputs", "targets")}
+
+
+def _any_process(flag: bool) -> bool:
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+                       progress: bool = True) -> Result:
+  """Trains per `config` in `workdir`, resuming whatever the workdir already holds."""
+  config = resolve(config)
+  workdir = pathlib.Path(workdir).expanduser().absolute()
+  lead = jax.process_index() == 0
+  model_config = config_lib.model_config(config.model)
+  tokenizer = _tokenizer(config)
+  sources = data_lib.open_sources(config.data, tokenizer, model_config.vocab_size, config.seed)
+
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  rules = sharding.parse_rules(config.sharding_rules)
+  lr_schedule = optim.schedule(config.lr, config.end_lr, config.warmup_steps, config.total_steps)
+  optimizer = optim.make_optimizer(config)
+  if config.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    raise UserError(f"batch_size {config.batch_size} does not split over the mesh's data x fsdp "
+                    f"= {mesh.shape['data'] * mesh.shape['fsdp']} devices")
+
+  if lead:
+    workdir.mkdir(parents=True, exist_ok=True)
+  ckpt = orbax_io.TrainCheckpoints(workdir, keep=config.keep_checkpoints,
+                                   async_save=config.async_checkpoint)
+  latest = ckpt.latest_step()
+  init_params = _init_from(config, model_config) if config.init_from and latest is None else None
+  compiled = step_lib.compile_step(model_config, optimizer, lr_schedule, mesh, rules,
+                                   config.grad_accum, init_params)
+  loader = data_lib.train_loader(sources, config.data, config.batch_size, config.seed,
+                                 jax.process_index(), jax.process_count())
+  if latest is not None:
+    abstract = jax.tree.map(lambda s, a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            compiled.state_shardings,
+                            jax.eval_shape(compiled.init, jax.random.key(config.seed)))
+    state, data_state, _ = ckpt.restore(latest, abstract)
+    loader.set_state(data_state)
+  else:
+    state = compiled.init(jax.random.key(config.seed))
+  start_step = int(state["step"])
+
+  if lead:
+    orbax_io.write_model_config(workdir, model_config)
+    (workdir / "config.json").write_text(config.to_json(indent=1) + "\n")
+    if tokenizer is not None and not (workdir / "tokenizer_config.json").exists():
+      tokenizer.save_hf(workdir)
+  writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step, enabled=lead)
+  eval_data = [_global_batch(b, compiled.batch_sharding) for b in data_lib.eval_batches(
+      sources, config.data, config.batch_size, config.eval_batches, jax.process_index(),
+      jax.process_count())]
+  if not eval_data:
+    raise UserError(f"the held-out part ({config.data.eval_fraction:.0%} of the documents) is "
+                    f"shorter than one batch of {config.batch_size} x {config.data.seq_len}: "
+                    "raise data.eval_fraction or lower batch_size")
+
+  flops_per_token = step_lib.flops_per_token(model_config, config.data.seq_len)
+  peak = metrics_lib.peak_flops(config.peak_flops) * jax.device_count()
+  meta = {"config": config.to_dict(), "provenance": provenance.provenance(),
+          "sources": sources.names}
+
+  preempted = []
+  previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+  hooks = {name: int(os.environ.get(name, -1)) for name in
+           (_KILL_AFTER_STEP, _KILL_DURING_SAVE, _SIGTERM_AFTER_STEP)}
+  bar = metrics_lib.progress_bar(config.total_steps, start_step, enabled=lead and progress)
+  last_metrics, eval_metrics = {}, {}
+  pending = None  # (step, device metrics) of the previous step: checked one step late
+  window_start, window_tokens = time.perf_counter(), 0
+
+  def check(step, device_metrics) -> dict:
+    host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    if not math.isfinite(host["loss"]):
+      ckpt.wait()
+      good = ckpt.latest_step()
+      raise TrainingDiverged(
+          f"loss is {host['loss']} at step {step}; the last good checkpoint is step {good} in "
+          f"{workdir / orbax_io.CHECKPOINT_DIR}: lower lr or raise warmup_steps and rerun")
+    return host
+
+  def save(step):
+    ckpt.save(step, state, loader.get_state(), meta)
+    if hooks[_KILL_DURING_SAVE] == step:
+      os.kill(os.getpid(), signal.SIGKILL)
+
+  try:
+    step = start_step
+    for step in range(start_step + 1, config.total_steps + 1):
+      try:
+        local = next(loader)
+      except StopIteration:
+        if lead:
+          print(f"data ran out after {config.data.num_epochs} epoch(s) at step {step - 1}")
+        step -= 1
+        break
+      if config.debug_batch_hashes:
+        writer.batch_hashes(step, local["inputs"], jax.process_index())
+      state, device_metrics = compiled.step(state, _global_batch(local, compiled.batch_sharding))
+      if pending is not None:
+        last_metrics = check(*pending)
+      pending = (step, device_metrics)
+      window_tokens += config.batch_size * config.data.seq_len
+
+      if step % config.log_every == 0 or step == config.total_steps:
+        last_metrics = check(*pending)
+        seconds = time.perf_counter() - window_start
+        tokens_per_second = window_tokens / seconds
+        record = {"train_loss": last_metrics["loss"], "lr": last_metrics["lr"],
+                  "grad_norm": last_metrics["grad_norm"],
+                  "param_norm": last_metrics["param_norm"],
+                  "tokens_per_second": tokens_per_second,
+                  "step_seconds": seconds / max(1, window_tokens // (
+                      config.batch_size * config.data.seq_len)),
+                  "mfu": flops_per_token * tokens_per_second / peak if peak else float("nan"),
+                  "tokens_seen": loader.tokens_seen}
+        writer.write(step, record)
+        bar.set_postfix(loss=f"{last_metrics['loss']:.3f}", tok_s=f"{tokens_per_second:.0f}")
+        window_start, window_tokens = time.perf_counter(), 0
+      bar.update(1)
+
+      if step % config.eval_every == 0 or step == config.total_steps:
+        eval_metrics = evaluate(compiled, state["params"], eval_data)
+        writer.write(step, eval_metrics)
+      if hooks[_SIGTERM_AFTER_STEP] == step:
+        os.kill(os.getpid(), signal.SIGTERM)
+      stop = _any_process(bool(preempted))
+      if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
+        last_metrics = check(*pending)
+        save(step)
+      if hooks[_KILL_AFTER_STEP] == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+      if stop:
+        if lead:
+          print(f"preempted: saved step {step}, exiting")
+        break
+    if pending is not None:
+      last_metrics = check(*pending)
+    if step > start_step and ckpt.latest_step() != step:
+      save(step)
+    ckpt.wait()
+  finally:
+    signal.signal(signal.SIGTERM, previous_handler)
+    bar.close()
+    writer.close()
+    ckpt.close()
+  return Result(step=step, last_metrics=last_metrics, eval_metrics=eval_metrics,
+                preempted=bool(preempted))
+
+
+def evaluate(compiled, params, eval_data: list[dict]) -> dict:
+  totals = [compiled.eval(params, batch) for batch in eval_data]
+  nll = sum(float(t["nll_sum"]) for t in totals)
+  tokens = sum(float(t["tokens"]) for t in totals)
+  loss = nll / tokens
+  return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
+          "eval_tokens": int(tokens)}
+
+
+def dry_run(config: ml_collections.ConfigDict) -> dict:
+  """Compiles one train step for the config's mesh (no data, no weights) and returns XLA's
+  per-device memory analysis with the shapes that produced it."""
+  config = resolve(config)
+  model_config = config_lib.model_config(config.model)
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  rules = sharding.parse_rules(config.sharding_rules)
+  lr_schedule = optim.schedule(config.lr, config.end_lr, config.warmup_steps, config.total_steps)
+  optimizer = optim.make_optimizer(config)
+  compiled = step_lib.compile_step(model_config, optimizer, lr_schedule, mesh, rules,
+                                   config.grad_accum)
+  abstract = jax.tree.map(lambda s, a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          compiled.state_shardings,
+                          jax.eval_shape(compiled.init, jax.random.key(0)))
+  tokens = jax.ShapeDtypeStruct((config.batch_size, config.data.seq_len), jnp.int32,
+                                sharding=compiled.batch_sharding)
+  start = time.perf_counter()
+  executable = compiled.step.lower(abstract, {"inputs": tokens, "targets": tokens}).compile()
+  seconds = time.perf_counter() - start
+  memory = executable.memory_analysis()
+  params = step_lib.count_params(model_config)
+  param_bytes = sum(
+      int(np.prod(s.shard_shape(a.shape))) * np.dtype(a.dtype).itemsize
+      for a, s in zip(jax.tree.leaves(abstract["params"]),
+                      jax.tree.leaves(compiled.state_shardings["params"])))
+  fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+            "alias_size_in_bytes", "generated_code_size_in_bytes")
+  report = {"mesh": dict(mesh.shape), "devices": mesh.size, "params": params["total"],
+            "batch": [config.batch_size, config.data.seq_len], "grad_accum": config.grad_accum,
+            "remat": model_config.remat, "dtype": model_config.dtype,
+            "param_bytes_per_device": param_bytes, "compile_seconds": seconds}
+  report.update({f: int(getattr(memory, f, 0) or 0) for f in fields} if memory else {})
+  return report
+
+
+def format_dry_run(report: dict) -> str:
+  gib = lambda n: f"{n / 2**30:.2f} GiB"
+  lines = [f"mesh {report['mesh']} on {report['devices']} fake devices; {report['params']:,} "
+           f"params; batch {report['batch'][0]} x {report['batch'][1]} in {report['grad_accum']} "
+           f"micro-batch(es); remat {report['remat']}; compute {report['dtype']}; compiled in "
+           f"{report['compile_seconds']:.1f} s",
+           f"per device: parameters {gib(report['param_bytes_per_device'])}"]
+  if "argument_size_in_bytes" in report:
+    peak = (report["argument_size_in_bytes"] + report["output_size_in_bytes"]
+            - report["alias_size_in_bytes"] + report["temp_size_in_bytes"])
+    lines.append(f"per device (XLA memory analysis): arguments "
+                 f"{gib(report['argument_size_in_bytes'])}, outputs "
+                 f"{gib(report['output_size_in_bytes'])} (aliased "
+                 f"{gib(report['alias_size_in_bytes'])}), temporaries "
+                 f"{gib(report['temp_size_in_bytes'])}; peak about {gib(peak)}")
+  return "\n".join(lines)

@@ -1,0 +1,150 @@
+"""The train step: sharded state, token-normalised loss, gradient accumulation, model FLOPs.
+
+State is a plain dict {'step', 'params', 'opt_state'}; the step is a pure function jitted with
+in/out shardings by `compile_step`, with the state donated.
+"""
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from amd135m import model as model_lib, sharding
+from amd135m.model_config import ModelConfig
+
+
+def token_nll(params, config: ModelConfig, batch: dict) -> tuple[jax.Array, jax.Array]:
+  """(summed next-token NLL in f32, number of target tokens) of batch {'inputs','targets': [B,T]}
+  with an optional 'mask' [B, T] (1 = count the target)."""
+  logits, _ = model_lib.forward(params, config, batch["inputs"])                 # [B, T, V] f32
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(log_probs, batch["targets"][..., None], axis=-1)[..., 0]
+  mask = batch.get("mask")
+  mask = jnp.ones_like(nll) if mask is None else mask.astype(jnp.float32)
+  return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def loss_and_grads(params, config: ModelConfig, batch: dict, accum_steps: int):
+  """Mean token loss and its gradient over the batch, accumulated over `accum_steps` micro-batches
+  with lax.scan. Sums of NLL and gradients are divided by the total token count once, so the result
+  equals the one-shot gradient whatever the split (a mean of micro-batch means would weight
+  micro-batches with fewer tokens up)."""
+  grad_fn = jax.value_and_grad(token_nll, has_aux=True)
+  if accum_steps == 1:
+    (nll_sum, count), grads = grad_fn(params, config, batch)
+  else:
+    micro = jax.tree.map(lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps,
+                                             *x.shape[1:]), batch)
+
+    def body(carry, micro_batch):
+      (nll_sum, count), grads = grad_fn(params, config, micro_batch)
+      total_nll, total_count, total_grads = carry
+      return (total_nll + nll_sum, total_count + count,
+              jax.tree.map(jnp.add, total_grads, grads)), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (nll_sum, count, grads), _ = jax.lax.scan(body, (0.0, 0.0, zeros), micro)
+  count = jnp.maximum(count, 1.0)
+  return nll_sum / count, jax.tree.map(lambda g: g / count, grads), count
+
+
+def train_step(state: dict, batch: dict, *, config: ModelConfig, optimizer, accum_steps: int,
+               lr_schedule: Callable) -> tuple[dict, dict]:
+  loss, grads, count = loss_and_grads(state["params"], config, batch, accum_steps)
+  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state["params"])
+  updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  metrics = {"loss": loss, "tokens": count, "lr": lr_schedule(state["step"]),
+             "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
+  return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+
+def eval_step(params, batch: dict, *, config: ModelConfig) -> dict:
+  nll_sum, count = token_nll(params, config, batch)
+  return {"nll_sum": nll_sum, "tokens": count}
+
+
+# ---------------------------------------------------------------------------------------------
+# Shardings and compilation.
+
+@dataclasses.dataclass
+class Compiled:
+  init: Callable        # (rng) -> state, placed
+  step: Callable        # (state, batch) -> (state, metrics); state donated
+  eval: Callable        # (params, batch) -> {'nll_sum', 'tokens'}
+  state_shardings: Any
+  batch_sharding: NamedSharding
+  mesh: Mesh
+
+
+def state_shardings(config: ModelConfig, optimizer, mesh: Mesh, rules) -> Any:
+  """Shardings of {'step', 'params', 'opt_state'}: parameters by the rule table; optimizer leaves
+  shaped like a parameter follow it (Adam's moments); scalars (counts) are replicated."""
+  param_specs = sharding.param_specs(model_lib.logical_axes(config), mesh, rules, config)
+  abstract_params = jax.eval_shape(lambda: model_lib.init_params(config, jax.random.key(0)))
+  abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+  flat_params = jax.tree_util.tree_leaves_with_path(abstract_params)
+  spec_by_path = {tuple(str(k) for k in path): spec for (path, _), spec in
+                  zip(flat_params, jax.tree.leaves(param_specs, is_leaf=lambda x: isinstance(x, P)))}
+
+  def opt_spec(path, leaf):
+    # Adam's mu/nu mirror params: their path ends with the parameter's path.
+    keys = tuple(str(k) for k in path)
+    for length in range(len(keys), 0, -1):
+      spec = spec_by_path.get(keys[-length:])
+      if spec is not None and len(spec) <= leaf.ndim:
+        return spec
+    return P()
+
+  opt_specs = jax.tree_util.tree_map_with_path(opt_spec, abstract_opt)
+  specs = {"step": P(), "params": param_specs, "opt_state": opt_specs}
+  return sharding.named(mesh, specs)
+
+
+def compile_step(config: ModelConfig, optimizer, lr_schedule, mesh: Mesh, rules,
+                 accum_steps: int = 1, init_params: Callable | None = None) -> Compiled:
+  """jit-ed init/step/eval with explicit shardings. init_params(rng) -> params overrides the
+  random init (fine-tuning from a checkpoint); its output is resharded by out_shardings."""
+  shardings = state_shardings(config, optimizer, mesh, rules)
+  batch = sharding.batch_sharding(mesh)
+  make_params = init_params or (lambda rng: model_lib.init_params(config, rng))
+
+  def init(rng):
+    params = make_params(rng)
+    params = jax.tree.map(lambda p: p.astype(config.param_dtype), params)
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": optimizer.init(params)}
+
+  step_fn = jax.jit(
+      lambda state, b: train_step(state, b, config=config, optimizer=optimizer,
+                                  accum_steps=accum_steps, lr_schedule=lr_schedule),
+      in_shardings=(shardings, batch), out_shardings=(shardings, sharding.replicated(mesh)),
+      donate_argnums=0)
+  eval_fn = jax.jit(lambda params, b: eval_step(params, b, config=config),
+                    in_shardings=(shardings["params"], batch),
+                    out_shardings=sharding.replicated(mesh))
+  return Compiled(init=jax.jit(init, out_shardings=shardings), step=step_fn, eval=eval_fn,
+                  state_shardings=shardings, batch_sharding=batch, mesh=mesh)
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs, for MFU.
+
+def count_params(config: ModelConfig) -> dict:
+  abstract = jax.eval_shape(lambda: model_lib.init_params(config, jax.random.key(0)))
+  total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
+  embedding = config.vocab_size * config.dim
+  # The input embedding is a lookup, not a matmul; a tied matrix still does the head's matmul.
+  non_embedding = total if config.tie_embeddings else total - embedding
+  return {"total": total, "matmul": non_embedding}
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+  """Model FLOPs per trained token: 6N (N without the input embedding) plus attention's
+  12 * L * T * d (forward and backward of QK^T and AV over the full T x T, as in PaLM's MFU);
+  recomputation under remat is not counted."""
+  n = count_params(config)["matmul"]
+  return 6.0 * n + 12.0 * config.n_layers * seq_len * config.dim
