@@ -29,6 +29,11 @@ def _docs(source) -> dict[str, str]:
   return {r["id"].decode(): r["text"].decode() for r in (source[i] for i in range(len(source)))}
 
 
+def _records(source) -> list[tuple[str, str]]:
+  """(id, text) of each record, in the source's order."""
+  return [(r["id"].decode(), r["text"].decode()) for r in (source[i] for i in range(len(source)))]
+
+
 def test_slimpajama_skips_books_and_empty_text_across_frames(tmp_path):
   manual = tmp_path / "raw"
   _jsonl_zst(manual / "chunk1" / "a.jsonl.zst", [
@@ -45,7 +50,7 @@ def test_slimpajama_skips_books_and_empty_text_across_frames(tmp_path):
 
   assert stats["documents"] == 3 and stats["files"] == 3
   assert stats["skipped"] == {"redpajama_book": 1, "empty_text": 1, "empty_file": 1}
-  stats_path = tmp_path / "tfds" / "amd135m_slimpajama" / "all" / "1.0.0" / builders.STATS_FILE
+  stats_path = tmp_path / "tfds" / "amd135m_slimpajama" / "all" / "1.1.0" / builders.STATS_FILE
   assert json.loads(stats_path.read_text()) == stats
   assert _docs(builders.load("slimpajama", tmp_path / "tfds")) == {
       "chunk1/a.jsonl.zst:0": "web page",
@@ -135,16 +140,28 @@ def test_local_text_patterns_and_shards(tmp_path):
   assert full["documents"] == 4 and full["files"] == 6
   assert full["skipped"] == {"non_utf8": 1, "empty_file": 1}
 
-  # Two workers each take every other file of the sorted list; together they cover it once.
+  # Two hosts each take a contiguous run of the sorted files; in order they are the whole.
   shards = [builders.prepare("local_text", manual, tmp_path / "tfds", patterns="*.py",
                              shard_index=i, num_shards=2) for i in range(2)]
   assert [s["files"] for s in shards] == [3, 3]
-  merged = {}
+  whole = _records(builders.load("local_text", tmp_path / "tfds", patterns=["*.py"]))
+  parts = [_records(builders.load("local_text", tmp_path / "tfds", patterns="*.py",
+                                  shard_index=i, num_shards=2)) for i in range(2)]
+  assert parts[0] + parts[1] == whole  # same records, same order
+  assert [r[0] for r in whole] == ["pkg/m0.py:0", "pkg/m1.py:0", "pkg/m2.py:0", "pkg/m3.py:0"]
+  # Prepared only in shards, the dataset loads whole: the shards concatenated.
+  only_shards = tmp_path / "only_shards"
   for i in range(2):
-    merged.update(_docs(builders.load("local_text", tmp_path / "tfds", patterns="*.py",
-                                      shard_index=i, num_shards=2)))
-  assert merged == _docs(builders.load("local_text", tmp_path / "tfds", patterns=["*.py"]))
-  assert merged["pkg/m2.py:0"] == "x = 2\n"
+    builders.prepare("local_text", manual, only_shards, patterns="*.py", shard_index=i,
+                     num_shards=2)
+  assert _records(builders.load("local_text", only_shards, patterns="*.py")) == whole
+  stats = builders.read_stats("local_text", only_shards, patterns="*.py")
+  assert stats["documents"] == 4 and stats["skipped"] == full["skipped"]
+  # An incomplete set is an error naming the missing shard, never a silently short dataset.
+  partial = tmp_path / "partial"
+  builders.prepare("local_text", manual, partial, patterns="*.py", shard_index=1, num_shards=2)
+  with pytest.raises(UserError, match=r"not shards \[0\]"):
+    builders.load("local_text", partial, patterns="*.py")
 
 
 def test_user_errors(tmp_path):

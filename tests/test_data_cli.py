@@ -113,3 +113,35 @@ def test_local_corpora_build_reproducibly(tmp_path):
   again = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
                          text=True)
   assert json.loads(again.stdout)["files"] == counts  # a rerun reuses what is there
+
+
+def _records(source):
+  return [(r["id"], r["text"]) for r in (source[i] for i in range(len(source)))]
+
+
+def test_parallel_prepare_counts_tokens_and_writes_the_length_index(raw_dir, tmp_path,
+                                                                    smollm2_gguf):
+  """--workers 2 writes two contiguous shards that load as the one-piece dataset, reports
+  progress per file on stderr, counts tokens and writes the length index the loader uses."""
+  code, out, err = run("prepare", "--dataset", "local_text", "--manual-dir", raw_dir,
+                       "--data-dir", tmp_path / "two", "--workers", 2, "--tokenizer", smollm2_gguf)
+  assert code == 0, err
+  assert "4/4" in err  # the progress bar reached every input file
+  result = json.loads(out)
+  assert result["documents"] == 3 and result["skipped"] == {"empty_file": 1}
+  assert result["configs"] == ["shard0-of-2", "shard1-of-2"]
+  builders.prepare("local_text", raw_dir, tmp_path / "one")
+  assert _records(builders.load("local_text", tmp_path / "two")) == _records(
+      builders.load("local_text", tmp_path / "one"))
+  tokenizer = load_tokenizer(smollm2_gguf)
+  docs = tokenized.load_documents("local_text", tmp_path / "two", tokenizer)
+  counted = [len(tokenizer.encode(docs.records[i]["text"].decode(), add_bos=False))
+             for i in range(len(docs))]
+  assert docs.lengths.tolist() == counted and result["tokens"] == sum(counted)
+  # Prepared without a tokenizer, `stats --tokenizer` writes the index afterwards.
+  assert builders.load_lengths("local_text", tmp_path / "one", tokenizer) is None
+  code, out, err = run("stats", "--dataset", "local_text", "--data-dir", tmp_path / "one",
+                       "--tokenizer", smollm2_gguf)
+  assert code == 0, err
+  assert json.loads(out)["tokens"] == sum(counted)
+  assert builders.load_lengths("local_text", tmp_path / "one", tokenizer).tolist() == counted

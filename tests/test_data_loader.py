@@ -200,7 +200,7 @@ def read_log(path):
 
 def test_resume_with_workers_matches_uninterrupted_and_rereads_one_document_per_source(
     sources, tmp_path):
-  """Shuffle on, a two-source mixture, 2 grain workers per source, a state taken mid-document:
+  """Shuffle on, a two-source mixture, grain workers per source, a state taken mid-document:
   the resumed loader yields exactly the uninterrupted batches and reads again only the document
   the state cut through in each source (at most one batch of records)."""
   total, cut = 30, 13
@@ -214,7 +214,8 @@ def test_resume_with_workers_matches_uninterrupted_and_rereads_one_document_per_
   # In-process reads are exactly the documents consumed up to the cut (no read-ahead).
   consumed = make_loader(logged('consumed'), **args)
   assert [batch_hash(next(consumed)) for _ in range(cut)] == expected[:cut]
-  with make_loader(logged('first'), worker_count=2, **args) as first:
+  # One worker per source before the cut, two after: the state holds no worker count.
+  with make_loader(logged('first'), worker_count=1, **args) as first:
     assert [batch_hash(next(first)) for _ in range(cut)] == expected[:cut]
     state = json.loads(json.dumps(first.get_state()))
   assert state == consumed.get_state(), 'the state must not depend on the worker count'
@@ -232,3 +233,42 @@ def test_resume_with_workers_matches_uninterrupted_and_rereads_one_document_per_
     reread += len(again)
     assert read_log(tmp_path / f'first-{k}.log').keys() >= before.keys()  # workers did read
   assert reread <= 8 // 2  # at most one (local) batch of records
+
+
+class IndexedSource(LoggedSource):
+  """A logged source with a length index, as `tokenized.load_documents` gives."""
+
+  def __init__(self, documents, log_path, lengths=None):
+    super().__init__(documents, log_path)
+    self.lengths = np.array([len(d) for d in documents]) if lengths is None else lengths
+
+
+def test_length_index_lets_a_process_read_only_documents_of_its_rows(tmp_path):
+  """With `lengths`, a process reads exactly the documents whose tokens land in its rows."""
+  rng = np.random.default_rng(7)
+  # Every token names its document (source k, document i -> 2 + 1000 k + i): rows say who is in.
+  docs = [[np.full(rng.integers(1, 90), 2 + 1000 * k + i, np.int32) for i in range(150)]
+          for k in range(2)]
+  args = dict(process_index=1, process_count=4)
+  plain = make_loader([LoggedSource(d, tmp_path / f'plain-{k}.log')
+                       for k, d in enumerate(docs)], **args)
+  indexed = make_loader([IndexedSource(d, tmp_path / f'indexed-{k}.log')
+                         for k, d in enumerate(docs)], **args)
+  in_rows = set()
+  for _ in range(25):
+    batch = next(indexed)
+    assert batch_hash(batch) == batch_hash(next(plain))
+    in_rows |= set(np.unique(np.concatenate([batch['inputs'], batch['targets']], 1)).tolist())
+  assert indexed.get_state() == plain.get_state()
+  for k in range(2):
+    own = read_log(tmp_path / f'indexed-{k}.log')
+    assert max(own.values()) == 1
+    assert set(own) == {t - 2 - 1000 * k for t in in_rows if 1000 * k + 2 <= t < 1000 * k + 1002}
+    assert sum(read_log(tmp_path / f'plain-{k}.log').values()) > 2 * len(own)  # all rows' docs
+  # An index that disagrees with the documents is an error, not a silently shifted stream.
+  wrong = IndexedSource(docs[0], tmp_path / 'wrong.log',
+                        lengths=np.array([len(d) + 1 for d in docs[0]]))
+  loader = make_loader([wrong, docs[1]], **args)
+  with pytest.raises(UserError, match='length index'):
+    for _ in range(25):
+      next(loader)

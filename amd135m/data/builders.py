@@ -9,31 +9,46 @@ yields text documents `{'text': str, 'id': str}` into one `train` split:
   amd135m_starcoder_python   *.parquet with a 'content' column (id: 'id' or 'max_stars_repo_path').
   amd135m_local_text         any files matching `patterns` (default *.txt, *.py), one per file.
 
+Records are written in input order (sorted files, records in file order; no tfds shuffle), so a
+dataset prepared in one piece or in any number of shards reads back as the same sequence.
 Skips are counted by reason and written with the document count to
-`<data_dir>/<name>/<config>/<version>/amd135m_stats.json`; `prepare` returns the same dict.
+`<data_dir>/<name>/<config>/<version>/amd135m_stats.json`; `prepare` returns the same dict. Given
+a tokenizer, preparation also counts tokens and writes a per-document length index
+(`amd135m_lengths-<tokenizer fingerprint>.npy`, int32 in record order) that lets the loader skip
+other processes' rows without reading their documents.
 Reasons: 'redpajama_book', 'empty_text' (missing, null or whitespace-only text), 'empty_file'
 (zero-byte input file), 'non_utf8' (a text file, parquet value or jsonl line that is not UTF-8).
 Errors, not skips: a missing manual_dir, no input files, a missing required column or jsonl key,
 an unreadable parquet file, a corrupt JSON line, and a truncated or corrupt .jsonl.zst (a cut
 download must be re-fetched, not silently shortened) raise UserError naming the file.
 
-Parallelism: tfds's beam path is not used, so one process reads its files in order. To split
-work across processes or hosts, each one runs `prepare(..., shard_index=i, num_shards=n)`; it
-takes files[i::n] of the sorted input list and writes its own config `shard{i}-of-{n}`, which
-`load(..., shard_index=i, num_shards=n)` reads back.
+Parallelism: tfds's beam path is not used. `prepare(..., shard_index=i, num_shards=n)` takes the
+i-th of n contiguous runs of the sorted input files and writes its own config `shard{i}-of-{n}`
+(one per host, say); `workers=w` splits that run again over w local processes, writing shards
+i*w .. i*w+w-1 of n*w. `load(name, data_dir)` reads whatever complete set was prepared (the
+one-piece `all`, or shards 0..m-1 of m, concatenated in order); `load(..., shard_index=i,
+num_shards=n)` reads one shard.
 """
 import collections
+import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import pathlib
-from typing import Iterator
+import re
+import sys
+from typing import Any, Callable, Iterator
 
+import numpy as np
 import tensorflow_datasets as tfds
 
+from amd135m.data import tokenized
 from amd135m.errors import UserError
 
 STATS_FILE = "amd135m_stats.json"
+LENGTHS_FILE = "amd135m_lengths-{fingerprint}.npy"
 _ZST_READ_BYTES = 1 << 20
 _PARQUET_BATCH_ROWS = 1024
 
@@ -49,8 +64,12 @@ class SourceConfig(tfds.core.BuilderConfig):
 class _TextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Shared plumbing: file listing, sharding, skip counting and the stats file."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "records in input order; contiguous file shards; token length index"}
   DEFAULT_PATTERNS: tuple[str, ...] = ()
+  # Set by `prepare`: called (files, documents, tokens) after each input file.
+  progress: Callable[[int, int, int], None] | None = None
+  tokenizer: Any = None  # set by `prepare` to count tokens and write the length index
 
   @tfds.core.utils.classproperty
   @classmethod
@@ -66,6 +85,7 @@ class _TextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             "text": tfds.features.Text(),
             "id": tfds.features.Text(),
         }),
+        disable_shuffling=True,  # input order: shards concatenate to the one-piece dataset
     )
 
   def _split_generators(self, dl_manager):
@@ -79,31 +99,43 @@ class _TextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     if not files:
       raise UserError(f"no files matching {list(self.builder_config.patterns)} under {manual_dir}: "
                       f"check manual_dir\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
-    return files[self.builder_config.shard_index::self.builder_config.num_shards]
+    return files[_shard_slice(len(files), self.builder_config.shard_index,
+                              self.builder_config.num_shards)]
 
   def _generate_examples(self, manual_dir: pathlib.Path):
     self._skipped = collections.Counter()
     self._documents = 0
+    self._lengths = [] if self.tokenizer is not None else None
+    self._tokens = 0
     files = self._input_files(manual_dir)
     self._num_files = len(files)
     for path in files:
       name = path.relative_to(manual_dir).as_posix()
+      documents, tokens = self._documents, self._tokens
       if path.stat().st_size == 0:
         self._skipped["empty_file"] += 1
-        continue
-      for index, record in enumerate(self._read_file(path)):
-        if record is None:  # The reader already counted why it skipped this record.
-          continue
-        text, record_id = record
-        if text is None or not text.strip():
-          self._skipped["empty_text"] += 1
-          continue
-        self._documents += 1
-        # The key must be unique across files even when records carry duplicate ids.
-        yield f"{name}:{index}", {"text": text, "id": record_id or f"{name}:{index}"}
+      else:
+        yield from self._file_examples(path, name)
+      if self.progress is not None:
+        self.progress(1, self._documents - documents, self._tokens - tokens)
     if not self._documents:
       raise UserError(f"no documents in {len(files)} file(s) under {manual_dir}: "
                       f"all were skipped {dict(self._skipped)}; check the input files")
+
+  def _file_examples(self, path: pathlib.Path, name: str):
+    for index, record in enumerate(self._read_file(path)):
+      if record is None:  # The reader already counted why it skipped this record.
+        continue
+      text, record_id = record
+      if text is None or not text.strip():
+        self._skipped["empty_text"] += 1
+        continue
+      self._documents += 1
+      if self._lengths is not None:  # record order is generation order (no shuffle)
+        self._lengths.append(len(self.tokenizer.encode(text, add_bos=False)))
+        self._tokens += self._lengths[-1]
+      # The key must be unique across files even when records carry duplicate ids.
+      yield f"{name}:{index}", {"text": text, "id": record_id or f"{name}:{index}"}
 
   def _read_file(self, path: pathlib.Path) -> Iterator[tuple[str | None, str | None] | None]:
     """Yields (text or None, own id or None) per record, or None for a record it counted skipped."""
@@ -112,7 +144,11 @@ class _TextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _download_and_prepare(self, dl_manager, download_config):
     super()._download_and_prepare(dl_manager, download_config)
     # Written inside tfds's incomplete dir, so the stats appear atomically with the data.
-    (self.data_path / STATS_FILE).write_text(json.dumps(self._stats(dl_manager), indent=1))
+    stats = self._stats(dl_manager)
+    if self._lengths is not None:
+      stats.update(_write_lengths(self.data_path, self.tokenizer,
+                                  np.asarray(self._lengths, np.int32)))
+    (self.data_path / STATS_FILE).write_text(json.dumps(stats, indent=1))
 
   def _stats(self, dl_manager) -> dict:
     config = self.builder_config
@@ -264,57 +300,270 @@ def _zst_lines(path: pathlib.Path) -> Iterator[bytes]:
     yield pending
 
 
+def _shard_slice(num_files: int, shard_index: int, num_shards: int) -> slice:
+  """The shard_index-th of num_shards contiguous runs: in order, they concatenate to all files."""
+  return slice(shard_index * num_files // num_shards, (shard_index + 1) * num_files // num_shards)
+
+
+def _config_name(cls, patterns: tuple[str, ...], shard_index: int, num_shards: int) -> str:
+  name = "all" if num_shards == 1 else f"shard{shard_index}-of-{num_shards}"
+  if patterns != cls.DEFAULT_PATTERNS:
+    # Different file selections must not share (and silently reuse) one prepared directory.
+    name += "-" + hashlib.sha1("\n".join(patterns).encode()).hexdigest()[:8]
+  return name
+
+
 def _builder(name: str, data_dir, patterns=None, shard_index: int = 0, num_shards: int = 1):
   if name not in BUILDERS:
     raise UserError(f"unknown dataset {name!r}: choose one of {sorted(BUILDERS)}")
   if not 0 <= shard_index < num_shards:
     raise UserError(f"shard_index={shard_index} must be in [0, num_shards={num_shards})")
   cls = BUILDERS[name]
-  patterns = tuple([patterns] if isinstance(patterns, str) else patterns or cls.DEFAULT_PATTERNS)
-  config_name = "all" if num_shards == 1 else f"shard{shard_index}-of-{num_shards}"
-  if patterns != cls.DEFAULT_PATTERNS:
-    # Different file selections must not share (and silently reuse) one prepared directory.
-    config_name += "-" + hashlib.sha1("\n".join(patterns).encode()).hexdigest()[:8]
-  config = SourceConfig(name=config_name, patterns=patterns, shard_index=shard_index,
-                        num_shards=num_shards)
+  patterns = _patterns(cls, patterns)
+  config = SourceConfig(name=_config_name(cls, patterns, shard_index, num_shards),
+                        patterns=patterns, shard_index=shard_index, num_shards=num_shards)
   return cls(data_dir=str(data_dir), config=config, file_format="array_record")
 
 
+def _patterns(cls, patterns) -> tuple[str, ...]:
+  return tuple([patterns] if isinstance(patterns, str) else patterns or cls.DEFAULT_PATTERNS)
+
+
+def _tokenizer(tokenizer):
+  if not isinstance(tokenizer, (str, pathlib.PurePath)):
+    return tokenizer  # None, or a loaded Tokenizer
+  from amd135m.tokenizer import load_tokenizer  # noqa: PLC0415 (only when counting tokens)
+  return load_tokenizer(tokenizer)
+
+
+def _write_lengths(data_path, tokenizer, lengths: np.ndarray) -> dict:
+  """Writes the length index beside the records; returns the stats fields it adds."""
+  fingerprint = tokenized.fingerprint(tokenizer)
+  np.save(pathlib.Path(data_path) / LENGTHS_FILE.format(fingerprint=fingerprint), lengths)
+  return {"tokens": int(lengths.sum(dtype=np.int64)), "tokenizer": fingerprint}
+
+
 def prepare(name: str, manual_dir, data_dir, *, patterns=None, shard_index: int = 0,
-            num_shards: int = 1, overwrite: bool = False) -> dict:
-  """Writes `name` (e.g. 'slimpajama') from manual_dir into data_dir; returns its stats dict."""
+            num_shards: int = 1, workers: int = 1, tokenizer=None, overwrite: bool = False,
+            progress: Callable[[int, int, int], None] | None = None) -> dict:
+  """Writes `name` (e.g. 'slimpajama') from manual_dir into data_dir; returns its stats dict.
+
+  `workers` local processes split this shard's files (see the module doc); `tokenizer` (a
+  Tokenizer or its path) adds token counts and the length index; `progress(files, documents,
+  tokens)` is called after each input file, from this process."""
   manual_dir = pathlib.Path(manual_dir).expanduser()
   if not manual_dir.is_dir():
     raise UserError(f"manual_dir {manual_dir} does not exist: download the raw files there first")
   if not any(manual_dir.iterdir()):  # tfds would raise a bare AssertionError here.
     raise UserError(f"manual_dir {manual_dir} is empty: download the raw files there first")
+  if workers < 1:
+    raise UserError(f"workers must be >= 1, got {workers}")
+  _builder(name, data_dir, patterns, shard_index, num_shards)  # validates name and shard
+  if workers == 1:
+    return _prepare_shard(name, manual_dir, data_dir, patterns, shard_index, num_shards,
+                          _tokenizer(tokenizer), overwrite, progress)
+  shards = [shard_index * workers + w for w in range(workers)]
+  context = multiprocessing.get_context("spawn")  # tfds and tokenizers hold threads: no fork
+  with multiprocessing.Manager() as manager, concurrent.futures.ProcessPoolExecutor(
+      workers, mp_context=context) as pool:
+    queue = manager.Queue() if progress is not None else None
+    futures = [pool.submit(_prepare_worker, name, manual_dir, data_dir, patterns, shard,
+                           num_shards * workers, tokenizer, overwrite, queue)
+               for shard in shards]
+    while progress is not None and not all(f.done() for f in futures):
+      try:
+        progress(*queue.get(timeout=0.2))
+      except Exception:  # queue.Empty, re-exported through the manager's proxy
+        pass
+    while queue is not None and not queue.empty():
+      progress(*queue.get())
+    return _merge_stats([f.result() for f in futures])
+
+
+def _prepare_worker(name, manual_dir, data_dir, patterns, shard_index, num_shards, tokenizer,
+                    overwrite, queue) -> dict:
+  """One local worker's shard, in its own process; progress goes back through `queue`."""
+  from absl import logging as absl_logging  # noqa: PLC0415
+  absl_logging.set_verbosity(absl_logging.ERROR)  # tfds warns on every custom config
+  tfds.disable_progress_bar()
+  progress = None if queue is None else lambda *counts: queue.put(counts)
+  with contextlib.redirect_stdout(sys.stderr):  # tfds prints; stdout may carry a result
+    return _prepare_shard(name, manual_dir, data_dir, patterns, shard_index, num_shards,
+                          _tokenizer(tokenizer), overwrite, progress)
+
+
+def _prepare_shard(name, manual_dir, data_dir, patterns, shard_index, num_shards, tokenizer,
+                   overwrite, progress) -> dict:
   builder = _builder(name, data_dir, patterns, shard_index, num_shards)
+  builder.tokenizer, builder.progress = tokenizer, progress
   mode = (tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS if not overwrite
           else tfds.download.GenerateMode.FORCE_REDOWNLOAD)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=str(manual_dir), download_mode=mode))
-  return json.loads((builder.data_path / STATS_FILE).read_text())
+  stats_path = builder.data_path / STATS_FILE
+  stats = json.loads(stats_path.read_text())
+  if tokenizer is not None and stats.get("tokenizer") != tokenized.fingerprint(tokenizer):
+    # Prepared before without this tokenizer: index the written records now.
+    stats.update(index_lengths(builder, tokenizer))
+    stats_path.write_text(json.dumps(stats, indent=1))
+  return stats
 
 
-def _prepared(name: str, data_dir, patterns, shard_index: int, num_shards: int):
-  builder = _builder(name, data_dir, patterns, shard_index, num_shards)
-  if not (builder.data_path / STATS_FILE).exists():
-    raise UserError(f"{name} is not prepared under {data_dir} (no {builder.data_path}): "
-                    f"run `python -m amd135m.data prepare --dataset {name} ...` first")
-  return builder
+def index_lengths(builder, tokenizer, progress: Callable[[int], None] | None = None) -> dict:
+  """Tokenises a prepared config's records and writes its length index; returns stats fields.
+  `progress(documents)` is called every 256 documents."""
+  docs = tokenized.TokenizedSource(_data_source(builder), tokenizer)
+  lengths = np.empty([len(docs)], np.int32)
+  for i in range(len(docs)):
+    lengths[i] = len(docs[i])
+    if progress is not None and ((i + 1) % 256 == 0 or i + 1 == len(docs)):
+      progress((i + 1) % 256 or 256)
+  return _write_lengths(builder.data_path, tokenizer, lengths)
 
 
-def read_stats(name: str, data_dir, *, patterns=None, shard_index: int = 0,
-               num_shards: int = 1) -> dict:
-  """The stats `prepare` wrote: documents, files, and skipped records by reason."""
-  builder = _prepared(name, data_dir, patterns, shard_index, num_shards)
-  return json.loads((builder.data_path / STATS_FILE).read_text())
+def count_tokens(name: str, data_dir, tokenizer, *, patterns=None,
+                 shard_index: int | None = None, num_shards: int | None = None,
+                 progress: Callable[[int], None] | None = None) -> int:
+  """Tokens of a prepared dataset: from its length index, else by tokenising every record (and
+  then writing the index and the count into its stats, so the loader and the next call reuse
+  them)."""
+  tokenizer = _tokenizer(tokenizer)
+  fingerprint = tokenized.fingerprint(tokenizer)
+  total = 0
+  for builder in _prepared(name, data_dir, patterns, shard_index, num_shards):
+    stats_path = builder.data_path / STATS_FILE
+    stats = json.loads(stats_path.read_text())
+    if (stats.get("tokenizer") != fingerprint
+        or not (builder.data_path / LENGTHS_FILE.format(fingerprint=fingerprint)).exists()):
+      stats.update(index_lengths(builder, tokenizer, progress))
+      stats_path.write_text(json.dumps(stats, indent=1))
+    total += stats["tokens"]
+  return total
 
 
-def load(name: str, data_dir, split: str = "train", *, patterns=None, shard_index: int = 0,
-         num_shards: int = 1):
-  """Random-access source over a prepared dataset; records are {'text': bytes, 'id': bytes}."""
-  builder = _prepared(name, data_dir, patterns, shard_index, num_shards)
-  return tfds.data_source(builder.name, split=split, data_dir=str(data_dir), download=False,
-                          builder_kwargs={"config": builder.builder_config,
-                                          "file_format": "array_record"})
+def input_files(name: str, manual_dir, *, patterns=None, shard_index: int = 0,
+                num_shards: int = 1) -> list[pathlib.Path]:
+  """The raw files `prepare` would read for this shard (for a progress total)."""
+  return _builder(name, "/nonexistent", patterns, shard_index, num_shards)._input_files(
+      pathlib.Path(manual_dir).expanduser())
+
+
+def _merge_stats(shards: list[dict]) -> dict:
+  """One stats dict for a set of shards: counts add up; per-shard configs are listed."""
+  merged = {k: shards[0][k] for k in ("name", "version", "manual_dir", "patterns")}
+  merged["configs"] = [s["config"] for s in shards]
+  merged["num_shards"] = shards[0]["num_shards"]
+  merged["files"] = sum(s["files"] for s in shards)
+  merged["documents"] = sum(s["documents"] for s in shards)
+  skipped = collections.Counter()
+  for s in shards:
+    skipped.update(s["skipped"])
+  merged["skipped"] = dict(sorted(skipped.items()))
+  if all("tokens" in s for s in shards) and len({s["tokenizer"] for s in shards}) == 1:
+    merged["tokens"] = sum(s["tokens"] for s in shards)
+    merged["tokenizer"] = shards[0]["tokenizer"]
+  return merged
+
+
+def _is_prepared(builder) -> bool:
+  return (builder.data_path / STATS_FILE).exists()
+
+
+def _prepared(name: str, data_dir, patterns, shard_index: int | None,
+              num_shards: int | None) -> list:
+  """The builders of one complete prepared set: one shard if shard_index is given, else `all`
+  or every shard of the smallest complete count (all such sets hold the same records)."""
+  if shard_index is not None:
+    builders = [_builder(name, data_dir, patterns, shard_index, num_shards or 1)]
+  elif num_shards is not None:
+    builders = [_builder(name, data_dir, patterns, i, num_shards) for i in range(num_shards)]
+  else:
+    builders = [_builder(name, data_dir, patterns)]
+    if not _is_prepared(builders[0]):
+      counts = _shard_counts(name, data_dir, patterns)
+      complete = [n for n in counts
+                  if all(_is_prepared(_builder(name, data_dir, patterns, i, n))
+                         for i in range(n))]
+      if complete:
+        builders = [_builder(name, data_dir, patterns, i, complete[0])
+                    for i in range(complete[0])]
+      elif counts:
+        n = counts[0]
+        missing = [i for i in range(n) if not _is_prepared(_builder(name, data_dir, patterns, i, n))]
+        raise UserError(f"{name} under {data_dir} has shards of {n} but not shards {missing}: "
+                        f"prepare them (--shard-index i --num-shards {n}) first")
+  for builder in builders:
+    if not _is_prepared(builder):
+      raise UserError(f"{name} is not prepared under {data_dir} (no {builder.data_path}): "
+                      f"run `python -m amd135m.data prepare --dataset {name} ...` first")
+  return builders
+
+
+def _shard_counts(name: str, data_dir, patterns) -> list[int]:
+  """Shard counts n with some `shard{i}-of-{n}` config of these patterns under data_dir."""
+  cls = BUILDERS[name]
+  suffix = _config_name(cls, _patterns(cls, patterns), 0, 1).removeprefix("all")
+  pattern = re.compile(rf"shard\d+-of-(\d+){re.escape(suffix)}")
+  root = pathlib.Path(data_dir) / cls.name
+  found = {int(m.group(1)) for d in (root.iterdir() if root.is_dir() else ())
+           if (m := pattern.fullmatch(d.name))}
+  return sorted(found)
+
+
+def read_stats(name: str, data_dir, *, patterns=None, shard_index: int | None = None,
+               num_shards: int | None = None) -> dict:
+  """The stats `prepare` wrote (documents, files, skipped records by reason, tokens if counted);
+  summed over shards when the dataset was prepared in shards."""
+  stats = [json.loads((b.data_path / STATS_FILE).read_text())
+           for b in _prepared(name, data_dir, patterns, shard_index, num_shards)]
+  return stats[0] if len(stats) == 1 else _merge_stats(stats)
+
+
+def _data_source(builder):
+  return tfds.data_source(builder.name, split="train", data_dir=str(builder.data_dir_root),
+                          download=False, builder_kwargs={"config": builder.builder_config,
+                                                          "file_format": "array_record"})
+
+
+def load(name: str, data_dir, split: str = "train", *, patterns=None,
+         shard_index: int | None = None, num_shards: int | None = None):
+  """Random-access source over a prepared dataset; records are {'text': bytes, 'id': bytes}.
+
+  Without shard_index: the whole dataset, however it was prepared (see the module doc)."""
+  if split != "train":
+    raise UserError(f"the builders write one split, 'train', not {split!r}: hold out documents "
+                    "with amd135m.data.splits.holdout")
+  sources = [_data_source(b) for b in _prepared(name, data_dir, patterns, shard_index, num_shards)]
+  return sources[0] if len(sources) == 1 else Concatenated(sources)
+
+
+def load_lengths(name: str, data_dir, tokenizer, *, patterns=None,
+                 shard_index: int | None = None, num_shards: int | None = None):
+  """The length index ([documents] int32 tokens) of `load(...)`'s records for this tokenizer, or
+  None if a shard has none (prepare with a tokenizer, or run `stats --tokenizer`)."""
+  fingerprint = tokenized.fingerprint(tokenizer)
+  parts = []
+  for builder in _prepared(name, data_dir, patterns, shard_index, num_shards):
+    path = builder.data_path / LENGTHS_FILE.format(fingerprint=fingerprint)
+    if not path.exists():
+      return None
+    parts.append(np.load(path))
+  return np.concatenate(parts)
+
+
+class Concatenated:
+  """Random access over sources laid end to end (the shards of one prepared dataset)."""
+
+  def __init__(self, sources):
+    self.sources = list(sources)
+    self._ends = np.cumsum([len(s) for s in self.sources])
+
+  def __len__(self) -> int:
+    return int(self._ends[-1])
+
+  def __getitem__(self, index: int):
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(f"record {index} is outside [0, {len(self)})")
+    part = int(np.searchsorted(self._ends, index, side="right"))
+    return self.sources[part][index - (int(self._ends[part - 1]) if part else 0)]

@@ -8,8 +8,9 @@ Design (numpy packing in the calling process; documents read there or by grain w
   weights from an rng keyed on (seed, b): deterministic and independent of process count.
 - Every process walks the same global stream of windows, so global batches are identical for
   any process count. Process i of n materialises only rows [i*B/n, (i+1)*B/n) of each batch
-  and skips the others. Trade-off: skipping still reads every document (to learn its length)
-  but copies no tokens of other rows; a per-source length index would remove those reads.
+  and skips the others. Skipping copies no tokens; it reads the documents (to learn their
+  lengths) unless the source has `lengths` (per-document token counts, see
+  `tokenized.load_documents`), so with a length index a process reads only its own rows.
 - Remainder rule: with `num_epochs=None` the stream is endless. With `num_epochs=k` it ends
   when any source runs out after k epochs; that source's partial window and the windows of the
   unfinished global batch are dropped and counted (`dropped_tokens`, `dropped_windows`). All
@@ -51,15 +52,22 @@ class _EpochShuffled:
     self._epoch = -1
     self._order = np.arange(0)
 
-  def __getitem__(self, index: int) -> Any:
+  def _source_index(self, index: int) -> int:
     epoch, position = divmod(index, self._size)
     if not self._shuffle:
-      return self._source[position]
+      return position
     if epoch != self._epoch:
       # O(len(source)) memory per source; an index shuffle (e.g. Feistel) would make it O(1).
       self._order = np.random.default_rng([*self._key, epoch]).permutation(self._size)
       self._epoch = epoch
-    return self._source[int(self._order[position])]
+    return int(self._order[position])
+
+  def __getitem__(self, index: int) -> Any:
+    return self._source[self._source_index(index)]
+
+  def length(self, index: int) -> int:
+    """Token count of document `index`, from the source's length index."""
+    return int(self._source.lengths[self._source_index(index)])
 
   def __getstate__(self) -> dict[str, Any]:
     # Workers redraw the epoch's permutation themselves rather than unpickle a copy.
@@ -169,11 +177,14 @@ class DataLoader:
     for k, source in enumerate(sources):
       documents = _EpochShuffled(source, k, self.seed, shuffle)
       num_documents = None if num_epochs is None else num_epochs * len(source)
+      # Workers read every document in order anyway, so lengths would save nothing there.
+      length = (documents.length if getattr(source, 'lengths', None) is not None
+                and not worker_count else None)
       if worker_count:
         documents = _WorkerPipeline(documents, num_documents, worker_count)
         self._pipelines.append(documents)
       self._packers.append(WindowPacker(documents, self.seq_len, separator_id,
-                                        num_documents=num_documents))
+                                        num_documents=num_documents, length=length))
     self._batch_index = 0
     self._windows_seen = [0] * len(sources)
     self._done = False

@@ -56,15 +56,17 @@ class WindowPacker(Iterator[np.ndarray]):
   `len(documents)`; None with no `__len__` means endless). The state is the position in the
   separator-prefixed stream, `(document_index, offset)`, where offset 0 is the separator and
   offset k > 0 is token k - 1 of the document, so restoring reads only the current document.
+  `length(i)`, when given, is document i's token count: `skip` then reads no documents.
   """
 
   def __init__(self, documents: Any, seq_len: int, separator_id: int,
-               num_documents: int | None = None):
+               num_documents: int | None = None, length: Callable[[int], int] | None = None):
     check_seq_len(seq_len)
     if num_documents is None and hasattr(documents, '__len__'):
       num_documents = len(documents)
     self._documents = documents
     self._get: Callable[[int], Document] = documents.__getitem__
+    self._length = length
     self.seq_len = int(seq_len)
     self.separator_id = int(separator_id)
     self.num_documents = num_documents
@@ -80,6 +82,10 @@ class WindowPacker(Iterator[np.ndarray]):
     if index != self._cached_index:
       self._cached_doc = np.asarray(self._get(index), np.int32).reshape(-1)
       self._cached_index = index
+      if self._length is not None and self._length(index) != len(self._cached_doc):
+        raise UserError(f'document {index} has {len(self._cached_doc)} tokens but the length '
+                        f'index says {self._length(index)}: the index is from another '
+                        'preparation or tokenizer; prepare again')
     return self._cached_doc
 
   def _advance(self, materialise: bool) -> np.ndarray | None:
@@ -92,19 +98,23 @@ class WindowPacker(Iterator[np.ndarray]):
         if self.dropped_tokens == 0:
           self.dropped_tokens = filled
         raise StopIteration
-      doc = self._doc(index)
+      if materialise or self._length is None:
+        doc = self._doc(index)
+        doc_len = len(doc)
+      else:
+        doc_len = self._length(index)  # skipping: the length is all it needs
       if offset == 0:
         if materialise:
           out[filled] = self.separator_id
         filled += 1
         offset = 1
-      take = min(width - filled, len(doc) - (offset - 1))
+      take = min(width - filled, doc_len - (offset - 1))
       if take > 0:
         if materialise:
           out[filled:filled + take] = doc[offset - 1:offset - 1 + take]
         filled += take
         offset += take
-      if offset - 1 >= len(doc):
+      if offset - 1 >= doc_len:
         index, offset = index + 1, 0
     self._document_index, self._offset = index, offset
     self.windows += 1
@@ -114,7 +124,7 @@ class WindowPacker(Iterator[np.ndarray]):
     return self._advance(materialise=True)
 
   def skip(self) -> None:
-    """Moves past one window without copying its tokens (documents are still read for lengths)."""
+    """Moves past one window without copying its tokens; reads documents only without `length`."""
     self._advance(materialise=False)
 
   def get_state(self) -> dict[str, int]:
