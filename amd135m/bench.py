@@ -267,7 +267,15 @@ def main(argv=None) -> int:
   spec.add_argument("--new-tokens", type=int, default=64)
   spec.add_argument("--no-reference", action="store_true", help="skip transformers")
   spec.add_argument("--json", action="store_true")
+  from amd135m.benchmarks import data_bench  # noqa: PLC0415 (data: logic in benchmarks/)
+  data_bench.add_parser(sub)
+  from amd135m.benchmarks import train_bench  # noqa: PLC0415 (train: logic in benchmarks/)
+  train_bench.add_parser(sub)
   args = parser.parse_args(argv)
+  if args.what == "data":
+    return data_bench.main(args)
+  if args.what == "train":
+    return train_bench.main(args)
   try:
     if args.what == "decode":
       result = bench_decode(args.model, args.new_tokens, args.runs,
