@@ -119,10 +119,10 @@ def _records(source):
   return [(r["id"], r["text"]) for r in (source[i] for i in range(len(source)))]
 
 
-def test_parallel_prepare_counts_tokens_and_writes_the_length_index(raw_dir, tmp_path,
-                                                                    smollm2_gguf):
+def test_parallel_prepare_counts_tokens_and_writes_the_token_store(raw_dir, tmp_path,
+                                                                   smollm2_gguf):
   """--workers 2 writes two contiguous shards that load as the one-piece dataset, reports
-  progress per file on stderr, counts tokens and writes the length index the loader uses."""
+  progress per file on stderr, counts tokens and writes the token store the loader reads."""
   code, out, err = run("prepare", "--dataset", "local_text", "--manual-dir", raw_dir,
                        "--data-dir", tmp_path / "two", "--workers", 2, "--tokenizer", smollm2_gguf)
   assert code == 0, err
@@ -134,14 +134,26 @@ def test_parallel_prepare_counts_tokens_and_writes_the_length_index(raw_dir, tmp
   assert _records(builders.load("local_text", tmp_path / "two")) == _records(
       builders.load("local_text", tmp_path / "one"))
   tokenizer = load_tokenizer(smollm2_gguf)
+  records = builders.load("local_text", tmp_path / "two")
+  expected = [tokenizer.encode(records[i]["text"].decode(), add_bos=False)
+              for i in range(len(records))]
   docs = tokenized.load_documents("local_text", tmp_path / "two", tokenizer)
-  counted = [len(tokenizer.encode(docs.records[i]["text"].decode(), add_bos=False))
-             for i in range(len(docs))]
+  assert isinstance(docs, builders.Concatenated)  # one store per shard
+  assert [docs[i].tolist() for i in range(len(docs))] == expected
+  counted = [len(ids) for ids in expected]
   assert docs.lengths.tolist() == counted and result["tokens"] == sum(counted)
-  # Prepared without a tokenizer, `stats --tokenizer` writes the index afterwards.
-  assert builders.load_lengths("local_text", tmp_path / "one", tokenizer) is None
+  # Prepared without a tokenizer: documents are tokenised on read, until `stats --tokenizer`
+  # writes the store.
+  assert isinstance(tokenized.load_documents("local_text", tmp_path / "one", tokenizer),
+                    tokenized.TokenizedSource)
   code, out, err = run("stats", "--dataset", "local_text", "--data-dir", tmp_path / "one",
                        "--tokenizer", smollm2_gguf)
   assert code == 0, err
   assert json.loads(out)["tokens"] == sum(counted)
-  assert builders.load_lengths("local_text", tmp_path / "one", tokenizer).tolist() == counted
+  store = builders.load_tokens("local_text", tmp_path / "one", tokenizer)
+  assert [store[i].tolist() for i in range(len(store))] == expected
+  # A cut token file is an error naming it, never documents shifted against their index.
+  bin_file = next((tmp_path / "one").rglob("amd135m_tokens-*.bin"))
+  bin_file.write_bytes(bin_file.read_bytes()[:-2])
+  with pytest.raises(UserError, match="does not hold"):
+    tokenized.load_documents("local_text", tmp_path / "one", tokenizer)

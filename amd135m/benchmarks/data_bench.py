@@ -4,9 +4,11 @@ On the two local corpora (`make corpora`: gutenberg_shakespeare *.txt and python
 prepared under CACHE/data, raw under CACHE/corpora) with a model's tokenizer (default: the
 SmolLM2 GGUF of tools/fetch_test_models.py):
 - loader: a two-source mixture (equal weights, shuffled, endless), seq_len 2048, global batch
-  64, one process, at each worker count; tokens/s counts the input tokens of delivered batches (B x seq_len),
-  after a warm-up batch (worker start-up is reported apart). Also process 0 of 4 hosts, in
-  process, with and without the length index: what one host pays for the other hosts' rows.
+  64, one process; tokens/s counts the input tokens of delivered batches (B x seq_len) after a
+  warm-up batch (worker start-up is reported apart). Two ways to get token ids: tokenised as
+  documents are read (records prepared without a tokenizer), at each worker count; and read
+  from the token store that `prepare --tokenizer` writes, in process. Also process 0 of 4
+  hosts, both ways: what one host pays for the other hosts' rows.
 - prepare: both corpora tokenised and written again (into a temporary directory) at each
   worker count; tokens/s is the corpus's tokens over the wall time, per worker its share.
 Goal (issue 4): one host feeds an 8-GCD MI250 node at AMD's rate, 40k tokens/s per GCD.
@@ -32,14 +34,14 @@ def cache_dir() -> pathlib.Path:
   return pathlib.Path(os.environ.get("AMD135M_CACHE", pathlib.Path.home() / ".cache" / "amd135m"))
 
 
-def _sources(data_root: pathlib.Path, tokenizer, with_lengths: bool = True) -> list:
+def _sources(data_root: pathlib.Path, tokenizer, store: bool) -> list:
+  """Each corpus as token-id documents: from its token store, or tokenised on read."""
   sources = []
   for name, pattern in CORPORA:
     data_dir = data_root / name
-    if with_lengths:  # writes the index once if this cache was prepared without a tokenizer
+    if store:  # writes the store once if this cache was prepared without a tokenizer
       builders.count_tokens("local_text", data_dir, tokenizer, patterns=[pattern])
-      sources.append(tokenized.load_documents("local_text", data_dir, tokenizer,
-                                              patterns=[pattern]))
+      sources.append(builders.load_tokens("local_text", data_dir, tokenizer, patterns=[pattern]))
     else:
       sources.append(tokenized.TokenizedSource(
           builders.load("local_text", data_dir, patterns=[pattern]), tokenizer))
@@ -97,25 +99,33 @@ def bench_data(tokenizer_path=None, cache=None, worker_counts=(0, 1, 2), prepare
                     "--tokenizer")
   tokenizer = load_tokenizer(tokenizer_path)
   separator = tokenized.separator_id(tokenizer)
-  sources = _sources(cache / "data", tokenizer)
+  on_read = _sources(cache / "data", tokenizer, store=False)
+  stored = _sources(cache / "data", tokenizer, store=True)
   common = dict(seq_len=seq_len, batch_size=batch_size, seconds=seconds)
-  loader = [time_loader(sources, separator, worker_count=n, **common) for n in worker_counts]
-  hosts = [time_loader(srcs, separator, process_index=0, process_count=4, **common)
-           for srcs in (sources, _sources(cache / "data", tokenizer, with_lengths=False))]
-  hosts[0]["length_index"], hosts[1]["length_index"] = True, False
+  loader = [dict(time_loader(on_read, separator, worker_count=n, **common), token_store=False)
+            for n in worker_counts]
+  loader.append(dict(time_loader(stored, separator, **common), token_store=True))
+  hosts = [dict(time_loader(sources, separator, process_index=0, process_count=4, **common),
+                token_store=store) for sources, store in ((stored, True), (on_read, False))]
   prepare = [time_prepare(cache / "corpora", str(tokenizer_path), n) for n in prepare_workers]
   goal = GOAL_PER_GCD * GCDS_PER_NODE
-  reaching = [r["worker_count"] for r in loader if r["tokens_per_second"] >= goal]
-  best = max(loader, key=lambda r: r["tokens_per_second"])
+
+  def verdict(rows):
+    reaching = [r["worker_count"] for r in rows if r["tokens_per_second"] >= goal]
+    best = max(rows, key=lambda r: r["tokens_per_second"])
+    return dict(reached=bool(reaching), worker_count=min(reaching) if reaching else None,
+                best_tokens_per_second=best["tokens_per_second"],
+                best_worker_count=best["worker_count"])
+
   return dict(
       benchmark="data", tokenizer=str(tokenizer_path),
-      corpora={name: len(s) for (name, _), s in zip(CORPORA, sources)},
+      corpora={name: dict(documents=len(s), tokens=int(s.lengths.sum()))
+               for (name, _), s in zip(CORPORA, stored)},
       seq_len=seq_len, global_batch_size=batch_size, loader=loader, four_hosts=hosts,
-      prepare=prepare,
-      goal=dict(tokens_per_second=goal, reached=bool(reaching),
-                worker_count=min(reaching) if reaching else None,
-                best_tokens_per_second=best["tokens_per_second"],
-                best_worker_count=best["worker_count"]),
+      prepare=prepare, load_average=os.getloadavg(),  # other work on the host slows all rows
+      goal=dict(tokens_per_second=goal,
+                token_store=verdict([r for r in loader if r["token_store"]]),
+                tokenised_on_read=verdict([r for r in loader if not r["token_store"]])),
       provenance=provenance())
 
 
@@ -151,20 +161,24 @@ def main(args: argparse.Namespace) -> int:
 def print_data(r: dict) -> None:
   cpus = r["provenance"]["device"]["cpu_count"]
   for row in r["loader"]:
-    print(f"loader  workers {row['worker_count']}: {row['tokens_per_second']:,.0f} tokens/s per "
-          f"host (first batch {row['first_batch_seconds']:.1f} s)")
+    how = "token store" if row["token_store"] else "tokenised on read"
+    print(f"loader  {how}, workers {row['worker_count']}: {row['tokens_per_second']:,.0f} "
+          f"tokens/s per host (first batch {row['first_batch_seconds']:.1f} s)")
   for row in r["four_hosts"]:
-    print(f"loader  host 0 of 4, {'with' if row['length_index'] else 'without'} length index: "
-          f"{row['tokens_per_second']:,.0f} tokens/s")
+    how = "token store" if row["token_store"] else "tokenised on read"
+    print(f"loader  host 0 of 4, {how}: {row['tokens_per_second']:,.0f} tokens/s of its rows")
   for row in r["prepare"]:
     print(f"prepare workers {row['workers']}: {row['tokens_per_second']:,.0f} tokens/s, "
           f"{row['tokens_per_second_per_worker']:,.0f} per worker ({row['tokens']:,} tokens in "
           f"{row['seconds']:.1f} s)")
+  print(f"host    load average {', '.join(f'{x:.1f}' for x in r['load_average'])} on {cpus} "
+        f"CPU cores after the run")
   g = r["goal"]
-  if g["reached"]:
+  for key, how in (("token_store", "from the token store"),
+                   ("tokenised_on_read", "tokenising on read")):
+    v = g[key]
+    outcome = (f"reached with {v['worker_count']} worker(s)" if v["reached"] else
+               f"not reached here; best {v['best_tokens_per_second']:,.0f} tokens/s with "
+               f"{v['best_worker_count']} worker(s)")
     print(f"goal    {g['tokens_per_second']:,} tokens/s per 8-GCD MI250 node (40k per GCD) from "
-          f"one host: reached with {g['worker_count']} worker(s) on {cpus} CPU cores")
-  else:
-    print(f"goal    {g['tokens_per_second']:,} tokens/s per 8-GCD MI250 node (40k per GCD) from "
-          f"one host: not reached here; best {g['best_tokens_per_second']:,.0f} tokens/s with "
-          f"{g['best_worker_count']} worker(s) on {cpus} CPU cores")
+          f"one host, {how}: {outcome} on {cpus} CPU cores")

@@ -1,9 +1,10 @@
 """python -m amd135m.data prepare|stats ...
 
 prepare: build a dataset from raw files in --manual-dir into --data-dir (array_record), with
-         --workers local processes; --tokenizer also counts tokens and writes the length index.
+         --workers local processes; --tokenizer also tokenises once into the token store that
+         the loader reads (tokenized.TokenStore) and counts tokens.
 stats:   documents, skipped records and why, and (with --tokenizer) tokens, of a prepared dataset;
-         counting tokens writes the length index if it is missing.
+         counting tokens writes the token store if it is missing.
 Progress goes to stderr; the result, as JSON, to stdout.
 """
 import argparse
@@ -33,7 +34,7 @@ def parse_args(argv):
                                                else ""))
     p.add_argument("--num-shards", type=int, default=None if command == "stats" else 1)
     p.add_argument("--tokenizer", help="count tokens with this model's tokenizer (a GGUF, "
-                   "tokenizer.json or tokenizer.model path) and write the length index")
+                   "tokenizer.json or tokenizer.model path) and write the token store")
     if command == "prepare":
       p.add_argument("--manual-dir", required=True, help="where the raw files were downloaded")
       p.add_argument("--workers", type=int, default=1,

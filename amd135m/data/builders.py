@@ -13,9 +13,9 @@ Records are written in input order (sorted files, records in file order; no tfds
 dataset prepared in one piece or in any number of shards reads back as the same sequence.
 Skips are counted by reason and written with the document count to
 `<data_dir>/<name>/<config>/<version>/amd135m_stats.json`; `prepare` returns the same dict. Given
-a tokenizer, preparation also counts tokens and writes a per-document length index
-(`amd135m_lengths-<tokenizer fingerprint>.npy`, int32 in record order) that lets the loader skip
-other processes' rows without reading their documents.
+a tokenizer, preparation also tokenises once: it counts tokens and writes the ids and a
+per-document length index beside the records (`tokenized.TokenStore`), so the loader neither
+tokenises again nor reads other processes' rows.
 Reasons: 'redpajama_book', 'empty_text' (missing, null or whitespace-only text), 'empty_file'
 (zero-byte input file), 'non_utf8' (a text file, parquet value or jsonl line that is not UTF-8).
 Errors, not skips: a missing manual_dir, no input files, a missing required column or jsonl key,
@@ -48,7 +48,6 @@ from amd135m.data import tokenized
 from amd135m.errors import UserError
 
 STATS_FILE = "amd135m_stats.json"
-LENGTHS_FILE = "amd135m_lengths-{fingerprint}.npy"
 _ZST_READ_BYTES = 1 << 20
 _PARQUET_BATCH_ROWS = 1024
 
@@ -69,7 +68,7 @@ class _TextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   DEFAULT_PATTERNS: tuple[str, ...] = ()
   # Set by `prepare`: called (files, documents, tokens) after each input file.
   progress: Callable[[int, int, int], None] | None = None
-  tokenizer: Any = None  # set by `prepare` to count tokens and write the length index
+  tokenizer: Any = None  # set by `prepare` to count tokens and write the token store
 
   @tfds.core.utils.classproperty
   @classmethod
@@ -105,7 +104,10 @@ class _TextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _generate_examples(self, manual_dir: pathlib.Path):
     self._skipped = collections.Counter()
     self._documents = 0
-    self._lengths = [] if self.tokenizer is not None else None
+    self._writer = None
+    if self.tokenizer is not None:  # data_path is tfds's incomplete dir until the end
+      self.data_path.mkdir(parents=True, exist_ok=True)
+      self._writer = tokenized.TokenWriter(self.data_path, self.tokenizer)
     self._tokens = 0
     files = self._input_files(manual_dir)
     self._num_files = len(files)
@@ -131,9 +133,8 @@ class _TextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self._skipped["empty_text"] += 1
         continue
       self._documents += 1
-      if self._lengths is not None:  # record order is generation order (no shuffle)
-        self._lengths.append(len(self.tokenizer.encode(text, add_bos=False)))
-        self._tokens += self._lengths[-1]
+      if self._writer is not None:  # record order is generation order (no shuffle)
+        self._tokens += self._writer.add(text)
       # The key must be unique across files even when records carry duplicate ids.
       yield f"{name}:{index}", {"text": text, "id": record_id or f"{name}:{index}"}
 
@@ -142,12 +143,17 @@ class _TextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     raise NotImplementedError
 
   def _download_and_prepare(self, dl_manager, download_config):
-    super()._download_and_prepare(dl_manager, download_config)
+    self._writer = None
+    try:
+      super()._download_and_prepare(dl_manager, download_config)
+    except BaseException:
+      if self._writer is not None:
+        self._writer.abort()
+      raise
     # Written inside tfds's incomplete dir, so the stats appear atomically with the data.
     stats = self._stats(dl_manager)
-    if self._lengths is not None:
-      stats.update(_write_lengths(self.data_path, self.tokenizer,
-                                  np.asarray(self._lengths, np.int32)))
+    if self._writer is not None:
+      stats.update(self._writer.close())
     (self.data_path / STATS_FILE).write_text(json.dumps(stats, indent=1))
 
   def _stats(self, dl_manager) -> dict:
@@ -336,20 +342,13 @@ def _tokenizer(tokenizer):
   return load_tokenizer(tokenizer)
 
 
-def _write_lengths(data_path, tokenizer, lengths: np.ndarray) -> dict:
-  """Writes the length index beside the records; returns the stats fields it adds."""
-  fingerprint = tokenized.fingerprint(tokenizer)
-  np.save(pathlib.Path(data_path) / LENGTHS_FILE.format(fingerprint=fingerprint), lengths)
-  return {"tokens": int(lengths.sum(dtype=np.int64)), "tokenizer": fingerprint}
-
-
 def prepare(name: str, manual_dir, data_dir, *, patterns=None, shard_index: int = 0,
             num_shards: int = 1, workers: int = 1, tokenizer=None, overwrite: bool = False,
             progress: Callable[[int, int, int], None] | None = None) -> dict:
   """Writes `name` (e.g. 'slimpajama') from manual_dir into data_dir; returns its stats dict.
 
   `workers` local processes split this shard's files (see the module doc); `tokenizer` (a
-  Tokenizer or its path) adds token counts and the length index; `progress(files, documents,
+  Tokenizer or its path) adds token counts and the token store; `progress(files, documents,
   tokens)` is called after each input file, from this process."""
   manual_dir = pathlib.Path(manual_dir).expanduser()
   if not manual_dir.is_dir():
@@ -402,30 +401,35 @@ def _prepare_shard(name, manual_dir, data_dir, patterns, shard_index, num_shards
       manual_dir=str(manual_dir), download_mode=mode))
   stats_path = builder.data_path / STATS_FILE
   stats = json.loads(stats_path.read_text())
-  if tokenizer is not None and stats.get("tokenizer") != tokenized.fingerprint(tokenizer):
-    # Prepared before without this tokenizer: index the written records now.
-    stats.update(index_lengths(builder, tokenizer))
+  if tokenizer is not None and not tokenized.TokenStore.exists(builder.data_path, tokenizer):
+    # Prepared before without this tokenizer: tokenise the written records now.
+    stats.update(tokenize_prepared(builder, tokenizer))
     stats_path.write_text(json.dumps(stats, indent=1))
   return stats
 
 
-def index_lengths(builder, tokenizer, progress: Callable[[int], None] | None = None) -> dict:
-  """Tokenises a prepared config's records and writes its length index; returns stats fields.
+def tokenize_prepared(builder, tokenizer, progress: Callable[[int], None] | None = None) -> dict:
+  """Tokenises a prepared config's records into its token store; returns the stats fields.
   `progress(documents)` is called every 256 documents."""
-  docs = tokenized.TokenizedSource(_data_source(builder), tokenizer)
-  lengths = np.empty([len(docs)], np.int32)
-  for i in range(len(docs)):
-    lengths[i] = len(docs[i])
-    if progress is not None and ((i + 1) % 256 == 0 or i + 1 == len(docs)):
-      progress((i + 1) % 256 or 256)
-  return _write_lengths(builder.data_path, tokenizer, lengths)
+  records = _data_source(builder)
+  writer = tokenized.TokenWriter(builder.data_path, tokenizer)
+  try:
+    for i in range(len(records)):
+      text = records[i]["text"]
+      writer.add(text.decode("utf-8") if isinstance(text, bytes) else text)
+      if progress is not None and ((i + 1) % 256 == 0 or i + 1 == len(records)):
+        progress((i + 1) % 256 or 256)
+  except BaseException:
+    writer.abort()
+    raise
+  return writer.close()
 
 
 def count_tokens(name: str, data_dir, tokenizer, *, patterns=None,
                  shard_index: int | None = None, num_shards: int | None = None,
                  progress: Callable[[int], None] | None = None) -> int:
-  """Tokens of a prepared dataset: from its length index, else by tokenising every record (and
-  then writing the index and the count into its stats, so the loader and the next call reuse
+  """Tokens of a prepared dataset: from its token store, else by tokenising every record (and
+  then writing the store and the count into its stats, so the loader and the next call reuse
   them)."""
   tokenizer = _tokenizer(tokenizer)
   fingerprint = tokenized.fingerprint(tokenizer)
@@ -434,8 +438,8 @@ def count_tokens(name: str, data_dir, tokenizer, *, patterns=None,
     stats_path = builder.data_path / STATS_FILE
     stats = json.loads(stats_path.read_text())
     if (stats.get("tokenizer") != fingerprint
-        or not (builder.data_path / LENGTHS_FILE.format(fingerprint=fingerprint)).exists()):
-      stats.update(index_lengths(builder, tokenizer, progress))
+        or not tokenized.TokenStore.exists(builder.data_path, tokenizer)):
+      stats.update(tokenize_prepared(builder, tokenizer, progress))
       stats_path.write_text(json.dumps(stats, indent=1))
     total += stats["tokens"]
   return total
@@ -537,26 +541,27 @@ def load(name: str, data_dir, split: str = "train", *, patterns=None,
   return sources[0] if len(sources) == 1 else Concatenated(sources)
 
 
-def load_lengths(name: str, data_dir, tokenizer, *, patterns=None,
-                 shard_index: int | None = None, num_shards: int | None = None):
-  """The length index ([documents] int32 tokens) of `load(...)`'s records for this tokenizer, or
-  None if a shard has none (prepare with a tokenizer, or run `stats --tokenizer`)."""
-  fingerprint = tokenized.fingerprint(tokenizer)
-  parts = []
-  for builder in _prepared(name, data_dir, patterns, shard_index, num_shards):
-    path = builder.data_path / LENGTHS_FILE.format(fingerprint=fingerprint)
-    if not path.exists():
-      return None
-    parts.append(np.load(path))
-  return np.concatenate(parts)
+def load_tokens(name: str, data_dir, tokenizer, *, patterns=None,
+                shard_index: int | None = None, num_shards: int | None = None):
+  """The `TokenStore` of `load(...)`'s records for this tokenizer (shards concatenated), or None
+  if a shard has none (prepare with a tokenizer, or run `stats --tokenizer`)."""
+  tokenizer = _tokenizer(tokenizer)
+  paths = [b.data_path for b in _prepared(name, data_dir, patterns, shard_index, num_shards)]
+  if not all(tokenized.TokenStore.exists(path, tokenizer) for path in paths):
+    return None
+  stores = [tokenized.TokenStore(path, tokenizer) for path in paths]
+  return stores[0] if len(stores) == 1 else Concatenated(stores)
 
 
 class Concatenated:
-  """Random access over sources laid end to end (the shards of one prepared dataset)."""
+  """Random access over sources laid end to end (the shards of one prepared dataset); it has
+  `lengths` when every part has."""
 
   def __init__(self, sources):
     self.sources = list(sources)
     self._ends = np.cumsum([len(s) for s in self.sources])
+    parts = [getattr(s, "lengths", None) for s in self.sources]
+    self.lengths = None if any(p is None for p in parts) else np.concatenate(parts)
 
   def __len__(self) -> int:
     return int(self._ends[-1])
