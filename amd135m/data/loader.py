@@ -9,8 +9,8 @@ Design (numpy packing in the calling process; documents read there or by grain w
 - Every process walks the same global stream of windows, so global batches are identical for
   any process count. Process i of n materialises only rows [i*B/n, (i+1)*B/n) of each batch
   and skips the others. Skipping copies no tokens; it reads the documents (to learn their
-  lengths) unless the source has `lengths` (per-document token counts, see
-  `tokenized.load_documents`), so with a length index a process reads only its own rows.
+  lengths) unless the source has `lengths` (per-document token counts: a `TokenStore` from
+  `tokenized.load_documents` has them), so then a process reads only its own rows.
 - Remainder rule: with `num_epochs=None` the stream is endless. With `num_epochs=k` it ends
   when any source runs out after k epochs; that source's partial window and the windows of the
   unfinished global batch are dropped and counted (`dropped_tokens`, `dropped_windows`). All
@@ -25,6 +25,7 @@ Design (numpy packing in the calling process; documents read there or by grain w
   source that the state cut through. Workers are spawned processes: a script that builds a
   loader with workers needs the `if __name__ == "__main__":` guard, and `close()` (or `with`)
   stops them. With workers, skipped rows (other processes' rows) are read by the workers too.
+  Workers pay off for sources that tokenise on read; a `TokenStore` read is a memory slice.
 """
 
 from __future__ import annotations
