@@ -5,7 +5,9 @@
 """
 import dataclasses
 import importlib.util
+import os
 import pathlib
+import sys
 
 import ml_collections
 
@@ -28,6 +30,26 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     else:
       parsed[key] = kind(value)
   return parsed
+
+
+def cache_path(*parts: str) -> str:
+  """A path under the artifact cache ($AMD135M_CACHE, default ~/.cache/amd135m), where `make
+  models` and `make corpora` put the SmolLM2 GGUF and the prepared local corpora."""
+  root = os.environ.get("AMD135M_CACHE") or str(pathlib.Path.home() / ".cache" / "amd135m")
+  return str(pathlib.Path(root, *parts))
+
+
+SMOLLM2_GGUF = ("models", "SmolLM2-135M-Instruct.Q4_1.gguf")
+# The local corpora as training sources (BUILDER@DATA_DIR:PATTERN), prepared by `make corpora`.
+GUTENBERG = "local_text@{}:*.txt"
+PYTHON_STDLIB = "local_text@{}:*.py"
+
+
+def local_corpus(name: str) -> str:
+  """'gutenberg' or 'python_stdlib' as a config.data.sources entry."""
+  if name == "gutenberg":
+    return GUTENBERG.format(cache_path("data", "gutenberg_shakespeare"))
+  return PYTHON_STDLIB.format(cache_path("data", "python_stdlib"))
 
 
 def base_config(model: dict) -> ml_collections.ConfigDict:
@@ -128,10 +150,20 @@ def load(spec: str) -> ml_collections.ConfigDict:
   file = pathlib.Path(path)
   if not file.is_file():
     raise UserError(f"config file {path} not found: pass a path such as configs/tiny.py")
+  return _import(file).get_config(arg or None)
+
+
+def _import(file: pathlib.Path):
+  """Imports a config file by path; its folder is importable meanwhile, so one config may build
+  on another (configs/amd_llama_135m_code.py extends amd_llama_135m.py)."""
   module_spec = importlib.util.spec_from_file_location(f"_config_{file.stem}", file)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  sys.path.insert(0, str(file.parent.absolute()))
+  try:
+    module_spec.loader.exec_module(module)
+  finally:
+    sys.path.remove(str(file.parent.absolute()))
+  return module
 
 
 def model_config(model: ml_collections.ConfigDict) -> model_lib.ModelConfig:

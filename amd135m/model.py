@@ -7,6 +7,9 @@ checkpoint conversion is a rename plus a transpose of linear weights:
 Kernels are [in, out] because XLA's CPU matrix-vector product streams that layout about 1.4-2x faster
 (measured on this project's 2-core machine), and decode is bound by reading the weights.
 """
+import contextlib
+import contextvars
+
 import flax
 import flax.linen as nn
 import jax
@@ -36,13 +39,43 @@ def init_cache(config: ModelConfig, batch: int, max_len: int) -> Cache:
   return Cache(k=zeros(), v=zeros(), length=jnp.zeros((batch,), jnp.int32))
 
 
+_SHARDING = contextvars.ContextVar("activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def logical_sharding(mesh, rules: dict):
+  """While tracing inside it, `constrain` maps logical names to `mesh` axes by `rules` (name ->
+  mesh axis, axes or None). Training enters it; inference never does."""
+  token = _SHARDING.set((mesh, rules))
+  try:
+    yield
+  finally:
+    _SHARDING.reset(token)
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+  """Names an activation's (or a weight in use's) axes. A no-op outside `logical_sharding`;
+  inside, it pins how XLA shards the value, e.g. keeps the residual stream split by batch
+  rather than by the FSDP-sharded embedding dim."""
+  context = _SHARDING.get()
+  if context is None:
+    return x
+  mesh, rules = context
+  spec = jax.sharding.PartitionSpec(*(None if a is None else rules.get(a) for a in axes))
+  return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+
+
 # ---------------------------------------------------------------------------------------------
 # Modules. Weights keep Hugging Face's [out, in] layout and names; every one has logical axes.
 
 def _weight(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
             init=nn.initializers.normal(0.02)) -> jax.Array:
   param_dtype = jnp.dtype(module.config.param_dtype)
-  return module.param(name, nn.with_logical_partitioning(init, axes), shape, param_dtype)
+  weight = module.param(name, nn.with_logical_partitioning(init, axes), shape, param_dtype)
+  # Where it is used, a weight is whole along FSDP's axis ('use_embed' maps to no mesh axis):
+  # XLA gathers it for the matmul and reduce-scatters its gradient, as ZeRO-3 does, instead of
+  # resharding the activations to match a split weight.
+  return constrain(weight, tuple(f"use_{a}" for a in axes))
 
 
 class Linear(nn.Module):
@@ -66,7 +99,10 @@ class Embedding(nn.Module):
                              ("vocab", "embed"))
 
   def __call__(self, tokens: jax.Array) -> jax.Array:  # [B, T] int -> [B, T, D]
-    return jnp.take(self.embedding, tokens, axis=0).astype(self.config.dtype)
+    # Gathered whole for the lookup (as FSDP gathers every weight): with the table split by its
+    # embed dim, XLA would replicate the batch to scatter the lookup's gradient.
+    table = constrain(self.embedding, (None, None))
+    return jnp.take(table, tokens, axis=0).astype(self.config.dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V]: the tied output head
     dtype = jnp.dtype(self.config.dtype)
@@ -111,6 +147,9 @@ class Attention(nn.Module):
     q = rotary(q.reshape(b, t, c.n_heads, c.head_dim), positions, c.rope_theta)
     k = rotary(k.reshape(b, t, c.n_kv_heads, c.head_dim), positions, c.rope_theta)
     v = v.reshape(b, t, c.n_kv_heads, c.head_dim)
+    q = constrain(q, ("act_batch", "act_seq", "act_heads", None))
+    k = constrain(k, ("act_batch", "act_seq", "act_kv_heads", None))
+    v = constrain(v, ("act_batch", "act_seq", "act_kv_heads", None))
 
     if cache_kv is not None:
       # Write the T new keys/values of row b at slots length[b] + [0, T). A select over the whole
@@ -128,6 +167,14 @@ class Attention(nn.Module):
     else:
       new_kv = None
 
+    if cache_kv is None and not return_attention and c.attention != "einsum":
+      # Without a cache the mask is plain causal: a fused kernel never materialises the [T, S]
+      # scores (cuDNN flash attention: bf16/fp16 on NVIDIA GPUs, and it skips the masked half).
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                         implementation=_attention_impl(c.attention))
+      out = out.reshape(b, t, c.n_heads * c.head_dim)
+      return Linear(c, c.dim, ("heads", "embed"), name="o_proj")(out), new_kv
+
     # Query head n = kv_head * n_groups + group, as in the reference's repeat_kv.
     q = q.reshape(b, t, c.n_kv_heads, n_groups, c.head_dim)
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(q.dtype)).astype(jnp.float32)
@@ -141,6 +188,15 @@ class Attention(nn.Module):
     return Linear(c, c.dim, ("heads", "embed"), name="o_proj")(out), new_kv
 
 
+ATTENTION_IMPLS = ("einsum", "cudnn")
+
+
+def _attention_impl(name: str) -> str:
+  if name not in ATTENTION_IMPLS:
+    raise ValueError(f"attention {name!r}: choose one of {list(ATTENTION_IMPLS)}")
+  return name
+
+
 class MLP(nn.Module):
   config: ModelConfig
 
@@ -149,7 +205,8 @@ class MLP(nn.Module):
     c = self.config
     gate = Linear(c, c.ffn_dim, ("embed", "mlp"), name="gate_proj")(x)
     up = Linear(c, c.ffn_dim, ("embed", "mlp"), name="up_proj")(x)
-    return Linear(c, c.dim, ("mlp", "embed"), name="down_proj")(nn.silu(gate) * up)
+    hidden = constrain(nn.silu(gate) * up, ("act_batch", "act_seq", "act_mlp"))
+    return Linear(c, c.dim, ("mlp", "embed"), name="down_proj")(hidden)
 
 
 class DecoderLayer(nn.Module):
@@ -180,7 +237,7 @@ class Llama(nn.Module):
     c = self.config
     b, t = tokens.shape
     embed = Embedding(c, name="embed_tokens")
-    x = embed(tokens)                                                            # [B, T, D]
+    x = constrain(embed(tokens), ("act_batch", "act_seq", "act_embed"))          # [B, T, D]
 
     offsets = jnp.zeros((b,), jnp.int32) if cache is None else cache.length
     positions = offsets[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]       # [B, T]
@@ -193,6 +250,7 @@ class Llama(nn.Module):
       cache_kv = None if cache is None else (cache.k[i], cache.v[i])
       x, kv = layer(c, name=f"layers_{i}")(
           x, positions, mask, cache_kv, offsets, return_attention)
+      x = constrain(x, ("act_batch", "act_seq", "act_embed"))
       if kv is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])
@@ -204,7 +262,7 @@ class Llama(nn.Module):
       logits = embed.attend(x)
     else:
       logits = Linear(c, c.vocab_size, ("embed", "vocab"), name="lm_head")(x)
-    logits = logits.astype(jnp.float32)
+    logits = constrain(logits.astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
     new_cache = None if cache is None else Cache(tuple(new_k), tuple(new_v), cache.length + t)
     return logits, new_cache
 

@@ -17,6 +17,7 @@ class ModelConfig:
   dtype: str = "float32"        # compute dtype of activations and matmuls
   param_dtype: str = "float32"  # storage dtype of the weights
   remat: str = "none"           # training: recompute each layer in the backward ('none'|'full'|'dots')
+  attention: str = "einsum"     # forward without a cache: 'einsum' (+ softmax, XLA) | 'cudnn' (flash)
 
   @property
   def head_dim(self) -> int:

@@ -26,6 +26,24 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
+def activation_rules(rules: Mapping) -> dict:
+  """model.logical_sharding's rules for the model's activations and weights in use: rows over
+  (data, fsdp), heads / MLP / vocab as their parameters, the residual stream's embed dim whole
+  (FSDP gathers the weights, not the activations)."""
+  activations = (("act_batch", BATCH), ("act_seq", None), ("act_embed", None),
+                 ("act_heads", rules.get("heads")), ("act_kv_heads", rules.get("kv_heads")),
+                 ("act_mlp", rules.get("mlp")), ("act_vocab", rules.get("vocab")))
+  # Weights in use: as stored, less the FSDP axis (gathered for the computation).
+  weights = tuple((f"use_{name}", _without_fsdp(target)) for name, target in rules.items())
+  return dict(activations + weights)
+
+
+def _without_fsdp(target):
+  names = (target,) if isinstance(target, str) else tuple(target or ())
+  kept = tuple(n for n in names if n != "fsdp")
+  return None if not kept else kept[0] if len(kept) == 1 else kept
+
+
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A (data, fsdp, tensor) mesh; one size may be -1 (all devices left over)."""
   devices = list(jax.devices() if devices is None else devices)

@@ -40,6 +40,9 @@ from amd135m.errors import UserError
 # What one trial runs, before its flags; tests substitute a fake trainer script.
 TRAINER = (sys.executable, "-m", "amd135m.train")
 FINISHED = "FINISHED"  # marker: the trainer exited 0 and the sweep recorded it
+# The trainer's own marker: every step ran and the final checkpoint is saved. A trainer that
+# exits 0 without it was preempted (SIGTERM: saved, exited 0) and is rerun, not finished.
+COMPLETE = "COMPLETE"
 FAILED = "FAILED"  # marker: holds the exit code of the trial's last attempt
 LOG = "log.txt"
 METRICS = "metrics.jsonl"
@@ -283,6 +286,9 @@ def _raise_interrupt(signum, frame):
 
 
 def _record_exit(trial_dir, trial, code, seconds, log) -> TrialResult:
+  if code == 0 and not (trial_dir / COMPLETE).exists():
+    log(f"preempted {trial.name} after {seconds:.1f} s (saved; a rerun resumes it)")
+    return TrialResult(trial.name, "unfinished", 0)
   if code == 0:
     _write_marker(trial_dir / FINISHED, datetime.datetime.now().isoformat(timespec="seconds"))
     log(f"finished {trial.name} in {seconds:.1f} s")
@@ -494,6 +500,7 @@ echo "==> $(date -Iseconds) ${{command[*]}}" >> "$trial_dir/{LOG}"
 "${{command[@]}}" >> "$trial_dir/{LOG}" 2>&1
 code=$?
 if [ "$code" -ne 0 ]; then echo "$code" > "$trial_dir/{FAILED}"; exit "$code"; fi
+if [ ! -e "$trial_dir/{COMPLETE}" ]; then echo "$trial_dir was preempted"; exit 0; fi
 date -Iseconds > "$trial_dir/{FINISHED}.tmp"
 mv "$trial_dir/{FINISHED}.tmp" "$trial_dir/{FINISHED}"  # atomic: whole or absent
 """

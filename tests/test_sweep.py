@@ -72,6 +72,7 @@ with open(workdir / "metrics.jsonl", "a") as metrics:
     checkpoint.write_text(json.dumps({"step": step}))
     if os.environ.get("FAKE_KILL") == workdir.name and step == 2:
       sys.exit(-9 % 256)  # as if killed mid-run, after the step-2 checkpoint
+(workdir / "COMPLETE").write_text(str(step))  # as amd135m.train: all steps done, saved
 print("done", flush=True)
 '''
 

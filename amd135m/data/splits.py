@@ -11,6 +11,8 @@ class Subset:
 
   def __init__(self, source: Any, indices: np.ndarray):
     self.source, self.indices = source, np.asarray(indices, np.int64)
+    if getattr(source, "lengths", None) is not None:  # the loader skips rows without reading
+      self.lengths = np.asarray(source.lengths)[self.indices]
 
   def __len__(self) -> int:
     return len(self.indices)

@@ -10,9 +10,9 @@ import pathlib
 
 import numpy as np
 
-from amd135m.data import builders, splits
+from amd135m.data import splits
 from amd135m.data.loader import DataLoader
-from amd135m.data.tokenized import TokenizedSource, separator_id as default_separator
+from amd135m.data.tokenized import load_documents, separator_id as default_separator
 from amd135m.errors import UserError
 
 SYNTHETIC_DOCUMENTS = 20_000
@@ -84,7 +84,8 @@ def open_sources(data_config, tokenizer, vocab_size: int, seed: int) -> Sources:
     if builder == "synthetic":
       documents, name = SyntheticSource(vocab_size, seed + k), "synthetic"
     else:
-      documents = TokenizedSource(builders.load(builder, data_dir, patterns=pattern), tokenizer)
+      # The token store `prepare --tokenizer` wrote, else tokenised as read (tfds imported here).
+      documents = load_documents(builder, data_dir, tokenizer, patterns=pattern)
       name = f"{builder}@{pathlib.Path(data_dir).name}"
     train_part, eval_part = splits.holdout(documents, data_config.eval_fraction, seed=0)
     names.append(name)
@@ -98,7 +99,8 @@ def train_loader(sources: Sources, data_config, batch_size: int, seed: int,
   return DataLoader(sources.train, seq_len=data_config.seq_len, global_batch_size=batch_size,
                     separator_id=sources.separator_id, weights=sources.weights, seed=seed,
                     shuffle=data_config.shuffle, num_epochs=data_config.num_epochs or None,
-                    process_index=process_index, process_count=process_count)
+                    process_index=process_index, process_count=process_count,
+                    worker_count=data_config.worker_count)
 
 
 def eval_batches(sources: Sources, data_config, batch_size: int, count: int,

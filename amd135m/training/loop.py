@@ -28,6 +28,9 @@ _KILL_DURING_SAVE = "AMD135M_TEST_KILL_DURING_SAVE"
 _SIGTERM_AFTER_STEP = "AMD135M_TEST_SIGTERM_AFTER_STEP"
 
 
+COMPLETE = "COMPLETE"
+
+
 class TrainingDiverged(UserError):
   """The loss became NaN or infinite."""
 
@@ -225,6 +228,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if step > start_step and ckpt.latest_step() != step:
       save(step)
     ckpt.wait()
+    if lead and not preempted:
+      # Every step ran (or the data ended) and the final checkpoint is on disk: sweeps and
+      # schedulers read this marker; a preempted run exits 0 without it.
+      (workdir / COMPLETE).write_text(f"{step}\n")
   finally:
     signal.signal(signal.SIGTERM, previous_handler)
     bar.close()

@@ -20,14 +20,18 @@ def token_nll(params, config: ModelConfig, batch: dict) -> tuple[jax.Array, jax.
   """(summed next-token NLL in f32, number of target tokens) of batch {'inputs','targets': [B,T]}
   with an optional 'mask' [B, T] (1 = count the target)."""
   logits, _ = model_lib.forward(params, config, batch["inputs"])                 # [B, T, V] f32
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(log_probs, batch["targets"][..., None], axis=-1)[..., 0]
+  logits = logits.astype(jnp.float32)
+  # logsumexp minus the target's logit: no [B, T, V] log-probabilities are written, and the
+  # backward is one pass (softmax minus the one-hot), the vocabulary being most of the bytes.
+  target_logits = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+  nll = jax.nn.logsumexp(logits, axis=-1) - target_logits                         # [B, T]
   mask = batch.get("mask")
   mask = jnp.ones_like(nll) if mask is None else mask.astype(jnp.float32)
   return jnp.sum(nll * mask), jnp.sum(mask)
 
 
-def loss_and_grads(params, config: ModelConfig, batch: dict, accum_steps: int):
+def loss_and_grads(params, config: ModelConfig, batch: dict, accum_steps: int,
+                   batch_sharding=None):
   """Mean token loss and its gradient over the batch, accumulated over `accum_steps` micro-batches
   with lax.scan. Sums of NLL and gradients are divided by the total token count once, so the result
   equals the one-shot gradient whatever the split (a mean of micro-batch means would weight
@@ -36,10 +40,14 @@ def loss_and_grads(params, config: ModelConfig, batch: dict, accum_steps: int):
   if accum_steps == 1:
     (nll_sum, count), grads = grad_fn(params, config, batch)
   else:
-    micro = jax.tree.map(lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps,
-                                             *x.shape[1:]), batch)
+    # Micro-batch i takes rows i, i + A, i + 2A, ...: splitting [B] as [B / A, A] keeps the rows'
+    # device sharding on the leading axis (a split as [A, B / A] would replicate the batch).
+    micro = jax.tree.map(lambda x: jnp.swapaxes(
+        x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]), 0, 1), batch)
 
     def body(carry, micro_batch):
+      if batch_sharding is not None:
+        micro_batch = jax.lax.with_sharding_constraint(micro_batch, batch_sharding)
       (nll_sum, count), grads = grad_fn(params, config, micro_batch)
       total_nll, total_count, total_grads = carry
       return (total_nll + nll_sum, total_count + count,
@@ -52,8 +60,8 @@ def loss_and_grads(params, config: ModelConfig, batch: dict, accum_steps: int):
 
 
 def train_step(state: dict, batch: dict, *, config: ModelConfig, optimizer, accum_steps: int,
-               lr_schedule: Callable) -> tuple[dict, dict]:
-  loss, grads, count = loss_and_grads(state["params"], config, batch, accum_steps)
+               lr_schedule: Callable, batch_sharding=None) -> tuple[dict, dict]:
+  loss, grads, count = loss_and_grads(state["params"], config, batch, accum_steps, batch_sharding)
   grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state["params"])
   updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
@@ -118,12 +126,22 @@ def compile_step(config: ModelConfig, optimizer, lr_schedule, mesh: Mesh, rules,
     return {"step": jnp.zeros((), jnp.int32), "params": params,
             "opt_state": optimizer.init(params)}
 
+  activation_rules = sharding.activation_rules(rules)
+
+  def on_mesh(fn):
+    """fn traced with the activation rules and the mesh in context (jit traces at first call)."""
+    def wrapped(*args):
+      with model_lib.logical_sharding(mesh, activation_rules):
+        return fn(*args)
+    return wrapped
+
   step_fn = jax.jit(
-      lambda state, b: train_step(state, b, config=config, optimizer=optimizer,
-                                  accum_steps=accum_steps, lr_schedule=lr_schedule),
+      on_mesh(lambda state, b: train_step(state, b, config=config, optimizer=optimizer,
+                                          accum_steps=accum_steps, lr_schedule=lr_schedule,
+                                          batch_sharding=batch)),
       in_shardings=(shardings, batch), out_shardings=(shardings, sharding.replicated(mesh)),
       donate_argnums=0)
-  eval_fn = jax.jit(lambda params, b: eval_step(params, b, config=config),
+  eval_fn = jax.jit(on_mesh(lambda params, b: eval_step(params, b, config=config)),
                     in_shardings=(shardings["params"], batch),
                     out_shardings=sharding.replicated(mesh))
   return Compiled(init=jax.jit(init, out_shardings=shardings), step=step_fn, eval=eval_fn,
