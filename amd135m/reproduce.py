@@ -1,0 +1,186 @@
+"""The AMD-135M workflow at CPU scale, end to end (issue 6): pretrain a small Llama draft on
+Gutenberg -> fine-tune it on Python (the stdlib) -> optionally distil the target's own greedy
+completions of stdlib function headers into it -> let it draft for the real SmolLM2-135M on
+HumanEval prompts -> AMD's table (acceptance, speedup; greedy and sampling) and plots.
+
+Every stage writes under one output directory and is skipped when already complete (a training
+workdir with COMPLETE, a table on disk), so a rerun resumes where a crash stopped. No training
+text derives from HumanEval: the prompts for distillation are stdlib function headers.
+"""
+import ast
+import dataclasses
+import json
+import pathlib
+import random
+import time
+from typing import Callable
+
+from amd135m import config_lib
+from amd135m.errors import UserError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DRAFT_CONFIG = ROOT / "configs" / "draft.py"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  pretrain_steps: int
+  code_steps: int
+  distill_prompts: int       # 0: no distillation stage
+  distill_new_tokens: int
+  distill_steps: int
+  prompts: int               # HumanEval prompts in the table
+  new_tokens: int
+  gammas: tuple[int, ...]
+  overrides: tuple[str, ...] = ()  # applied to every training stage
+
+
+PRESETS = {
+    # Seconds: the tests' end-to-end run from an empty output directory.
+    "test": Preset(3, 3, 2, 8, 3, 1, 8, (2,),
+                   ("batch_size=2", "data.seq_len=32", "eval_batches=1", "log_every=1")),
+    # make demo: a short variant of every step (about 10 minutes on a 2-core CPU).
+    "demo": Preset(120, 120, 32, 48, 60, 4, 64, (2, 4),
+                   ("batch_size=8", "data.seq_len=128", "eval_every=60")),
+    # make reproduce: the best draft this CPU trains in about 90 minutes.
+    "full": Preset(700, 700, 256, 96, 400, 16, 128, (1, 2, 3, 4, 6)),
+}
+
+
+def stdlib_headers(count: int, seed: int = 0) -> list[str]:
+  """`count` function headers (def line + docstring) from the local Python-stdlib corpus."""
+  root = pathlib.Path(config_lib.cache_path("corpora", "python_stdlib"))
+  if not root.is_dir():
+    raise UserError(f"{root} is missing: run `make corpora` first")
+  headers = []
+  for path in sorted(root.rglob("*.py")):
+    try:
+      source = path.read_text(encoding="utf-8")
+      tree = ast.parse(source)
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+      continue
+    lines = source.splitlines()
+    for node in ast.walk(tree):
+      if isinstance(node, ast.FunctionDef) and node.col_offset == 0 and ast.get_docstring(node):
+        doc = node.body[0]
+        text = "\n".join(lines[node.lineno - 1:doc.end_lineno]) + "\n"
+        if 40 <= len(text) <= 600:
+          headers.append(text)
+  random.Random(seed).shuffle(headers)
+  return headers[:count]
+
+
+def _train(stage: str, workdir: pathlib.Path, steps: int, init_from: str, overrides, log,
+           distill_dir: str = "") -> None:
+  from amd135m.training import loop
+  if (workdir / loop.COMPLETE).exists():
+    log(f"[{stage}] complete in {workdir}, skipped")
+    return
+  arg = f"stage={stage},steps={steps}" + (f",init_from={init_from}" if init_from else "") + (
+      f",distill_dir={distill_dir}" if distill_dir else "")
+  config = config_lib.load(f"{DRAFT_CONFIG}:{arg}")
+  config_lib.apply_overrides(config, list(overrides))
+  log(f"[{stage}] training {steps} steps into {workdir}")
+  loop.train_and_evaluate(config, workdir)
+
+
+def _distill_data(target_path: str, out: pathlib.Path, preset: Preset, log) -> str:
+  """The target's greedy completions of stdlib headers, prepared as a local_text dataset."""
+  prepared = out / "distill_data"
+  raw = out / "distill_raw"
+  if not (raw / "DONE").exists():
+    import jax.numpy as jnp  # noqa: PLC0415
+    import jax  # noqa: PLC0415
+    from amd135m import checkpoints, inference, sampling  # noqa: PLC0415
+    from amd135m.tokenizer import load_tokenizer  # noqa: PLC0415
+    headers = stdlib_headers(preset.distill_prompts)
+    config, params = checkpoints.load_params(target_path)
+    params = jax.tree.map(jnp.asarray, params)
+    tokenizer = load_tokenizer(target_path)
+    raw.mkdir(parents=True, exist_ok=True)
+    from tqdm.auto import tqdm  # noqa: PLC0415
+    batch = 8
+    for start in tqdm(range(0, len(headers), batch), desc="target completions", unit="batch"):
+      records = inference.generate_text(params, config, tokenizer, headers[start:start + batch],
+                                        preset.distill_new_tokens, sampling.SamplingParams())
+      for k, record in enumerate(records):
+        (raw / f"{start + k:05d}.txt").write_text(record["prompt"] + record["completion"])
+    (raw / "DONE").write_text(f"{len(headers)}\n")
+  from amd135m.data import builders  # noqa: PLC0415
+  builders.prepare("local_text", raw, prepared, patterns="*.txt")
+  log(f"[distill] {len(list(raw.glob('*.txt')))} target completions in {prepared}")
+  return str(prepared)
+
+
+def plot_losses(workdirs: dict[str, pathlib.Path], path: pathlib.Path) -> None:
+  """Train and eval loss of every stage on one step axis, a vertical line between stages."""
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  fig, ax = plt.subplots(figsize=(8, 4.5))
+  offset = 0
+  for stage, workdir in workdirs.items():
+    records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if l]
+    train = [(r["step"] + offset, r["train_loss"]) for r in records if "train_loss" in r]
+    evals = [(r["step"] + offset, r["eval_loss"]) for r in records if "eval_loss" in r]
+    if train:
+      ax.plot(*zip(*train), label=f"{stage} train")
+    if evals:
+      ax.plot(*zip(*evals), "o--", label=f"{stage} eval (held-out)")
+    offset = max([offset] + [s for s, _ in train])
+    ax.axvline(offset, color="grey", lw=0.5)
+  ax.set_xlabel("step (all stages)")
+  ax.set_ylabel("loss (nats per token)")
+  ax.set_title("draft training: Gutenberg -> Python stdlib -> target completions")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def reproduce(out_dir, preset: str = "demo", target: str | None = None,
+              log: Callable[[str], None] = print) -> dict:
+  """Runs every stage into out_dir; returns {'rows', 'paths', 'seconds' per stage}."""
+  if preset not in PRESETS:
+    raise UserError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
+  spec = PRESETS[preset]
+  out = pathlib.Path(out_dir).expanduser().absolute()
+  out.mkdir(parents=True, exist_ok=True)
+  target = target or config_lib.cache_path(*config_lib.SMOLLM2_GGUF)
+  if not pathlib.Path(target).exists():
+    raise UserError(f"target {target} not found: run `make models` (or pass --target)")
+  seconds, workdirs = {}, {}
+
+  def timed(name, fn):
+    start = time.perf_counter()
+    result = fn()
+    seconds[name] = round(time.perf_counter() - start, 1)
+    return result
+
+  workdirs["pretrain"] = out / "pretrain"
+  timed("pretrain", lambda: _train("pretrain", workdirs["pretrain"], spec.pretrain_steps, "",
+                                   spec.overrides, log))
+  workdirs["code"] = out / "code"
+  timed("code", lambda: _train("code", workdirs["code"], spec.code_steps,
+                               str(workdirs["pretrain"]), spec.overrides, log))
+  draft = workdirs["code"]
+  if spec.distill_prompts:
+    data = timed("distill_data", lambda: _distill_data(target, out, spec, log))
+    workdirs["distill"] = out / "distill"
+    timed("distill", lambda: _train("distill", workdirs["distill"], spec.distill_steps,
+                                    str(draft), spec.overrides, log, distill_dir=data))
+    draft = workdirs["distill"]
+  plot_losses(workdirs, out / "loss_curves.png")
+
+  from amd135m import spec_eval  # noqa: PLC0415
+  from tqdm.auto import tqdm  # noqa: PLC0415
+  table, paths = timed("table", lambda: spec_eval.run(
+      target, str(draft), str(out / "table"), n_prompts=spec.prompts, gammas=spec.gammas,
+      max_new_tokens=spec.new_tokens, progress=tqdm))
+  summary = {"preset": preset, "target": target, "draft": str(draft), "seconds": seconds,
+             "total_seconds": round(sum(seconds.values()), 1), "rows": table.rows}
+  (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+  log(spec_eval.format_table(table.rows))
+  log(f"stages (s): {seconds}; total {summary['total_seconds']} s; outputs in {out}")
+  return {**summary, "paths": {k: str(v) for k, v in paths.items()},
+          "loss_plot": str(out / "loss_curves.png")}
