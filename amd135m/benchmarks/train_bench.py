@@ -1,0 +1,171 @@
+"""python -m amd135m.bench train: tokens/s and MFU of our train step and of transformers'.
+
+In one run: (a) our jitted step (`training.step.compile_step` on a 1-device mesh, AdamW as the
+config says, synthetic token batches), the median step time after compile and warm-up; (b)
+transformers' LlamaForCausalLM step on torch with the same model, batch, sequence length, loss
+and optimizer (torch.optim.AdamW with the config's betas, eps, weight decay and mask, global-norm
+clipping), in a subprocess (benchmarks/torch_train_reference.py) so this package never imports
+torch; (c) the best f32 FLOP/s of an n^3 matmul, measured before and after the two, as MFU's
+denominator on a CPU (a known accelerator uses its data-sheet peak). FLOPs per token are
+`training.step.flops_per_token` (model FLOPs: 6N + 12 L T d; remat not counted).
+"""
+import argparse
+import json
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+from amd135m import config_lib, metrics, optim, sharding
+from amd135m.errors import UserError
+from amd135m.provenance import provenance
+from amd135m.training import step as step_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+REFERENCE = ROOT / "benchmarks" / "torch_train_reference.py"
+
+
+def synthetic_batches(vocab_size: int, batch: int, seq_len: int, count: int = 4,
+                      seed: int = 0) -> list[dict]:
+  """`count` batches of uniform random tokens: {'inputs', 'targets'} [B, T] int32."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(count):
+    tokens = rng.integers(0, vocab_size, (batch, seq_len + 1), dtype=np.int32)
+    out.append({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
+  return out
+
+
+def time_ours(config, batch: int, seq_len: int, steps: int, warmup: int) -> dict:
+  """Our jitted step on one device: compile time, then the median of `steps` timed steps."""
+  model_config = config_lib.model_config(config.model)
+  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  schedule = optim.schedule(config.lr, config.end_lr, config.warmup_steps, config.total_steps)
+  compiled = step_lib.compile_step(model_config, optim.make_optimizer(config), schedule, mesh,
+                                   sharding.parse_rules(config.sharding_rules))
+  state = compiled.init(jax.random.key(config.seed))
+  batches = [{k: jax.device_put(v, compiled.batch_sharding) for k, v in b.items()}
+             for b in synthetic_batches(model_config.vocab_size, batch, seq_len)]
+  start = time.perf_counter()
+  state, out = compiled.step(state, batches[0])
+  jax.block_until_ready(out)
+  first_step = time.perf_counter() - start  # compile + one step
+  times, losses = [], [float(out["loss"])]
+  for i in range(1, warmup + steps):
+    start = time.perf_counter()
+    state, out = compiled.step(state, batches[i % len(batches)])
+    jax.block_until_ready(out)
+    if i >= warmup:
+      times.append(time.perf_counter() - start)
+    losses.append(float(out["loss"]))
+  seconds = statistics.median(times)
+  return dict(step_seconds=times, median_step_seconds=seconds,
+              tokens_per_second=batch * seq_len / seconds, compile_and_first_step_seconds=first_step,
+              losses=losses, remat=model_config.remat, dtype=model_config.dtype,
+              param_dtype=model_config.param_dtype)
+
+
+def time_torch(config, batch: int, seq_len: int, steps: int, warmup: int) -> dict:
+  model = config_lib.model_config(config.model).__dict__
+  optimizer = {k: config[k] for k in ("lr", "b1", "b2", "eps", "weight_decay",
+                                      "weight_decay_mask", "grad_clip")}
+  spec = dict(model=model, optimizer=optimizer, batch=batch, seq_len=seq_len, steps=steps,
+              warmup=warmup, seed=config.seed)
+  result = subprocess.run([sys.executable, str(REFERENCE), "--spec", json.dumps(spec)],
+                          capture_output=True, text=True)
+  if result.returncode != 0:
+    last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+    raise UserError(f"the torch reference failed (is the [dev] extra installed?): {last}")
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def peak(n: int, runs: int) -> float:
+  """Per-device peak FLOP/s: a known accelerator's data sheet, else a measured f32 n^3 matmul."""
+  device = jax.devices()[0]
+  if device.platform == "cpu":
+    return metrics.measured_matmul_flops(n, runs)
+  return metrics.peak_flops()
+
+
+def bench_train(config_spec: str, batch: int = 2, seq_len: int = 512, steps: int = 5,
+                warmup: int = 2, reference: bool = True, matmul_n: int = 4096,
+                matmul_runs: int = 3) -> dict:
+  config = config_lib.load(config_spec)
+  if seq_len > config.model.max_seq_len:
+    raise UserError(f"--seq-len {seq_len} exceeds the config's model.max_seq_len "
+                    f"{config.model.max_seq_len}")
+  if steps < 1 or warmup < 1 or batch < 1:
+    raise UserError("--steps, --warmup and --batch must be >= 1")
+  model_config = config_lib.model_config(config.model)
+  flops_per_token = step_lib.flops_per_token(model_config, seq_len)
+  peaks = [peak(matmul_n, matmul_runs)]
+  ours = time_ours(config, batch, seq_len, steps, warmup)
+  hf = time_torch(config, batch, seq_len, steps, warmup) if reference else None
+  peaks.append(peak(matmul_n, matmul_runs))
+  best_peak = max(peaks)
+
+  def rates(tokens_per_second):
+    flops = flops_per_token * tokens_per_second
+    return dict(model_flops_per_second=flops, mfu=flops / best_peak if best_peak else float("nan"))
+
+  ours.update(rates(ours["tokens_per_second"]))
+  result = dict(
+      benchmark="train", config=config_spec, batch=batch, seq_len=seq_len, steps=steps,
+      warmup=warmup, tokens_per_step=batch * seq_len, flops_per_token=flops_per_token,
+      params=step_lib.count_params(model_config),
+      peak=dict(flops_per_second=best_peak, measured=[float(p) for p in peaks],
+                source=(f"f32 {matmul_n}^3 matmul, best of {matmul_runs}, before and after"
+                        if jax.devices()[0].platform == "cpu" else "data sheet (bf16 dense)")),
+      ours=ours)
+  if hf is not None:
+    hf.update(rates(hf["tokens_per_second"]))
+    result["transformers"] = hf
+    result["ratio"] = ours["tokens_per_second"] / hf["tokens_per_second"]
+  result["provenance"] = provenance()
+  return result
+
+
+def add_parser(sub) -> None:
+  """Registers `train` on bench's subcommands."""
+  p = sub.add_parser("train", help="train step tokens/s and MFU, ours and transformers'")
+  p.add_argument("--config", required=True, help="configs/F.py[:arg]")
+  p.add_argument("--batch", type=int, default=2)
+  p.add_argument("--seq-len", type=int, default=512)
+  p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps, the compile included")
+  p.add_argument("--matmul-n", type=int, default=4096, help="size of the peak-FLOP/s matmul")
+  p.add_argument("--no-reference", action="store_true", help="skip transformers")
+  p.add_argument("--json", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+  try:
+    result = bench_train(args.config, args.batch, args.seq_len, args.steps, args.warmup,
+                         reference=not args.no_reference, matmul_n=args.matmul_n)
+  except UserError as e:
+    print(f"amd135m.bench: error: {e}", file=sys.stderr)
+    return 2
+  if args.json:
+    print(json.dumps(result, indent=1))
+  else:
+    print_train(result)
+  return 0
+
+
+def print_train(r: dict) -> None:
+  peak_g = r["peak"]["flops_per_second"] / 1e9
+  print(f"config {r['config']}: batch {r['batch']} x {r['seq_len']}, "
+        f"{r['flops_per_token'] / 1e6:.0f} MFLOP/token; peak {peak_g:.0f} GFLOP/s "
+        f"({r['peak']['source']})")
+  rows = [("ours", r["ours"])] + ([("transformers", r["transformers"])]
+                                  if "transformers" in r else [])
+  for name, row in rows:
+    print(f"{name:12s} {row['tokens_per_second']:8.1f} tokens/s, "
+          f"{row['model_flops_per_second'] / 1e9:6.1f} GFLOP/s, MFU {100 * row['mfu']:.1f}% "
+          f"(median step {row['median_step_seconds']:.3f} s)")
+  if "ratio" in r:
+    print(f"ours / transformers: {r['ratio']:.2f}x")

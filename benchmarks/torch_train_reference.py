@@ -1,0 +1,86 @@
+"""Transformers' side of `python -m amd135m.bench train`: a LlamaForCausalLM training step on torch
+(CPU), run in its own process so that the package never imports torch. Prints one JSON object.
+
+python benchmarks/torch_train_reference.py --spec '{"model": {...}, "optimizer": {...},
+    "batch": 2, "seq_len": 512, "steps": 5, "warmup": 2, "seed": 0}'
+
+model: ModelConfig's fields (vocab_size, dim, ...); optimizer: the training config's b1, b2, eps,
+lr, weight_decay, weight_decay_mask, grad_clip. The step is the one ours takes: forward, mean
+next-token cross-entropy in f32 over all B x T targets, backward, global-norm clipping, AdamW.
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+import transformers
+
+
+def build(model: dict, seed: int):
+  config = transformers.LlamaConfig(
+      vocab_size=model["vocab_size"], hidden_size=model["dim"],
+      intermediate_size=model["ffn_dim"], num_hidden_layers=model["n_layers"],
+      num_attention_heads=model["n_heads"], num_key_value_heads=model["n_kv_heads"],
+      rope_theta=model["rope_theta"], rms_norm_eps=model["norm_eps"],
+      max_position_embeddings=model["max_seq_len"], tie_word_embeddings=model["tie_embeddings"],
+      initializer_range=0.02, attn_implementation="sdpa", use_cache=False)
+  torch.manual_seed(seed)
+  return transformers.LlamaForCausalLM(config).train()
+
+
+def param_groups(hf_model, opt: dict) -> list[dict]:
+  """Weight decay on the parameters our mask names ('all', 'matrices' or 'kernels')."""
+  decay, no_decay = [], []
+  for name, p in hf_model.named_parameters():
+    mask = opt["weight_decay_mask"]
+    decays = (mask == "all" or (mask == "matrices" and p.ndim >= 2)
+              or (mask == "kernels" and p.ndim >= 2 and "embed_tokens" not in name))
+    (decay if decays else no_decay).append(p)
+  return [{"params": decay, "weight_decay": opt["weight_decay"]},
+          {"params": no_decay, "weight_decay": 0.0}]
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--spec", required=True, help="JSON: model, optimizer, batch, seq_len, ...")
+  spec = json.loads(parser.parse_args().spec)
+  torch.set_num_threads(os.cpu_count())
+  model, opt = spec["model"], spec["optimizer"]
+  compute = {"float32": None, "bfloat16": torch.bfloat16}[model["dtype"]]
+  hf_model = build(model, spec["seed"])
+  optimizer = torch.optim.AdamW(param_groups(hf_model, opt), lr=opt["lr"],
+                                betas=(opt["b1"], opt["b2"]), eps=opt["eps"])
+  generator = torch.Generator().manual_seed(spec["seed"])
+  batches = [torch.randint(0, model["vocab_size"], (spec["batch"], spec["seq_len"] + 1),
+                           generator=generator) for _ in range(4)]
+
+  def step(tokens):
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=compute, enabled=compute is not None):
+      logits = hf_model(tokens[:, :-1]).logits
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                             tokens[:, 1:].reshape(-1))
+    loss.backward()
+    if opt["grad_clip"] > 0:
+      torch.nn.utils.clip_grad_norm_(hf_model.parameters(), opt["grad_clip"])
+    optimizer.step()
+    return loss.item()
+
+  times, losses = [], []
+  for i in range(spec["warmup"] + spec["steps"]):
+    start = time.perf_counter()
+    losses.append(step(batches[i % len(batches)]))
+    if i >= spec["warmup"]:
+      times.append(time.perf_counter() - start)
+  seconds = statistics.median(times)
+  print(json.dumps(dict(
+      torch=torch.__version__, transformers=transformers.__version__,
+      torch_threads=torch.get_num_threads(), attention=hf_model.config._attn_implementation,
+      step_seconds=times, median_step_seconds=seconds,
+      tokens_per_second=spec["batch"] * spec["seq_len"] / seconds, losses=losses)))
+
+
+if __name__ == "__main__":
+  main()
