@@ -88,7 +88,11 @@ class Linear(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, in] -> [B, T, out]
     w = _weight(self, "kernel", (x.shape[-1], self.features), self.axes)
     dtype = jnp.dtype(self.config.dtype)
-    return jnp.einsum("BTI,IO->BTO", x.astype(dtype), w.astype(dtype))
+    # A 2-D product over B*T rows: XLA's CPU backend lays out the weight gradient of the 3-D
+    # einsum with transposing copies (an MLP's forward+backward ran 1.3x slower).
+    rows = x.reshape(-1, x.shape[-1]).astype(dtype)                               # [B*T, in]
+    out = jnp.einsum("NI,IO->NO", rows, w.astype(dtype))
+    return out.reshape(*x.shape[:-1], self.features)
 
 
 class Embedding(nn.Module):
@@ -106,7 +110,9 @@ class Embedding(nn.Module):
 
   def attend(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V]: the tied output head
     dtype = jnp.dtype(self.config.dtype)
-    return jnp.einsum("BTD,VD->BTV", x.astype(dtype), self.embedding.astype(dtype))
+    rows = x.reshape(-1, x.shape[-1]).astype(dtype)                               # [B*T, D]
+    logits = jnp.einsum("ND,VD->NV", rows, self.embedding.astype(dtype))
+    return logits.reshape(*x.shape[:-1], -1)
 
 
 class RMSNorm(nn.Module):
@@ -175,6 +181,12 @@ class Attention(nn.Module):
       out = out.reshape(b, t, c.n_heads * c.head_dim)
       return Linear(c, c.dim, ("heads", "embed"), name="o_proj")(out), new_kv
 
+    if cache_kv is None:
+      out, probs = _grouped_attention(q, k, v, mask, c.dtype)                    # [B, T, N*H]
+      if return_attention:  # [B, K, G*T, S] -> [B, N, T, S]
+        self.sow("intermediates", "attention", probs.reshape(b, c.n_heads, t, -1))
+      return Linear(c, c.dim, ("heads", "embed"), name="o_proj")(out), new_kv
+
     # Query head n = kv_head * n_groups + group, as in the reference's repeat_kv.
     q = q.reshape(b, t, c.n_kv_heads, n_groups, c.head_dim)
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(q.dtype)).astype(jnp.float32)
@@ -186,6 +198,28 @@ class Attention(nn.Module):
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(c.dtype), v.astype(c.dtype))
     out = out.reshape(b, t, c.n_heads * c.head_dim)
     return Linear(c, c.dim, ("heads", "embed"), name="o_proj")(out), new_kv
+
+
+def _grouped_attention(q, k, v, mask, dtype) -> tuple[jax.Array, jax.Array]:
+  """Softmax attention without a cache, each KV head's query groups stacked as rows: plain
+  batched matmuls over (B, K), whose backward XLA's CPU backend runs ~1.6x faster than the
+  5-axis einsums of the cached path. q: [B, T, N, H]; k, v: [B, S, K, H]; mask: [B, T, S].
+  Returns (out [B, T, N*H], probs [B, K, G*T, S] f32), row g*T + t being query head k*G + g."""
+  b, t, n_heads, head_dim = q.shape
+  n_kv = k.shape[2]
+  groups = n_heads // n_kv
+  q = jnp.transpose(q.reshape(b, t, n_kv, groups, head_dim), (0, 2, 3, 1, 4))
+  q = q.reshape(b, n_kv, groups * t, head_dim)                                   # [B, K, M, H]
+  k = jnp.transpose(k, (0, 2, 1, 3)).astype(q.dtype)                             # [B, K, S, H]
+  v = jnp.transpose(v, (0, 2, 1, 3)).astype(dtype)                               # [B, K, S, H]
+  scores = jnp.einsum("BKMH,BKSH->BKMS", q, k).astype(jnp.float32)
+  scores = scores / jnp.sqrt(jnp.float32(head_dim))
+  rows_mask = jnp.tile(mask, (1, groups, 1))[:, None]                            # [B, 1, M, S]
+  scores = jnp.where(rows_mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  out = jnp.einsum("BKMS,BKSH->BKMH", probs.astype(dtype), v)                    # [B, K, M, H]
+  out = jnp.transpose(out.reshape(b, n_kv, groups, t, head_dim), (0, 3, 1, 2, 4))
+  return out.reshape(b, t, n_heads * head_dim), probs
 
 
 ATTENTION_IMPLS = ("einsum", "cudnn")
