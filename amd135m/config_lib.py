@@ -86,6 +86,7 @@ def base_config(model: dict) -> ml_collections.ConfigDict:
   config.grad_clip = 1.0
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  config.devices = 0           # use the first N devices (one process only); 0 = all of them
   config.sharding_rules = ""   # overrides of sharding.DEFAULT_RULES, e.g. 'kv_heads=replicate'
 
   config.log_every = 10

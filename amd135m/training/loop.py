@@ -80,6 +80,15 @@ def _init_from(config, model_config):
   return lambda rng: jax.tree.map(jnp.asarray, params)
 
 
+def _devices(config) -> list:
+  if not config.devices:
+    return jax.devices()
+  if jax.process_count() > 1 or config.devices > jax.device_count():
+    raise UserError(f"devices={config.devices}: a subset of devices works in one process only, "
+                    f"with at most {jax.device_count()}; use 0 (all)")
+  return jax.devices()[:config.devices]
+
+
 def _global_batch(local: dict, batch_sharding) -> dict:
   return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
           for k, v in local.items() if k in ("inputs", "targets")}
@@ -102,7 +111,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   tokenizer = _tokenizer(config)
   sources = data_lib.open_sources(config.data, tokenizer, model_config.vocab_size, config.seed)
 
-  mesh = sharding.make_mesh(config.mesh.to_dict())
+  mesh = sharding.make_mesh(config.mesh.to_dict(), _devices(config))
   rules = sharding.parse_rules(config.sharding_rules)
   lr_schedule = optim.schedule(config.lr, config.end_lr, config.warmup_steps, config.total_steps)
   optimizer = optim.make_optimizer(config)
@@ -255,7 +264,7 @@ def dry_run(config: ml_collections.ConfigDict) -> dict:
   per-device memory analysis with the shapes that produced it."""
   config = resolve(config)
   model_config = config_lib.model_config(config.model)
-  mesh = sharding.make_mesh(config.mesh.to_dict())
+  mesh = sharding.make_mesh(config.mesh.to_dict(), _devices(config))
   rules = sharding.parse_rules(config.sharding_rules)
   lr_schedule = optim.schedule(config.lr, config.end_lr, config.warmup_steps, config.total_steps)
   optimizer = optim.make_optimizer(config)
