@@ -100,6 +100,10 @@ def main(argv=None) -> int:
     return 2
 
   import jax
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    # Reruns (resume after preemption, sweep trials, tests) skip XLA compiles of the same step.
+    jax.config.update("jax_compilation_cache_dir", config_lib.cache_path("jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   devices = args.devices
   if args.dry_run and not devices:
     devices = max(1, abs(config.mesh.data * config.mesh.fsdp * config.mesh.tensor))
