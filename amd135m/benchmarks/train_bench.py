@@ -93,8 +93,15 @@ def peak(n: int, runs: int) -> float:
 
 def bench_train(config_spec: str, batch: int = 2, seq_len: int = 512, steps: int = 5,
                 warmup: int = 2, reference: bool = True, matmul_n: int = 4096,
-                matmul_runs: int = 3) -> dict:
+                matmul_runs: int = 3, dtype: str = "auto") -> dict:
+  """dtype: the compute dtype of both steps; 'auto' is float32 on a CPU (bf16 matmuls there are
+  emulated and slow, and the peak is an f32 matmul) and the config's own elsewhere."""
   config = config_lib.load(config_spec)
+  if dtype == "auto":
+    dtype = "float32" if jax.devices()[0].platform == "cpu" else config.model.dtype
+  if dtype not in ("float32", "bfloat16"):
+    raise UserError(f"--dtype {dtype}: choose auto, float32 or bfloat16")
+  config.model.dtype = dtype
   if seq_len > config.model.max_seq_len:
     raise UserError(f"--seq-len {seq_len} exceeds the config's model.max_seq_len "
                     f"{config.model.max_seq_len}")
@@ -138,6 +145,8 @@ def add_parser(sub) -> None:
   p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps, the compile included")
   p.add_argument("--matmul-n", type=int, default=4096, help="size of the peak-FLOP/s matmul")
+  p.add_argument("--dtype", default="auto", help="compute dtype: auto (f32 on CPU), float32, "
+                 "bfloat16")
   p.add_argument("--no-reference", action="store_true", help="skip transformers")
   p.add_argument("--json", action="store_true")
 
@@ -145,7 +154,8 @@ def add_parser(sub) -> None:
 def main(args: argparse.Namespace) -> int:
   try:
     result = bench_train(args.config, args.batch, args.seq_len, args.steps, args.warmup,
-                         reference=not args.no_reference, matmul_n=args.matmul_n)
+                         reference=not args.no_reference, matmul_n=args.matmul_n,
+                         dtype=args.dtype)
   except UserError as e:
     print(f"amd135m.bench: error: {e}", file=sys.stderr)
     return 2
@@ -158,7 +168,7 @@ def main(args: argparse.Namespace) -> int:
 
 def print_train(r: dict) -> None:
   peak_g = r["peak"]["flops_per_second"] / 1e9
-  print(f"config {r['config']}: batch {r['batch']} x {r['seq_len']}, "
+  print(f"config {r['config']} ({r['ours']['dtype']}): batch {r['batch']} x {r['seq_len']}, "
         f"{r['flops_per_token'] / 1e6:.0f} MFLOP/token; peak {peak_g:.0f} GFLOP/s "
         f"({r['peak']['source']})")
   rows = [("ours", r["ours"])] + ([("transformers", r["transformers"])]
