@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 SMOLLM2 := $(shell $(PY) tools/fetch_test_models.py --print-path 2>/dev/null)
 
-.PHONY: install models corpora test demo bench clean
+.PHONY: install models corpora test demo reproduce bench gpu-wheels clean
 
 # torch first, pinned: that takes the CPU wheel; letting transformers pull torch brings a CUDA build.
 $(VENV)/.installed: setup.py
@@ -25,17 +25,21 @@ models: install
 corpora: install
 	$(PYTHON) tools/fetch_corpora.py
 
-test: models
+test: models corpora
 	$(PYTHON) -m pytest tests -q --durations=20
 
-# The main job on embedded defaults: SmolLM2-135M generates, then decodes speculatively with an
-# n-gram draft (prompt lookup) and reports its acceptance.
-demo: models
-	$(PYTHON) -m amd135m.generate --model $(SMOLLM2) --max-new-tokens 96 \
+# The main job on embedded defaults: SmolLM2-135M generates; then the AMD-135M workflow in
+# miniature: a draft pretrained on Gutenberg, fine-tuned on the Python stdlib and on the
+# target's own completions, drafting for SmolLM2 on HumanEval prompts (AMD's table and plots).
+demo: models corpora
+	$(PYTHON) -m amd135m.generate --model $(SMOLLM2) --max-new-tokens 64 \
 	  --prompt "Write a Python function that checks whether a number is prime." \
 	  --prompt "The three largest cities in France are"
-	$(PYTHON) -m amd135m.generate --model $(SMOLLM2) --max-new-tokens 96 --draft ngram --gamma 3 \
-	  --prompt "$$(printf 'def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n')"
+	$(PYTHON) experiments/reproduce.py --preset demo
+
+# The longer run that trains the best draft this CPU affords (README: table and runtime).
+reproduce: models corpora
+	$(PYTHON) experiments/reproduce.py --preset full
 
 bench: models
 	$(PYTHON) -m amd135m.bench decode --model $(SMOLLM2) --json

@@ -39,9 +39,9 @@ PRESETS = {
     # Seconds: the tests' end-to-end run from an empty output directory.
     "test": Preset(3, 3, 2, 8, 3, 1, 8, (2,),
                    ("batch_size=2", "data.seq_len=32", "eval_batches=1", "log_every=1")),
-    # make demo: a short variant of every step (about 10 minutes on a 2-core CPU).
-    "demo": Preset(120, 120, 32, 48, 60, 4, 64, (2, 4),
-                   ("batch_size=8", "data.seq_len=128", "eval_every=60")),
+    # make demo: a short variant of every step (minutes on a 2-core CPU; see README).
+    "demo": Preset(60, 60, 16, 48, 30, 2, 48, (2, 4),
+                   ("batch_size=8", "data.seq_len=128", "eval_every=30")),
     # make reproduce: the best draft this CPU trains in about 90 minutes.
     "full": Preset(700, 700, 256, 96, 400, 16, 128, (1, 2, 3, 4, 6)),
 }

@@ -105,14 +105,19 @@ def train_loader(sources: Sources, data_config, batch_size: int, seed: int,
 
 def eval_batches(sources: Sources, data_config, batch_size: int, count: int,
                  process_index: int, process_count: int) -> list[dict]:
-  """The same `count` held-out batches at every evaluation (fewer if the held-out part ends)."""
-  loader = DataLoader(sources.eval, seq_len=data_config.seq_len, global_batch_size=batch_size,
-                      separator_id=sources.separator_id, weights=sources.weights, seed=0,
-                      shuffle=False, num_epochs=1, process_index=process_index,
-                      process_count=process_count)
-  batches = []
-  for batch in loader:
-    batches.append({"inputs": batch["inputs"], "targets": batch["targets"]})
-    if len(batches) == count:
-      break
-  return batches
+  """The same `count` held-out batches at every evaluation: one pass over the held-out documents
+  (fewer batches if it ends first); a held-out part shorter than one batch is cycled instead, so
+  small sources (a few distillation documents) still get a fixed evaluation set."""
+  for num_epochs in (1, None):
+    loader = DataLoader(sources.eval, seq_len=data_config.seq_len, global_batch_size=batch_size,
+                        separator_id=sources.separator_id, weights=sources.weights, seed=0,
+                        shuffle=False, num_epochs=num_epochs, process_index=process_index,
+                        process_count=process_count)
+    batches = []
+    for batch in loader:
+      batches.append({"inputs": batch["inputs"], "targets": batch["targets"]})
+      if len(batches) == count:
+        break
+    if batches:
+      return batches
+  return []
