@@ -1,0 +1,32 @@
+"""The CPU reproduction of AMD-135M's workflow, shortened, from an empty output directory."""
+import json
+
+from amd135m import reproduce
+
+
+def test_shortened_reproduction_runs_end_to_end(tmp_path, smollm2_gguf):
+  lines = []
+  summary = reproduce.reproduce(tmp_path / "out", "test", str(smollm2_gguf), log=lines.append)
+  out = tmp_path / "out"
+  for stage in ("pretrain", "code", "distill"):
+    assert (out / stage / "COMPLETE").exists(), stage
+  # The distillation text is the target's own continuation of stdlib headers, never HumanEval.
+  texts = [p.read_text() for p in sorted((out / "distill_raw").glob("*.txt"))]
+  assert texts and all(t.startswith("def ") for t in texts)
+  assert not any("HumanEval" in t for t in texts)
+  rows = summary["rows"]
+  assert {r["setting"] for r in rows} == {"greedy", "sampling"}
+  for row in rows:
+    assert 0.0 <= row["acceptance"] <= 1.0 and row["speedup"] > 0
+  # Greedy speculative output equals target-only greedy output.
+  assert all(r["exact"] for r in rows if r["setting"] == "greedy")
+  saved = json.loads((out / "summary.json").read_text())
+  assert saved["rows"] == json.loads(json.dumps(rows))
+  assert (out / "loss_curves.png").stat().st_size > 10_000
+  assert (out / "table" / "spec_table.csv").exists()
+
+  # A rerun finds every stage complete and redoes nothing.
+  lines.clear()
+  again = reproduce.reproduce(out, "test", str(smollm2_gguf), log=lines.append)
+  assert sum("skipped" in line for line in lines) == 4
+  assert again["rows"] == saved["rows"]
