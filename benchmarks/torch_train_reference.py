@@ -1,17 +1,22 @@
 """Transformers' side of `python -m amd135m.bench train`: a LlamaForCausalLM training step on torch
-(CPU), run in its own process so that the package never imports torch. Prints one JSON object.
+(CPU), in its own process so that the package never imports torch.
 
 python benchmarks/torch_train_reference.py --spec '{"model": {...}, "optimizer": {...},
-    "batch": 2, "seq_len": 512, "steps": 5, "warmup": 2, "seed": 0}'
+    "batch": 2, "seq_len": 512, "seed": 0, "threads": 0}'
 
-model: ModelConfig's fields (vocab_size, dim, ...); optimizer: the training config's b1, b2, eps,
-lr, weight_decay, weight_decay_mask, grad_clip. The step is the one ours takes: forward, mean
+threads: torch's intra-op threads (0: one per CPU, torch's default); model: ModelConfig's fields
+(vocab_size, dim, ...); optimizer: the training config's b1, b2, eps, lr, weight_decay,
+weight_decay_mask, grad_clip. The step is the one ours takes: forward, mean
 next-token cross-entropy in f32 over all B x T targets, backward, global-norm clipping, AdamW.
+
+Steps on request, so the caller can interleave them with its own (a shared machine's load then
+falls on both alike): prints one JSON line when ready, then for each line 'step' on stdin runs one
+step and prints {"seconds", "loss"}; exits at end of input.
 """
 import argparse
 import json
 import os
-import statistics
+import sys
 import time
 
 import torch
@@ -44,9 +49,10 @@ def param_groups(hf_model, opt: dict) -> list[dict]:
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--spec", required=True, help="JSON: model, optimizer, batch, seq_len, ...")
+  parser.add_argument("--spec", required=True,
+                      help="JSON: model, optimizer, batch, seq_len, seed, threads")
   spec = json.loads(parser.parse_args().spec)
-  torch.set_num_threads(os.cpu_count())
+  torch.set_num_threads(spec.get("threads") or os.cpu_count())
   model, opt = spec["model"], spec["optimizer"]
   compute = {"float32": None, "bfloat16": torch.bfloat16}[model["dtype"]]
   hf_model = build(model, spec["seed"])
@@ -68,18 +74,15 @@ def main():
     optimizer.step()
     return loss.item()
 
-  times, losses = [], []
-  for i in range(spec["warmup"] + spec["steps"]):
+  print(json.dumps(dict(ready=True, torch=torch.__version__, transformers=transformers.__version__,
+                        torch_threads=torch.get_num_threads(),
+                        attention=hf_model.config._attn_implementation)), flush=True)
+  for i, line in enumerate(sys.stdin):
+    if line.strip() != "step":
+      raise SystemExit(f"torch_train_reference: unknown request {line.strip()!r}")
     start = time.perf_counter()
-    losses.append(step(batches[i % len(batches)]))
-    if i >= spec["warmup"]:
-      times.append(time.perf_counter() - start)
-  seconds = statistics.median(times)
-  print(json.dumps(dict(
-      torch=torch.__version__, transformers=transformers.__version__,
-      torch_threads=torch.get_num_threads(), attention=hf_model.config._attn_implementation,
-      step_seconds=times, median_step_seconds=seconds,
-      tokens_per_second=spec["batch"] * spec["seq_len"] / seconds, losses=losses)))
+    loss = step(batches[i % len(batches)])
+    print(json.dumps({"seconds": time.perf_counter() - start, "loss": loss}), flush=True)
 
 
 if __name__ == "__main__":

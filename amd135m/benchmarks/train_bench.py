@@ -1,16 +1,20 @@
 """python -m amd135m.bench train: tokens/s and MFU of our train step and of transformers'.
 
 In one run: (a) our jitted step (`training.step.compile_step` on a 1-device mesh, AdamW as the
-config says, synthetic token batches), the median step time after compile and warm-up; (b)
-transformers' LlamaForCausalLM step on torch with the same model, batch, sequence length, loss
-and optimizer (torch.optim.AdamW with the config's betas, eps, weight decay and mask, global-norm
-clipping), in a subprocess (benchmarks/torch_train_reference.py) so this package never imports
-torch; (c) the best f32 FLOP/s of an n^3 matmul, measured before and after the two, as MFU's
-denominator on a CPU (a known accelerator uses its data-sheet peak). FLOPs per token are
-`training.step.flops_per_token` (model FLOPs: 6N + 12 L T d; remat not counted).
+config says, synthetic token batches); (b) transformers' LlamaForCausalLM step on torch with the
+same model, batch, sequence length, loss and optimizer (torch.optim.AdamW with the config's betas,
+eps, weight decay and mask, global-norm clipping), in a subprocess
+(benchmarks/torch_train_reference.py) so this package never imports torch. The two take their
+steps in turn (ours, theirs, ours, ...), so a shared machine's varying load falls on both alike;
+each reports the median of its timed steps after compile and warm-up. (c) The best f32 FLOP/s of
+an n^3 matmul, measured before and after, is MFU's denominator on a CPU (a known accelerator uses
+its data-sheet peak). FLOPs per token are `training.step.flops_per_token` (model FLOPs:
+6N + 12 L T d; remat not counted). The load average before and after is recorded.
 """
 import argparse
+import dataclasses
 import json
+import os
 import pathlib
 import statistics
 import subprocess
@@ -40,47 +44,68 @@ def synthetic_batches(vocab_size: int, batch: int, seq_len: int, count: int = 4,
   return out
 
 
-def time_ours(config, batch: int, seq_len: int, steps: int, warmup: int) -> dict:
-  """Our jitted step on one device: compile time, then the median of `steps` timed steps."""
-  model_config = config_lib.model_config(config.model)
-  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
-  schedule = optim.schedule(config.lr, config.end_lr, config.warmup_steps, config.total_steps)
-  compiled = step_lib.compile_step(model_config, optim.make_optimizer(config), schedule, mesh,
-                                   sharding.parse_rules(config.sharding_rules))
-  state = compiled.init(jax.random.key(config.seed))
-  batches = [{k: jax.device_put(v, compiled.batch_sharding) for k, v in b.items()}
-             for b in synthetic_batches(model_config.vocab_size, batch, seq_len)]
-  start = time.perf_counter()
-  state, out = compiled.step(state, batches[0])
-  jax.block_until_ready(out)
-  first_step = time.perf_counter() - start  # compile + one step
-  times, losses = [], [float(out["loss"])]
-  for i in range(1, warmup + steps):
+class OurStep:
+  """Our jitted step on one device, compiled by the first call (timed apart)."""
+
+  def __init__(self, config, batch: int, seq_len: int):
+    self.model_config = config_lib.model_config(config.model)
+    mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+    schedule = optim.schedule(config.lr, config.end_lr, config.warmup_steps, config.total_steps)
+    self.compiled = step_lib.compile_step(self.model_config, optim.make_optimizer(config),
+                                          schedule, mesh,
+                                          sharding.parse_rules(config.sharding_rules))
+    self.state = self.compiled.init(jax.random.key(config.seed))
+    self.batches = [{k: jax.device_put(v, self.compiled.batch_sharding) for k, v in b.items()}
+                    for b in synthetic_batches(self.model_config.vocab_size, batch, seq_len)]
+    self.calls = 0
+
+  def __call__(self) -> tuple[float, float]:
+    """(seconds, loss) of one step."""
     start = time.perf_counter()
-    state, out = compiled.step(state, batches[i % len(batches)])
+    self.state, out = self.compiled.step(self.state, self.batches[self.calls % len(self.batches)])
     jax.block_until_ready(out)
-    if i >= warmup:
-      times.append(time.perf_counter() - start)
-    losses.append(float(out["loss"]))
+    self.calls += 1
+    return time.perf_counter() - start, float(out["loss"])
+
+
+class TorchStep:
+  """transformers' step in a subprocess (benchmarks/torch_train_reference.py), step by step."""
+
+  def __init__(self, config, batch: int, seq_len: int, threads: int = 0):
+    model = dataclasses.asdict(config_lib.model_config(config.model))
+    optimizer = {k: config[k] for k in ("lr", "b1", "b2", "eps", "weight_decay",
+                                        "weight_decay_mask", "grad_clip")}
+    spec = dict(model=model, optimizer=optimizer, batch=batch, seq_len=seq_len, seed=config.seed,
+                threads=threads)
+    self.proc = subprocess.Popen([sys.executable, str(REFERENCE), "--spec", json.dumps(spec)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+    self.info = self._read()
+
+  def _read(self) -> dict:
+    line = self.proc.stdout.readline()
+    if not line:
+      self.proc.wait()
+      err = self.proc.stderr.read().strip().splitlines()
+      raise UserError(f"the torch reference failed (is the [dev] extra installed?): "
+                      f"{err[-1] if err else 'no output'}")
+    return json.loads(line)
+
+  def __call__(self) -> tuple[float, float]:
+    self.proc.stdin.write("step\n")
+    self.proc.stdin.flush()
+    out = self._read()
+    return out["seconds"], out["loss"]
+
+  def close(self) -> None:
+    self.proc.stdin.close()
+    self.proc.wait()
+
+
+def _summary(times: list[float], losses: list[float], tokens: int) -> dict:
   seconds = statistics.median(times)
-  return dict(step_seconds=times, median_step_seconds=seconds,
-              tokens_per_second=batch * seq_len / seconds, compile_and_first_step_seconds=first_step,
-              losses=losses, remat=model_config.remat, dtype=model_config.dtype,
-              param_dtype=model_config.param_dtype)
-
-
-def time_torch(config, batch: int, seq_len: int, steps: int, warmup: int) -> dict:
-  model = config_lib.model_config(config.model).__dict__
-  optimizer = {k: config[k] for k in ("lr", "b1", "b2", "eps", "weight_decay",
-                                      "weight_decay_mask", "grad_clip")}
-  spec = dict(model=model, optimizer=optimizer, batch=batch, seq_len=seq_len, steps=steps,
-              warmup=warmup, seed=config.seed)
-  result = subprocess.run([sys.executable, str(REFERENCE), "--spec", json.dumps(spec)],
-                          capture_output=True, text=True)
-  if result.returncode != 0:
-    last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
-    raise UserError(f"the torch reference failed (is the [dev] extra installed?): {last}")
-  return json.loads(result.stdout.strip().splitlines()[-1])
+  return dict(step_seconds=times, median_step_seconds=seconds, tokens_per_second=tokens / seconds,
+              losses=losses)
 
 
 def peak(n: int, runs: int) -> float:
@@ -93,9 +118,12 @@ def peak(n: int, runs: int) -> float:
 
 def bench_train(config_spec: str, batch: int = 2, seq_len: int = 512, steps: int = 5,
                 warmup: int = 2, reference: bool = True, matmul_n: int = 4096,
-                matmul_runs: int = 3, dtype: str = "auto") -> dict:
+                matmul_runs: int = 3, dtype: str = "auto", torch_threads: int = 0) -> dict:
   """dtype: the compute dtype of both steps; 'auto' is float32 on a CPU (bf16 matmuls there are
-  emulated and slow, and the peak is an f32 matmul) and the config's own elsewhere."""
+  emulated and slow, and the peak is an f32 matmul) and the config's own elsewhere.
+  torch_threads: torch's intra-op threads; 0 is its default, one per CPU. (On a CPU that other
+  processes also load, torch's 2-thread small ops can wait a scheduler slice at each barrier:
+  the tiny config ran 16 ms/step on 1 thread and 1.1 s on 2 here.)"""
   config = config_lib.load(config_spec)
   if dtype == "auto":
     dtype = "float32" if jax.devices()[0].platform == "cpu" else config.model.dtype
@@ -109,11 +137,38 @@ def bench_train(config_spec: str, batch: int = 2, seq_len: int = 512, steps: int
     raise UserError("--steps, --warmup and --batch must be >= 1")
   model_config = config_lib.model_config(config.model)
   flops_per_token = step_lib.flops_per_token(model_config, seq_len)
+  load = [os.getloadavg()[0]]
   peaks = [peak(matmul_n, matmul_runs)]
-  ours = time_ours(config, batch, seq_len, steps, warmup)
-  hf = time_torch(config, batch, seq_len, steps, warmup) if reference else None
+  theirs = TorchStep(config, batch, seq_len, torch_threads) if reference else None
+  try:
+    ours_step = OurStep(config, batch, seq_len)
+    times = {"ours": [], "theirs": []}
+    losses = {"ours": [], "theirs": []}  # every step's, the untimed first included
+    compile_seconds, loss = ours_step()  # compile + one step, excluded
+    losses["ours"].append(loss)
+    if theirs is not None:
+      losses["theirs"].append(theirs()[1])  # its first step (allocations), excluded alike
+    # Alternate the two steps, so that another process's load on the machine falls on both.
+    for i in range(warmup - 1 + steps):
+      for name, step in (("ours", ours_step), ("theirs", theirs)):
+        if step is None:
+          continue
+        seconds, loss = step()
+        losses[name].append(loss)
+        if i >= warmup - 1:
+          times[name].append(seconds)
+  finally:
+    if theirs is not None:
+      theirs.close()
   peaks.append(peak(matmul_n, matmul_runs))
+  load.append(os.getloadavg()[0])
   best_peak = max(peaks)
+  tokens = batch * seq_len
+  ours = _summary(times["ours"], losses["ours"], tokens)
+  ours.update(compile_and_first_step_seconds=compile_seconds, remat=model_config.remat,
+              dtype=model_config.dtype, param_dtype=model_config.param_dtype)
+  hf = None if theirs is None else {**theirs.info, **_summary(times["theirs"], losses["theirs"],
+                                                              tokens)}
 
   def rates(tokens_per_second):
     flops = flops_per_token * tokens_per_second
@@ -123,7 +178,7 @@ def bench_train(config_spec: str, batch: int = 2, seq_len: int = 512, steps: int
   result = dict(
       benchmark="train", config=config_spec, batch=batch, seq_len=seq_len, steps=steps,
       warmup=warmup, tokens_per_step=batch * seq_len, flops_per_token=flops_per_token,
-      params=step_lib.count_params(model_config),
+      params=step_lib.count_params(model_config), load_average=load,
       peak=dict(flops_per_second=best_peak, measured=[float(p) for p in peaks],
                 source=(f"f32 {matmul_n}^3 matmul, best of {matmul_runs}, before and after"
                         if jax.devices()[0].platform == "cpu" else "data sheet (bf16 dense)")),
@@ -147,6 +202,8 @@ def add_parser(sub) -> None:
   p.add_argument("--matmul-n", type=int, default=4096, help="size of the peak-FLOP/s matmul")
   p.add_argument("--dtype", default="auto", help="compute dtype: auto (f32 on CPU), float32, "
                  "bfloat16")
+  p.add_argument("--torch-threads", type=int, default=0,
+                 help="the reference's intra-op threads (default 0: torch's own, one per CPU)")
   p.add_argument("--no-reference", action="store_true", help="skip transformers")
   p.add_argument("--json", action="store_true")
 
@@ -155,7 +212,7 @@ def main(args: argparse.Namespace) -> int:
   try:
     result = bench_train(args.config, args.batch, args.seq_len, args.steps, args.warmup,
                          reference=not args.no_reference, matmul_n=args.matmul_n,
-                         dtype=args.dtype)
+                         dtype=args.dtype, torch_threads=args.torch_threads)
   except UserError as e:
     print(f"amd135m.bench: error: {e}", file=sys.stderr)
     return 2
