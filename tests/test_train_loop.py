@@ -106,3 +106,17 @@ def test_bad_config_keys_and_values_are_one_line_errors(tmp_path):
     assert run.returncode == 2
     assert run.stderr.startswith("amd135m.train: error: ") and message in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+  run = _train(tmp_path, "--config.lr=1e30", "--config.warmup_steps=0", "--config.grad_clip=0",
+               "--config.checkpoint_every=1")
+  assert run.returncode == 2 and "Traceback" not in run.stderr
+  message = run.stderr.strip().splitlines()[-1]
+  assert message.startswith("amd135m.train: error: ") and "at step " in message, message
+  bad_step = int(message.split("at step ")[1].split(";")[0])
+  good = orbax_io.TrainCheckpoints(tmp_path).latest_step()
+  assert f"the last good checkpoint is step {good}" in message
+  assert good is None or good < bad_step
+  if good is not None:
+    assert all(np.isfinite(p).all() for p in _final_params(tmp_path))

@@ -169,12 +169,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   def check(step, device_metrics) -> dict:
     host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-    if not math.isfinite(host["loss"]):
+    # param_norm is after the update: a step whose new weights are not finite is never saved.
+    bad = [k for k in ("loss", "param_norm") if not math.isfinite(host[k])]
+    if bad:
       ckpt.wait()
       good = ckpt.latest_step()
       raise TrainingDiverged(
-          f"loss is {host['loss']} at step {step}; the last good checkpoint is step {good} in "
-          f"{workdir / orbax_io.CHECKPOINT_DIR}: lower lr or raise warmup_steps and rerun")
+          f"{bad[0]} is {host[bad[0]]} at step {step}; the last good checkpoint is step {good} "
+          f"in {workdir / orbax_io.CHECKPOINT_DIR}: lower lr or raise warmup_steps and rerun")
     return host
 
   def save(step):
