@@ -58,7 +58,8 @@ def base_config(model: dict) -> ml_collections.ConfigDict:
   Durations are in steps (`total_steps`) or tokens (`total_tokens`, which wins when > 0).
   `batch_size` is global (all hosts), in sequences of `data.seq_len` tokens."""
   config = ml_collections.ConfigDict()
-  config.model = ml_collections.ConfigDict({"remat": "none", **model})
+  # Training-only model fields: --config.model.remat=full, --config.model.attention=cudnn.
+  config.model = ml_collections.ConfigDict({"remat": "none", "attention": "einsum", **model})
   # Where weights and the tokenizer come from: a Hugging Face dir, a GGUF file, a training
   # workdir, or '' (random init). A workdir's own checkpoints always win over init_from.
   config.init_from = ""
