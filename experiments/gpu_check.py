@@ -9,6 +9,8 @@ Out-of-memory is caught and reported as status "oom"; with --remat-fallback a tr
 that runs out of memory without remat is retried with remat 'full'.
 
 --quick: the tiny config at seq 64 on whatever device there is (CPU here), to prove the script.
+$GPU_CHECK_COMPILATION_CACHE: a persistent XLA compilation cache for the children (the .sh sets
+one under /tmp, so a rerun on a still-warm machine skips compiles).
 """
 import argparse
 import json
@@ -189,6 +191,8 @@ def measure_decode(spec: dict) -> dict:
 
 def child(specs: list[dict]) -> None:
   """Runs each spec in turn, one JSON line each; an error costs only its own line."""
+  import gc
+
   import jax
   if os.environ.get("GPU_CHECK_COMPILATION_CACHE"):
     jax.config.update("jax_compilation_cache_dir", os.environ["GPU_CHECK_COMPILATION_CACHE"])
@@ -209,7 +213,8 @@ def child(specs: list[dict]) -> None:
       last = attempt is attempts[-1] or record["status"] != "oom"
       record["final"] = last  # the parent moves on after a final line
       emit(record)
-      jax.clear_caches()  # drops executables and their buffers before the next size
+      jax.clear_caches()  # drops executables, and the collection below the last step's buffers,
+      gc.collect()        # before the next size
       if last:
         break
 

@@ -27,6 +27,8 @@ fi
   exit 2
 }
 export PYTHONUNBUFFERED=1
+# A rerun on the same (still warm) machine skips the XLA compiles.
+export GPU_CHECK_COMPILATION_CACHE=${GPU_CHECK_COMPILATION_CACHE:-/tmp/amd135m_gpu_check_jax_cache}
 # Children run one at a time: let each preallocate most of the GPU, not JAX's default 75%.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 exec "$PYTHON" experiments/gpu_check.py "$@"
