@@ -3,7 +3,7 @@
 AMD-135M was, scaled down: pretrain on Gutenberg, then fine-tune on Python code.
 
 Args: stage=pretrain|code|distill; init_from=WORKDIR (code, distill); steps=N (0: the stage's
-default); distill_dir=DIR (a prepared local_text dataset of the target's own completions, for
+default); runlocal (20 steps of 4 x 128); distill_dir=DIR (a prepared local_text dataset of the target's own completions, for
 stage=distill: sequence-level distillation, see amd135m/reproduce.py).
 """
 from amd135m import config_lib
@@ -15,7 +15,7 @@ MODEL = dict(vocab_size=49152, dim=256, n_layers=4, n_heads=4, n_kv_heads=4, ffn
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, stage="pretrain", init_from="", steps=0, distill_dir="")
+  arg = parse_arg(arg, stage="pretrain", init_from="", steps=0, distill_dir="", runlocal=False)
   config = base_config(MODEL)
   config.tokenizer = config_lib.cache_path(*config_lib.SMOLLM2_GGUF)
   config.data.update(seq_len=256, eval_fraction=0.05)
@@ -37,6 +37,9 @@ def get_config(arg=None):
   else:
     raise config_lib.UserError(f"stage {arg.stage!r}: choose pretrain, code or distill")
   config.init_from = arg.init_from
+  if arg.runlocal:  # a smoke run of the stage: 20 steps of 4 x 128
+    config.batch_size, config.data.seq_len, config.total_steps = 4, 128, 20
+    config.log_every, config.eval_every = 5, 20
   config.checkpoint_every = config.total_steps
   if arg.steps:
     config.total_steps = config.checkpoint_every = arg.steps

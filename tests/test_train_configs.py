@@ -14,7 +14,7 @@ from amd135m.tokenizer import load_tokenizer
 from amd135m.training import data as data_lib, loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIGS = ["tiny", "codellama_7b", "amd_llama_135m", "smollm2_135m"]
+CONFIGS = ["tiny", "draft", "codellama_7b", "amd_llama_135m", "smollm2_135m"]  # + _code below
 
 
 @pytest.fixture(scope="module")
