@@ -31,8 +31,10 @@ def write_model_config(workdir, config: ModelConfig) -> None:
 
 
 def read_model_config(workdir) -> ModelConfig:
+  """The architecture a workdir trained; training-only choices (remat, a cuDNN-only attention
+  kernel) are reset, so the weights run wherever they are read back (a CPU, a notebook)."""
   fields = json.loads((pathlib.Path(workdir) / MODEL_CONFIG_FILE).read_text())
-  return ModelConfig(**fields)
+  return dataclasses.replace(ModelConfig(**fields), remat="none", attention="einsum")
 
 
 class TrainCheckpoints:
