@@ -44,6 +44,9 @@ reproduce: models corpora
 bench: models
 	$(PYTHON) -m amd135m.bench decode --model $(SMOLLM2) --json
 	$(PYTHON) -m amd135m.bench speculative --target $(SMOLLM2) --draft first:6 --gamma 4 --json
+	$(PYTHON) -m amd135m.bench train --config configs/amd_llama_135m.py --batch 2 --seq-len 512 --steps 4 --json
+	$(PYTHON) -m amd135m.bench train --config configs/tiny.py --batch 8 --seq-len 256 --steps 10 --json
+	$(PYTHON) -m amd135m.bench data --json
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
