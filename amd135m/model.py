@@ -171,7 +171,7 @@ class Attention(nn.Module):
                     cache_kv[1])
       new_kv = (k, v)
     else:
-      new_kv = None
+      new_kv = (k, v)  # this forward's own keys and values (a prefill keeps them as its cache)
 
     if cache_kv is None and not return_attention and c.attention != "einsum":
       # Without a cache the mask is plain causal: a fused kernel never materialises the [T, S]
@@ -283,9 +283,12 @@ class Llama(nn.Module):
   @nn.compact
   def __call__(self, tokens: jax.Array, cache: Cache | None = None,
                return_attention: bool = False,
-               logit_positions: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
+               logit_positions: jax.Array | None = None,
+               cache_len: int | None = None) -> tuple[jax.Array, Cache | None]:
     """logit_positions: [B, K] indices into T; when given, logits are [B, K, V] at those positions
-    only (a prefill needs one position per row, and the head is a fifth of a 135M model's FLOPs)."""
+    only (a prefill needs one position per row, and the head is a fifth of a 135M model's FLOPs).
+    cache_len (without a cache): also return a cache of cache_len positions holding these T
+    tokens' keys and values, as a prefill from position 0 would leave it."""
     c = self.config
     b, t = tokens.shape
     embed = Embedding(c, name="embed_tokens")
@@ -315,7 +318,14 @@ class Llama(nn.Module):
     else:
       logits = Linear(c, c.vocab_size, ("embed", "vocab"), name="lm_head")(x)
     logits = constrain(logits.astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
-    new_cache = None if cache is None else Cache(tuple(new_k), tuple(new_v), cache.length + t)
+    if cache is not None:
+      new_cache = Cache(tuple(new_k), tuple(new_v), cache.length + t)
+    elif cache_len is not None:
+      pad = lambda x: jnp.pad(x.astype(c.dtype), ((0, 0), (0, cache_len - t), (0, 0), (0, 0)))
+      new_cache = Cache(tuple(map(pad, new_k)), tuple(map(pad, new_v)),
+                        jnp.full((b,), t, jnp.int32))
+    else:
+      new_cache = None
     return logits, new_cache
 
 
@@ -355,6 +365,17 @@ def forward(params: dict, config: ModelConfig, tokens: jax.Array, cache: Cache |
             logit_positions: jax.Array | None = None):
   """(logits [B, T, V] f32, new cache). See `Llama` for the cache and logit_positions."""
   return Llama(config).apply({"params": params}, tokens, cache, False, logit_positions)
+
+
+def prefill(params: dict, config: ModelConfig, tokens: jax.Array, cache_len: int,
+            logit_positions: jax.Array | None = None) -> tuple[jax.Array, Cache]:
+  """A forward from position 0 without a cache that returns one: (logits, a cache of cache_len
+  positions whose first T hold these tokens' keys and values, length T per row). The causal
+  forward skips what a cached forward of T new tokens computes over the empty slots and masks
+  (a 512-token SmolLM2 prefill ran 1.2x faster here)."""
+  if cache_len < tokens.shape[1]:
+    raise ValueError(f"cache_len {cache_len} < {tokens.shape[1]} tokens")
+  return Llama(config).apply({"params": params}, tokens, None, False, logit_positions, cache_len)
 
 
 def forward_with_attention(params: dict, config: ModelConfig, tokens: jax.Array,

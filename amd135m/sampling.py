@@ -143,8 +143,7 @@ def prefill(params, config: model_lib.ModelConfig, tokens: jax.Array, prompt_len
   Returns the logits at each row's last prompt token [B, V] and the cache with length = prompt_lens;
   the padded slots beyond are never attended and get overwritten by decode.
   """
-  cache = model_lib.init_cache(config, tokens.shape[0], cache_len)
-  logits, cache = model_lib.forward(params, config, tokens, cache,
+  logits, cache = model_lib.prefill(params, config, tokens, cache_len,
                                     logit_positions=(prompt_lens - 1)[:, None])
   return logits[:, 0], cache.replace(length=prompt_lens)
 

@@ -35,8 +35,7 @@ class ModelDraft:
   def init(self, params, tokens: jax.Array, prompt_lens: jax.Array, cache_len: int):
     """The draft cache after the prompts. tokens: [B, P] (ids past the draft's vocabulary -> 0)."""
     tokens = jnp.where(tokens < self.config.vocab_size, tokens, 0)
-    cache = model_lib.init_cache(self.config, tokens.shape[0], cache_len)
-    _, cache = model_lib.forward(params, self.config, tokens, cache,
+    _, cache = model_lib.prefill(params, self.config, tokens, cache_len,
                                  logit_positions=(prompt_lens - 1)[:, None])
     return cache.replace(length=prompt_lens)
 

@@ -50,6 +50,22 @@ def test_cached_decode_matches_full_forward(pair):
   np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=1e-4, rtol=0)
 
 
+def test_prefill_leaves_the_cache_a_cached_forward_writes(pair):
+  """model.prefill (a causal forward without a cache) returns the logits, keys and values that a
+  cached forward from an empty cache computes, zeros in the slots beyond, and length T."""
+  hf, config, params = pair
+  tokens = jnp.asarray(np.random.RandomState(4).randint(0, config.vocab_size, (2, 11)))
+  logits, cache = model_lib.prefill(params, config, tokens, cache_len=16)
+  expected_logits, expected = model_lib.forward(params, config, tokens,
+                                                model_lib.init_cache(config, 2, 16))
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(expected_logits), atol=1e-4, rtol=0)
+  np.testing.assert_array_equal(np.asarray(cache.length), [11, 11])
+  for ours, theirs in zip(cache.k + cache.v, expected.k + expected.v):
+    assert ours.shape == theirs.shape == (2, 16, config.n_kv_heads, config.head_dim)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=1e-5, rtol=0)
+    assert not np.asarray(ours[:, 11:]).any()
+
+
 def test_multi_token_forward_at_per_row_offsets(pair):
   """Rows at different cache lengths each take 4 new tokens in one forward (speculative
   verification): each row's logits equal the reference on that row's own sequence."""
