@@ -164,6 +164,26 @@ def test_local_text_patterns_and_shards(tmp_path):
     builders.load("local_text", partial, patterns="*.py")
 
 
+def test_reuse_only_while_the_inputs_are_unchanged(tmp_path):
+  manual = tmp_path / "raw"
+  manual.mkdir()
+  (manual / "a.txt").write_text("first")
+  stats = builders.prepare("local_text", manual, tmp_path / "tfds")
+  assert builders.prepare("local_text", manual, tmp_path / "tfds") == stats
+  (manual / "a.txt").write_text("first, rewritten")  # same file count, other size
+  with pytest.raises(UserError, match=r"built from different files .* size or mtime"):
+    builders.prepare("local_text", manual, tmp_path / "tfds")
+  rebuilt = builders.prepare("local_text", manual, tmp_path / "tfds", overwrite=True)
+  assert _docs(builders.load("local_text", tmp_path / "tfds")) == {"a.txt:0": "first, rewritten"}
+  # Data prepared before the inputs were recorded: the file count is still compared.
+  stats_path = next((tmp_path / "tfds").rglob(builders.STATS_FILE))
+  stats_path.write_text(json.dumps({k: v for k, v in rebuilt.items() if k != "inputs"}))
+  builders.prepare("local_text", manual, tmp_path / "tfds")
+  (manual / "b.txt").write_text("second")
+  with pytest.raises(UserError, match=r"1 file\(s\) then, 2 now"):
+    builders.prepare("local_text", manual, tmp_path / "tfds")
+
+
 def test_user_errors(tmp_path):
   with pytest.raises(UserError, match="manual_dir .* does not exist"):
     builders.prepare("slimpajama", tmp_path / "missing", tmp_path / "tfds")
@@ -182,3 +202,6 @@ def test_user_errors(tmp_path):
     builders.prepare("local_text", tmp_path / "raw", tmp_path / "tfds", shard_index=2, num_shards=2)
   with pytest.raises(UserError, match="not prepared"):
     builders.load("local_text", tmp_path / "tfds")
+  (tmp_path / "file").write_text("")
+  with pytest.raises(UserError, match="data_dir .* a file is in the way"):
+    builders.prepare("local_text", tmp_path / "raw", tmp_path / "file")

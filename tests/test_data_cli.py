@@ -57,6 +57,47 @@ def test_bad_input_is_one_line(args, message):
   assert message in lines[0] and "Traceback" not in err
 
 
+def _one_line_error(code, err) -> str:
+  lines = err.strip().splitlines()
+  assert code == 2 and len(lines) == 1 and lines[0].startswith("amd135m.data: error: "), err
+  return lines[0]
+
+
+def test_bad_data_dir_and_no_input_files_are_one_line(raw_dir, tmp_path):
+  in_the_way = tmp_path / "a_file"
+  in_the_way.write_text("")
+  for data_dir, message in [("/proc/x", "--data-dir /proc/x: cannot create"),
+                            (in_the_way, "a file is in the way")]:
+    code, _, err = run("prepare", "--dataset", "local_text", "--manual-dir", raw_dir,
+                       "--data-dir", data_dir)
+    assert message in _one_line_error(code, err)
+  (tmp_path / "empty").mkdir()
+  code, _, err = run("prepare", "--dataset", "local_text", "--manual-dir", tmp_path / "empty",
+                     "--data-dir", tmp_path / "data")
+  assert "no files matching" in _one_line_error(code, err)
+
+
+def test_prepare_refuses_data_built_from_other_files(tmp_path):
+  """An added input file makes the prepared data stale: a rerun refuses it until --overwrite;
+  with unchanged inputs a rerun reuses the data and prints the same result."""
+  raw, data = tmp_path / "raw", tmp_path / "data"
+  raw.mkdir()
+  (raw / "a.txt").write_text("one")
+  args = ["prepare", "--dataset", "local_text", "--manual-dir", raw, "--data-dir", data]
+  code, first, err = run(*args)
+  assert code == 0, err
+  code, again, err = run(*args)
+  assert code == 0 and again == first and "prepare local_text" not in err  # reused: no bar
+  (raw / "b.txt").write_text("two")
+  code, out, err = run(*args)
+  line = _one_line_error(code, err)
+  assert "built from different files" in line and "1 file(s) then, 2 now" in line
+  assert "--overwrite" in line and out == ""
+  code, out, err = run(*args, "--overwrite")
+  assert code == 0, err
+  assert json.loads(out)["files"] == 2 and json.loads(out)["documents"] == 2
+
+
 def test_prepared_text_flows_into_the_loader(raw_dir, tmp_path, smollm2_gguf):
   """local_text -> tokens -> packed windows: every document's tokens appear once, in the
   windows, separated by the tokenizer's separator (SmolLM2 adds no BOS: its EOS)."""

@@ -16,7 +16,7 @@ import tqdm
 from absl import logging as absl_logging
 
 from amd135m.data import builders
-from amd135m.errors import UserError
+from amd135m.errors import UserError, make_dir
 
 NAMES = ["slimpajama", "project_gutenberg", "starcoder_python", "local_text"]
 
@@ -47,16 +47,21 @@ def prepare(args) -> dict:
   """Prepares with a progress bar over input files (documents and tokens in its postfix)."""
   total = len(builders.input_files(args.dataset, args.manual_dir, patterns=args.pattern,
                                    shard_index=args.shard_index, num_shards=args.num_shards))
+  make_dir(args.data_dir, "--data-dir")
   counts = {"docs": 0, "tokens": 0}
-  with tqdm.tqdm(total=total, desc=f"prepare {args.dataset}", unit="file",
-                 file=sys.stderr) as bar:
+  with contextlib.ExitStack() as stack:
+    bars = []  # opened at the first file: a reuse shows none, a refusal is the only line
 
     def progress(files, documents, tokens):
+      if not bars:
+        bars.append(stack.enter_context(tqdm.tqdm(total=total, desc=f"prepare {args.dataset}",
+                                                  unit="file", file=sys.stderr)))
       counts["docs"] += documents
       counts["tokens"] += tokens
-      bar.set_postfix_str(f"docs={counts['docs']}" + (f", tokens={counts['tokens']}"
-                                                         if args.tokenizer else ""), refresh=False)
-      bar.update(files)
+      bars[0].set_postfix_str(f"docs={counts['docs']}" + (f", tokens={counts['tokens']}"
+                                                          if args.tokenizer else ""),
+                              refresh=False)
+      bars[0].update(files)
 
     return builders.prepare(args.dataset, args.manual_dir, args.data_dir, patterns=args.pattern,
                             shard_index=args.shard_index, num_shards=args.num_shards,

@@ -12,10 +12,12 @@ yields text documents `{'text': str, 'id': str}` into one `train` split:
 Records are written in input order (sorted files, records in file order; no tfds shuffle), so a
 dataset prepared in one piece or in any number of shards reads back as the same sequence.
 Skips are counted by reason and written with the document count to
-`<data_dir>/<name>/<config>/<version>/amd135m_stats.json`; `prepare` returns the same dict. Given
-a tokenizer, preparation also tokenises once: it counts tokens and writes the ids and a
-per-document length index beside the records (`tokenized.TokenStore`), so the loader neither
-tokenises again nor reads other processes' rows.
+`<data_dir>/<name>/<config>/<version>/amd135m_stats.json`; `prepare` returns the same dict. The
+stats also fingerprint the input files (names, sizes, mtimes): preparing into the same data_dir
+again reuses the data only while the inputs are unchanged, and otherwise (without overwrite) is a
+UserError rather than stale data. Given a tokenizer, preparation also tokenises once: it counts
+tokens and writes the ids and a per-document length index beside the records
+(`tokenized.TokenStore`), so the loader neither tokenises again nor reads other processes' rows.
 Reasons: 'redpajama_book', 'empty_text' (missing, null or whitespace-only text), 'empty_file'
 (zero-byte input file), 'non_utf8' (a text file, parquet value or jsonl line that is not UTF-8).
 Errors, not skips: a missing manual_dir, no input files, a missing required column or jsonl key,
@@ -45,7 +47,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from amd135m.data import tokenized
-from amd135m.errors import UserError
+from amd135m.errors import UserError, make_dir
 
 STATS_FILE = "amd135m_stats.json"
 _ZST_READ_BYTES = 1 << 20
@@ -95,9 +97,10 @@ class _TextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       raise UserError(f"manual_dir {manual_dir} does not exist: download the raw files there first")
     files = sorted({p for pattern in self.builder_config.patterns
                     for p in manual_dir.rglob(pattern) if p.is_file()})
-    if not files:
+    if not files:  # One line: the faces print a UserError as a single line.
+      how = self.MANUAL_DOWNLOAD_INSTRUCTIONS
       raise UserError(f"no files matching {list(self.builder_config.patterns)} under {manual_dir}: "
-                      f"check manual_dir\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+                      f"{how[0].lower()}{how[1:]}")
     return files[_shard_slice(len(files), self.builder_config.shard_index,
                               self.builder_config.num_shards)]
 
@@ -111,6 +114,7 @@ class _TextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self._tokens = 0
     files = self._input_files(manual_dir)
     self._num_files = len(files)
+    self._inputs = _inputs_fingerprint(manual_dir, files)
     for path in files:
       name = path.relative_to(manual_dir).as_posix()
       documents, tokens = self._documents, self._tokens
@@ -162,7 +166,7 @@ class _TextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         "name": self.name, "config": config.name, "version": str(self.version),
         "manual_dir": str(dl_manager.manual_dir), "patterns": list(config.patterns),
         "shard_index": config.shard_index, "num_shards": config.num_shards,
-        "files": self._num_files, "documents": self._documents,
+        "files": self._num_files, "inputs": self._inputs, "documents": self._documents,
         "skipped": dict(sorted(self._skipped.items())),
     }
 
@@ -358,6 +362,7 @@ def prepare(name: str, manual_dir, data_dir, *, patterns=None, shard_index: int 
   if workers < 1:
     raise UserError(f"workers must be >= 1, got {workers}")
   _builder(name, data_dir, patterns, shard_index, num_shards)  # validates name and shard
+  make_dir(data_dir, "data_dir")  # tfds would fail deep inside with a bare OSError
   if workers == 1:
     return _prepare_shard(name, manual_dir, data_dir, patterns, shard_index, num_shards,
                           _tokenizer(tokenizer), overwrite, progress)
@@ -395,17 +400,43 @@ def _prepare_shard(name, manual_dir, data_dir, patterns, shard_index, num_shards
                    overwrite, progress) -> dict:
   builder = _builder(name, data_dir, patterns, shard_index, num_shards)
   builder.tokenizer, builder.progress = tokenizer, progress
+  stats_path = builder.data_path / STATS_FILE
+  if not overwrite and stats_path.exists():  # tfds would reuse it whatever the inputs are now
+    _check_inputs(builder, manual_dir, json.loads(stats_path.read_text()))
   mode = (tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS if not overwrite
           else tfds.download.GenerateMode.FORCE_REDOWNLOAD)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=str(manual_dir), download_mode=mode))
-  stats_path = builder.data_path / STATS_FILE
   stats = json.loads(stats_path.read_text())
   if tokenizer is not None and not tokenized.TokenStore.exists(builder.data_path, tokenizer):
     # Prepared before without this tokenizer: tokenise the written records now.
     stats.update(tokenize_prepared(builder, tokenizer))
     stats_path.write_text(json.dumps(stats, indent=1))
   return stats
+
+
+def _inputs_fingerprint(manual_dir: pathlib.Path, files: list[pathlib.Path]) -> str:
+  """Names, sizes and mtimes of the input files: an added, removed or rewritten file changes it."""
+  lines = []
+  for path in files:
+    stat = path.stat()
+    lines.append(f"{path.relative_to(manual_dir).as_posix()}\t{stat.st_size}\t{stat.st_mtime_ns}")
+  return hashlib.sha1("\n".join(lines).encode()).hexdigest()
+
+
+def _check_inputs(builder, manual_dir: pathlib.Path, stats: dict):
+  """Refuses to reuse prepared data that was built from other files than manual_dir holds now."""
+  files = builder._input_files(manual_dir)
+  if "inputs" in stats:
+    same = stats["inputs"] == _inputs_fingerprint(manual_dir, files)
+  else:  # prepared before the inputs were recorded: only the file count can be compared
+    same = stats["files"] == len(files)
+  if not same:
+    what = (f"{stats['files']} file(s) then, {len(files)} now" if stats["files"] != len(files)
+            else "a file's size or mtime differs")
+    raise UserError(f"the prepared data at {builder.data_path} was built from different files "
+                    f"than {manual_dir} holds now ({what}): pass --overwrite to rebuild it, or a "
+                    "new --data-dir")
 
 
 def tokenize_prepared(builder, tokenizer, progress: Callable[[int], None] | None = None) -> dict:
