@@ -24,7 +24,7 @@ def parse_args(argv):
   parser.add_argument("--top-p", type=float, default=1.0, help="1 disables")
   parser.add_argument("--seed", type=int, default=0, help="row i uses seed + i")
   parser.add_argument("--draft", help="speculative decoding: a draft model path, or 'ngram'")
-  parser.add_argument("--gamma", type=int, default=4, help="tokens drafted per target call")
+  parser.add_argument("--gamma", type=int, help="tokens drafted per target call (default 4)")
   parser.add_argument("--adaptive-gamma", action="store_true",
                       help="adapt gamma per batch (+2 after all accepted, else -1), up to 2x")
   parser.add_argument("--json", action="store_true", help="one JSON object per prompt and line")
@@ -53,6 +53,9 @@ def read_prompts(args) -> list[str]:
       raise UserError(f"cannot read --prompts-file: {e.strerror}: {name}") from e
     except UnicodeDecodeError as e:
       raise UserError(f"{name}: not UTF-8 text ({e.reason})") from e
+  if not prompts and args.prompts_file:
+    raise UserError(f"--prompts-file {args.prompts_file} holds no prompt: one JSON object with "
+                    "a 'prompt' string per line")
   if not prompts:
     raise UserError("no prompt given: pass --prompt TEXT or --prompts-file F.jsonl")
   return prompts
@@ -73,14 +76,27 @@ def load_draft(path: str | None, target_config, target_tokenizer):
 def main(argv=None) -> int:
   args = parse_args(argv)
   try:
+    # Every flag is checked before a model loads (seconds here, minutes for a 7B).
     prompts = read_prompts(args)
+    sampling_params = sampling.SamplingParams(args.temperature, args.top_k, args.top_p)
+    sampling_params.validate()
+    if args.max_new_tokens < 1:
+      raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.draft is None and (args.gamma is not None or args.adaptive_gamma):
+      raise UserError("--gamma and --adaptive-gamma set speculative decoding: add --draft "
+                      "DRAFT|ngram, or drop them")
+    if not 0 <= args.seed <= 2**32 - len(prompts):
+      raise UserError(f"--seed {args.seed} is out of range: 0 to 2**32 - {len(prompts)} for "
+                      f"{len(prompts)} prompt(s) (row i uses seed + i)")
+    gamma = 4 if args.gamma is None else args.gamma
+    if gamma < 1:
+      raise UserError(f"--gamma must be >= 1, got {gamma}")
     config, params = checkpoints.load_params(args.model)
     tokenizer = tokenizer_lib.load_tokenizer(args.model)
     draft, draft_params = load_draft(args.draft, config, tokenizer)
     records = inference.generate_text(
         params, config, tokenizer, prompts, args.max_new_tokens,
-        sampling.SamplingParams(args.temperature, args.top_k, args.top_p), args.seed,
-        draft=draft, draft_params=draft_params, gamma=args.gamma,
+        sampling_params, args.seed, draft=draft, draft_params=draft_params, gamma=gamma,
         adaptive_gamma=args.adaptive_gamma)
   except UserError as e:
     print(f"amd135m.generate: error: {e}", file=sys.stderr)

@@ -27,8 +27,9 @@ class SamplingParams:
   top_p: float = 1.0
 
   def validate(self) -> None:
-    if not self.temperature >= 0:
-      raise UserError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+    if not 0 <= self.temperature < float("inf"):
+      raise UserError(f"temperature must be a finite number >= 0 (0 means greedy), "
+                      f"got {self.temperature}")
     if self.top_k < 0:
       raise UserError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
     if not 0.0 < self.top_p <= 1.0:
@@ -258,6 +259,9 @@ def prepare_request(config: model_lib.ModelConfig, prompts: Sequence[Sequence[in
   seeds = [seed + row for row in range(batch)] if isinstance(seed, int) else list(seed)
   if len(seeds) != batch:
     raise UserError(f"{len(seeds)} seeds for {batch} prompts: give one seed or one per prompt")
+  if not all(0 <= s < 2**32 for s in seeds):  # the rng takes uint32 seeds; row i uses seed + i
+    raise UserError(f"seed {next(s for s in seeds if not 0 <= s < 2**32)} is out of range: "
+                    f"seeds are 0 to 2**32 - 1 (row i of a batch uses seed + i)")
   stop_ids = list(stop_ids)
   row_stops = ([list(s) for s in stop_ids] if stop_ids and not isinstance(stop_ids[0], int)
                else [stop_ids] * batch)

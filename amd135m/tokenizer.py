@@ -199,6 +199,10 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
       return _from_tokenizer_json(path)
     if (path / "tokenizer.model").is_file():
       return _from_sentencepiece(path)
+    if (path / "model_config.json").is_file():  # a training workdir
+      raise UserError(f"{path} is a training workdir without a tokenizer (its run trained on "
+                      "synthetic or pre-tokenized data): text needs one; set config.tokenizer "
+                      "when training, or put the tokenizer.json it was trained with into it")
     raise UserError(f"{path} has no tokenizer.json or tokenizer.model: "
                     "pass the model's Hugging Face directory or its .gguf file")
   if path.suffix.lower() != ".gguf":

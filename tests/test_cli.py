@@ -163,6 +163,13 @@ def _no_prompt(tmp_path, request):
   return ["--model", request.getfixturevalue("smollm2_gguf")]
 
 
+def _flags(*flags):
+  """Flags that are wrong whatever the model: refused before it loads (a missing path here)."""
+  def build(tmp_path, request):
+    return ["--model", tmp_path / "never-read.gguf", "--prompt", "hi", *flags]
+  return build
+
+
 @pytest.fixture(scope="module")
 def vocab64_dir(tmp_path_factory, tokenizer):
   """A tiny random Llama with 64 ids next to SmolLM2's tokenizer, whose ids run to 49151."""
@@ -187,9 +194,18 @@ def vocab64_dir(tmp_path_factory, tokenizer):
     (_prompts_file(b'{"prompt": 5}\n'), "prompts.jsonl:1: expected an object"),
     (_prompts_file(b'{"prompt": "caf\xe9"}\n'), "not UTF-8"),
     (_no_prompt, "no prompt given"),
+    (_prompts_file(b"\n"), "holds no prompt"),
+    (_flags("--seed", "-1"), "--seed -1 is out of range"),
+    (_flags("--seed", str(2**32)), "is out of range"),
+    (_flags("--temperature", "inf"), "temperature must be a finite number"),
+    (_flags("--top-p", "2"), "top_p must be in (0, 1]"),
+    (_flags("--max-new-tokens", "0"), "--max-new-tokens must be >= 1"),
+    (_flags("--gamma", "3"), "add --draft"),
+    (_flags("--draft", "ngram", "--gamma", "0"), "--gamma must be >= 1"),
 ], ids=["missing", "garbage", "truncated-header", "truncated-tensors", "mistral", "past-context",
         "empty-prompt", "foreign-vocab", "bad-json-line", "non-object-line", "non-string-prompt",
-        "non-utf8-file", "no-prompt"])
+        "non-utf8-file", "no-prompt", "empty-prompts-file", "negative-seed", "seed-too-big",
+        "infinite-temperature", "top-p", "no-new-tokens", "gamma-without-draft", "gamma-0"])
 def test_bad_input_is_one_line_error(build, message, tmp_path, request):
   code, out, err = run_cli(*build(tmp_path, request), timeout=60)
   assert "Traceback" not in err, err
@@ -198,3 +214,12 @@ def test_bad_input_is_one_line_error(build, message, tmp_path, request):
   assert len(lines) == 1 and lines[0].startswith("amd135m.generate: error: "), err
   assert message in lines[0]
   assert out == ""
+
+
+def test_a_workdir_without_tokenizer_says_so(tmp_path):
+  """A run on synthetic tokens leaves no tokenizer: text generation says why it cannot start."""
+  from amd135m import tokenizer as tokenizer_lib  # noqa: PLC0415
+  from amd135m.errors import UserError  # noqa: PLC0415
+  (tmp_path / "model_config.json").write_text("{}")
+  with pytest.raises(UserError, match="training workdir without a tokenizer"):
+    tokenizer_lib.load_tokenizer(tmp_path)
