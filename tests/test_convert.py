@@ -142,6 +142,15 @@ def test_cli_bad_inputs_fail_in_one_line(bad_inputs, tmp_path, capsys, case):
   _check_one_line_error(returncode, captured.out, captured.err, EXPECTED_ERRORS[case], output)
 
 
+def test_cli_unwritable_output_fails_in_one_line(smollm2_gguf, tmp_path, capsys):
+  in_the_way = tmp_path / "a_file"
+  in_the_way.write_text("")
+  output = in_the_way / "out"  # its parent is a file
+  returncode = convert.main(["--input", str(smollm2_gguf), "--output", str(output)])
+  captured = capsys.readouterr()
+  _check_one_line_error(returncode, captured.out, captured.err, "cannot create it", output)
+
+
 def test_cli_converts_smollm2_gguf_to_a_transformers_directory(smollm2_gguf, tmp_path, capsys):
   out = tmp_path / "smollm2"
   assert convert.main(["--input", str(smollm2_gguf), "--output", str(out),

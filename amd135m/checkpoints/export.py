@@ -168,6 +168,11 @@ def convert_checkpoint(input_path: str | os.PathLike, output_dir: str | os.PathL
   partial = output_dir.with_name(output_dir.name + ".partial")
   shutil.rmtree(partial, ignore_errors=True)  # left by an earlier interrupted run
   try:
+    partial.mkdir(parents=True)
+  except OSError as e:
+    raise UserError(f"--output {output_dir}: cannot create it ({e.strerror}); "
+                    "choose a writable path") from None
+  try:
     saved = save_hf(partial, tensors.config, tensors, tokenizer=tokenizer, dtype=dtype,
                     max_shard_bytes=max_shard_bytes, progress=progress)
     if output_dir.exists():
