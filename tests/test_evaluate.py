@@ -364,6 +364,16 @@ def bad_rows(tmp_path_factory):
     (["perplexity", "--dataset", "nonsense"], "is not BUILDER@DATA_DIR"),
     (["perplexity", "--dataset", "parquet@{bad}"], "unknown dataset builder"),
     (["humaneval", "--model", "{bad}/absent.gguf"], "no such file"),
+    # Settings are checked before the model loads (an absent one here).
+    (["humaneval", "--model", "{bad}/absent.gguf", "--batch-size", "0"], "--batch-size must be"),
+    (["humaneval", "--model", "{bad}/absent.gguf", "--problems", "165"], "HumanEval has 164"),
+    (["humaneval", "--model", "{bad}/absent.gguf", "--samples-per-problem", "2"],
+     "would all be the same"),
+    (["humaneval", "--model", "{bad}/absent.gguf", "--temperature", "nan"], "temperature must be"),
+    (["perplexity", "--model", "{bad}/absent.gguf", "--dataset", "local_text@{bad}:*.txt",
+      "--split-seed", "-1"], "--split-seed must be"),
+    (["multiple-choice", "--task", "piqa", "--data", "{fixtures}/piqa.jsonl", "--model",
+      "{bad}/absent.gguf", "--batch-size", "0"], "--batch-size must be"),
 ])
 def test_bad_input_is_one_line(args, message, bad_rows, smollm2_gguf, capsys):
   args = [a.format(fixtures=FIXTURES, bad=bad_rows) for a in args]

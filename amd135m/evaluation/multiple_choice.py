@@ -297,8 +297,11 @@ def evaluate(model: models.Model, task: str, data: str | os.PathLike, limit: int
 def run(model_path: str | os.PathLike, task: str, data: str | os.PathLike, **kwargs) -> dict:
   """`evaluate` on the model at model_path (what `python -m amd135m.evaluate multiple-choice` runs).
 
-  The task and the data file are checked before the model is loaded.
+  The task, the data file and the numbers are checked before the model is loaded.
   """
+  for flag, key in (("--limit", "limit"), ("--batch-size", "batch_size")):
+    if kwargs.get(key) is not None and kwargs[key] < 1:
+      raise UserError(f"{flag} must be >= 1, got {kwargs[key]}")
   read_docs(task, data, limit=kwargs.get("limit"))
   result = evaluate(models.load_model(model_path), task, data, **kwargs)
   result["model"] = str(model_path)

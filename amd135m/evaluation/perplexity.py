@@ -116,6 +116,12 @@ def evaluate(model: models.Model, documents, seq_len: int | None = None,
 def run(model_path: str | os.PathLike, dataset: str, split: str = "heldout",
         eval_fraction: float = 0.02, seed: int = 0, **kwargs) -> dict:
   """`evaluate` on the model at model_path over a dataset spec (what the CLI runs)."""
+  if not 0 <= seed < 2**32:
+    raise UserError(f"--split-seed must be 0 to 2**32 - 1 (the seed training split with), "
+                    f"got {seed}")
+  for flag, key in (("--max-tokens", "max_tokens"), ("--batch-size", "batch_size")):
+    if kwargs.get(key) is not None and kwargs[key] < 1:
+      raise UserError(f"{flag} must be >= 1, got {kwargs[key]}")
   documents = load_documents(dataset, split, eval_fraction, seed)  # checked before the model
   model = models.load_model(model_path)
   result = evaluate(model, documents, **kwargs)
