@@ -28,8 +28,17 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     elif kind is bool:
       parsed[key] = value.lower() in ("1", "true", "yes")
     else:
-      parsed[key] = kind(value)
+      try:
+        parsed[key] = kind(value)
+      except ValueError:
+        raise UserError(f"config argument {key}={value}: expected {_a(kind)}") from None
   return parsed
+
+
+def _a(kind: type) -> str:
+  """'an int', 'a float', 'a string': the type a value must have, as a user reads it."""
+  return {int: "an int", float: "a float", bool: "true or false", str: "a string"}.get(
+      kind, f"a {kind.__name__}")
 
 
 def cache_path(*parts: str) -> str:
@@ -131,7 +140,7 @@ def _typed(current, value: str, key: str):
     if isinstance(current, float):
       return float(value)
   except ValueError:
-    raise UserError(f"--config.{key}={value}: expected a {type(current).__name__}") from None
+    raise UserError(f"--config.{key}={value}: expected {_a(type(current))}") from None
   return value
 
 
@@ -152,7 +161,14 @@ def load(spec: str) -> ml_collections.ConfigDict:
   file = pathlib.Path(path)
   if not file.is_file():
     raise UserError(f"config file {path} not found: pass a path such as configs/tiny.py")
-  return _import(file).get_config(arg or None)
+  if file.suffix != ".py":
+    raise UserError(f"config file {path} is not a .py file: pass an experiment config such as "
+                    "configs/tiny.py (weights to start from go in --config.init_from)")
+  get_config = getattr(_import(file), "get_config", None)
+  if not callable(get_config):
+    raise UserError(f"config file {path} defines no get_config(arg): write one that returns "
+                    "config_lib.base_config(...), as configs/tiny.py does")
+  return get_config(arg or None)
 
 
 def _import(file: pathlib.Path):
@@ -168,10 +184,49 @@ def _import(file: pathlib.Path):
   return module
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 def model_config(model: ml_collections.ConfigDict) -> model_lib.ModelConfig:
-  """The frozen ModelConfig described by a config's `model` field."""
-  fields = {f.name for f in dataclasses.fields(model_lib.ModelConfig)}
-  unknown = sorted(set(model) - fields)
+  """The frozen ModelConfig described by a config's `model` field, checked so that a bad value is
+  a UserError naming its --config.model flag, not a failure deep inside the model."""
+  fields = {f.name: f for f in dataclasses.fields(model_lib.ModelConfig)}
+  unknown = sorted(set(model) - set(fields))
   if unknown:
     raise UserError(f"unknown model fields {unknown}: valid ones are {sorted(fields)}")
-  return model_lib.ModelConfig(**model.to_dict())
+  missing = sorted(name for name, f in fields.items() if name not in model
+                   and f.default is dataclasses.MISSING)
+  if missing:
+    raise UserError(f"config.model lacks {missing}: set them in the config file")
+  config = model_lib.ModelConfig(**model.to_dict())
+  _check_model(config)
+  return config
+
+
+def _check_model(c: model_lib.ModelConfig) -> None:
+  for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+    value = getattr(c, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise UserError(f"--config.model.{name} must be an int >= 1, got {value!r}")
+  if not c.rope_theta > 0:
+    raise UserError(f"--config.model.rope_theta must be > 0, got {c.rope_theta!r}")
+  if c.dim % c.n_heads:
+    raise UserError(f"--config.model.n_heads {c.n_heads} does not divide --config.model.dim "
+                    f"{c.dim}: pick n_heads so that dim / n_heads is a whole head size")
+  if c.head_dim % 2:
+    raise UserError(f"--config.model.dim / n_heads = {c.head_dim} is odd: rotary embeddings "
+                    "rotate pairs, so the head size must be even")
+  if c.n_heads % c.n_kv_heads:
+    raise UserError(f"--config.model.n_kv_heads {c.n_kv_heads} does not divide "
+                    f"--config.model.n_heads {c.n_heads}: each key/value head serves a whole "
+                    "group of query heads")
+  for name in ("dtype", "param_dtype"):
+    if getattr(c, name) not in DTYPES:
+      raise UserError(f"--config.model.{name}={getattr(c, name)}: choose one of "
+                      f"{', '.join(DTYPES)}")
+  if c.attention not in model_lib.ATTENTION_IMPLS:
+    raise UserError(f"--config.model.attention={c.attention}: choose one of "
+                    f"{', '.join(model_lib.ATTENTION_IMPLS)}")
+  remat = ("none", *sorted(model_lib.REMAT_POLICIES))
+  if c.remat not in remat:
+    raise UserError(f"--config.model.remat={c.remat}: choose one of {', '.join(remat)}")

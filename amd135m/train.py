@@ -70,11 +70,26 @@ def launch_local(argv: list[str], processes: int) -> int:
   return next((code for code in codes if code), 0)
 
 
+def check_args(args) -> None:
+  """Counts a user typed that cannot work: a UserError before anything starts."""
+  from amd135m.errors import UserError
+  if args.local_processes < 0:
+    raise UserError(f"--local_processes must be >= 1 (0 or absent: run in this process), got "
+                    f"{args.local_processes}")
+  if args.devices < 0:
+    raise UserError(f"--devices must be >= 1 (0 or absent: the real devices), got {args.devices}")
+  if args.coordinator and (args.num_processes is None or args.process_id is None):
+    raise UserError("--coordinator needs --num_processes and --process_id")
+  if args.num_processes is not None and args.num_processes < 1:
+    raise UserError(f"--num_processes must be >= 1, got {args.num_processes}")
+  if args.process_id is not None and (args.process_id < 0 or args.num_processes is not None
+                                      and args.process_id >= args.num_processes):
+    raise UserError(f"--process_id must be in 0 .. --num_processes - 1, got {args.process_id}")
+
+
 def init_distributed(args) -> None:
   import jax
   if args.coordinator:
-    if args.num_processes is None or args.process_id is None:
-      raise SystemExit("amd135m.train: error: --coordinator needs --num_processes and --process_id")
     if jax.config.jax_platforms == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
@@ -87,17 +102,18 @@ def init_distributed(args) -> None:
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   args, overrides = parse_args(argv)
-  if args.local_processes:
-    return launch_local(_without(argv, "--local_processes"), args.local_processes)
-
   from amd135m import config_lib
   from amd135m.errors import UserError
   try:
+    check_args(args)
+    # Before any launch, so that a typo is one line, not one per local process.
     config = config_lib.load(args.config)
     config_lib.apply_overrides(config, overrides)
   except UserError as e:
     print(f"amd135m.train: error: {e}", file=sys.stderr)
     return 2
+  if args.local_processes:
+    return launch_local(_without(argv, "--local_processes"), args.local_processes)
 
   import jax
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):

@@ -1,5 +1,6 @@
 """Every experiment config resolves, with and without runlocal, to a ModelConfig."""
 import pathlib
+import re
 
 import pytest
 
@@ -31,3 +32,45 @@ def test_bad_config_arguments_are_user_errors(tmp_path):
     config_lib.load(f"{CONFIGS[0]}:nope")
   with pytest.raises(UserError, match="not found"):
     config_lib.load(str(tmp_path / "missing.py"))
+
+
+def test_config_file_mistakes_are_user_errors(tmp_path):
+  with pytest.raises(UserError, match="config argument vocab_size=abc: expected an int"):
+    config_lib.load(f"{CONFIGS[0].parent / 'tiny.py'}:vocab_size=abc")
+  weights = tmp_path / "model.gguf"
+  weights.write_bytes(b"GGUF")
+  with pytest.raises(UserError, match=r"not a \.py file.*--config\.init_from"):
+    config_lib.load(str(weights))
+  no_function = tmp_path / "settings.py"
+  no_function.write_text("lr = 1e-3\n")
+  with pytest.raises(UserError, match=r"defines no get_config\(arg\)"):
+    config_lib.load(str(no_function))
+
+
+def test_override_type_errors_name_the_flag_and_type():
+  config = config_lib.load(str(CONFIGS[0].parent / "tiny.py"))
+  for item, message in [("batch_size=x", "--config.batch_size=x: expected an int"),
+                        ("lr=fast", "--config.lr=fast: expected a float"),
+                        ("data.shuffle=maybe", "--config.data.shuffle=maybe: expected true or")]:
+    with pytest.raises(UserError, match=message):
+      config_lib.apply_overrides(config, [item])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("n_heads=5", "--config.model.n_heads 5 does not divide --config.model.dim 64"),
+    ("n_kv_heads=3", "--config.model.n_kv_heads 3 does not divide --config.model.n_heads 4"),
+    ("n_heads=64", "dim / n_heads = 1 is odd"),
+    ("attention=bogus", "--config.model.attention=bogus: choose one of einsum, cudnn"),
+    ("remat=bogus", "--config.model.remat=bogus: choose one of none, dots, full"),
+    ("dtype=int8", "--config.model.dtype=int8: choose one of float32, bfloat16, float16"),
+    ("param_dtype=float64", "--config.model.param_dtype=float64: choose one of"),
+    ("dim=0", "--config.model.dim must be an int >= 1, got 0"),
+    ("n_layers=-1", "--config.model.n_layers must be an int >= 1, got -1"),
+    ("vocab_size=0", "--config.model.vocab_size must be an int >= 1"),
+    ("rope_theta=0", "--config.model.rope_theta must be > 0"),
+])
+def test_bad_model_fields_are_user_errors_naming_the_flag(override, message):
+  config = config_lib.load(str(CONFIGS[0].parent / "tiny.py"))
+  config_lib.apply_overrides(config, [f"model.{override}"])
+  with pytest.raises(UserError, match=re.escape(message)):
+    config_lib.model_config(config.model)

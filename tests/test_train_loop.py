@@ -3,6 +3,7 @@ processes, every config's runlocal variant, and learning on the real Gutenberg c
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import pytest
 
 from amd135m import checkpoints, config_lib
 from amd135m.checkpoints import orbax_io
-from amd135m.training import loop
+from amd135m.training import data as data_lib, loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--config", "configs/tiny.py", "--config.batch_size=4", "--config.data.seq_len=32",
@@ -100,12 +101,88 @@ def test_four_processes_see_the_same_batches_and_losses_as_one(uninterrupted, tm
 
 def test_bad_config_keys_and_values_are_one_line_errors(tmp_path):
   for flag, message in [("--config.lrr=1", "unknown config key 'lrr': valid keys are "),
-                        ("--config.batch_size=x", "--config.batch_size=x: expected a int"),
+                        ("--config.batch_size=x", "--config.batch_size=x: expected an int"),
                         ("--config.data.sources=nowhere", "data source 'nowhere'")]:
     run = _train(tmp_path, flag)
     assert run.returncode == 2
     assert run.stderr.startswith("amd135m.train: error: ") and message in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def _tiny(*overrides):
+  config = config_lib.load(str(ROOT / "configs/tiny.py"))
+  config_lib.apply_overrides(config, list(overrides))
+  return config
+
+
+@pytest.mark.parametrize("override, message", [
+    ("grad_accum=0", "--config.grad_accum must be >= 1, got 0"),
+    ("grad_accum=3", "--config.batch_size 8 does not divide into --config.grad_accum 3"),
+    ("batch_size=0", "--config.batch_size must be >= 1, got 0"),
+    ("data.seq_len=0", "--config.data.seq_len must be >= 1, got 0"),
+    ("data.seq_len=512", "--config.data.seq_len 512 exceeds --config.model.max_seq_len 256"),
+    ("eval_batches=0", "--config.eval_batches must be >= 1"),
+    ("data.num_epochs=-1", "--config.data.num_epochs must be >= 0"),
+    ("devices=-1", "--config.devices must be >= 0"),
+    ("seed=-1", "--config.seed -1 is out of range: seeds are 0 to 2**32 - 1"),
+    ("seed=4294967296", "--config.seed 4294967296 is out of range"),
+])
+def test_resolve_refuses_bad_settings_naming_the_flag(override, message):
+  with pytest.raises(loop.UserError) as error:
+    loop.resolve(_tiny(override))
+  assert message in str(error.value)
+
+
+def test_resolve_accepts_the_largest_seed():
+  assert loop.resolve(_tiny("seed=4294967295")).seed == 2**32 - 1
+
+
+@pytest.mark.parametrize("weights, message", [
+    ("1,x", "--config.data.weights=1,x: expected comma-separated numbers"),
+    ("1,2,3", "--config.data.weights has 3 entries for 2 sources"),
+    ("1,-1", "--config.data.weights=1,-1: the weights must be non-negative")])
+def test_bad_data_weights_name_the_flag(weights, message):
+  config = _tiny("data.sources=synthetic,synthetic", f"data.weights={weights}")
+  with pytest.raises(loop.UserError) as error:
+    data_lib.open_sources(config.data, None, 512, 0)
+  assert message in str(error.value)
+
+
+def test_model_differences_name_architecture_fields_not_run_choices(tmp_path):
+  saved = config_lib.model_config(_tiny().model)
+  orbax_io.write_model_config(tmp_path, saved)
+  changed = config_lib.model_config(_tiny("model.n_layers=3", "model.remat=full",
+                                          "model.dtype=bfloat16").model)
+  assert orbax_io.model_differences(tmp_path, changed) == {"n_layers": (2, 3)}
+  assert orbax_io.model_differences(tmp_path, saved) == {}
+  assert orbax_io.model_differences(tmp_path / "new", changed) == {}
+
+
+def test_bad_workdir_flags_and_model_fields_are_one_line_errors(tmp_path):
+  in_the_way = tmp_path / "a_file"
+  in_the_way.write_text("")
+  for workdir, extra, message in [
+      (in_the_way, [], f"--workdir {in_the_way}: a file is in the way"),
+      ("/proc/amd135m_workdir", [], "--workdir /proc/amd135m_workdir: cannot create"),
+      (tmp_path / "w", ["--config.model.attention=bogus"], "choose one of einsum, cudnn"),
+      (tmp_path / "w", ["--local_processes", "-1"], "--local_processes must be >= 1")]:
+    run = _train(workdir, *extra)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.startswith("amd135m.train: error: ") and message in run.stderr, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+  run = _train(tmp_path / "w", devices=-1)
+  assert run.returncode == 2 and run.stderr.strip() == (
+      "amd135m.train: error: --devices must be >= 1 (0 or absent: the real devices), got -1")
+
+
+def test_rerun_with_another_model_names_the_fields_in_one_line(uninterrupted, tmp_path):
+  workdir = shutil.copytree(uninterrupted, tmp_path / "workdir")
+  run = _train(workdir, "--config.model.n_layers=3", "--config.model.remat=full")
+  assert run.returncode == 2 and "Traceback" not in run.stderr
+  assert run.stderr.strip() == (
+      f"amd135m.train: error: --workdir {workdir} holds a checkpoint of a different model "
+      "(model.n_layers 2 there, 3 now; see its model_config.json): use a new --workdir or the "
+      "same model settings")
 
 
 def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -37,6 +37,21 @@ def read_model_config(workdir) -> ModelConfig:
   return dataclasses.replace(ModelConfig(**fields), remat="none", attention="einsum")
 
 
+# Choices that change how a step runs, not the weights it restores: free to differ on resume.
+RUN_ONLY_FIELDS = ("dtype", "remat", "attention")
+
+
+def model_differences(workdir, config: ModelConfig) -> dict[str, tuple[Any, Any]]:
+  """{field: (the workdir's value, config's value)} for each architecture field where `config`
+  differs from the workdir's model_config.json; {} when the file is absent."""
+  path = pathlib.Path(workdir) / MODEL_CONFIG_FILE
+  if not path.is_file():
+    return {}
+  saved = json.loads(path.read_text())
+  return {name: (saved[name], value) for name, value in dataclasses.asdict(config).items()
+          if name in saved and name not in RUN_ONLY_FIELDS and saved[name] != value}
+
+
 class TrainCheckpoints:
   """An orbax CheckpointManager for {state, data iterator state, meta}; async, keeps `keep`."""
 

@@ -6,6 +6,7 @@ wrote). Each source is split by documents into train and held-out parts with
 `data.splits.holdout`, the split `python -m amd135m.evaluate perplexity` uses too.
 """
 import dataclasses
+import math
 import pathlib
 
 import numpy as np
@@ -57,23 +58,32 @@ def parse_sources(spec: str) -> list[tuple[str, str | None, str | None]]:
     data_dir, _, pattern = rest.partition(":")
     parsed.append((builder, str(pathlib.Path(data_dir).expanduser()), pattern or None))
   if not parsed:
-    raise UserError("config.data.sources is empty: give 'synthetic' or BUILDER@DATA_DIR[:PATTERN]")
+    raise UserError("--config.data.sources is empty: give 'synthetic' or "
+                    "BUILDER@DATA_DIR[:PATTERN]")
   return parsed
 
 
 def open_sources(data_config, tokenizer, vocab_size: int, seed: int) -> Sources:
   parsed = parse_sources(data_config.sources)
-  weights = [float(w) for w in data_config.weights.split(",")] if data_config.weights else [
-      1.0] * len(parsed)
+  try:
+    weights = [float(w) for w in data_config.weights.split(",")] if data_config.weights else [
+        1.0] * len(parsed)
+  except ValueError:
+    raise UserError(f"--config.data.weights={data_config.weights}: expected comma-separated "
+                    "numbers, one per source") from None
   if len(weights) != len(parsed):
-    raise UserError(f"config.data.weights has {len(weights)} entries for {len(parsed)} sources")
+    raise UserError(f"--config.data.weights has {len(weights)} entries for {len(parsed)} sources")
+  if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+    raise UserError(f"--config.data.weights={data_config.weights}: the weights must be "
+                    "non-negative numbers with a positive sum")
   needs_tokenizer = any(name != "synthetic" for name, _, _ in parsed)
   if needs_tokenizer and tokenizer is None:
     raise UserError("text sources need a tokenizer: set --config.tokenizer (a model dir or "
                     ".gguf) or --config.init_from")
   if tokenizer is not None and tokenizer.vocab_size > vocab_size:
-    raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
-                    f"{vocab_size}: raise model.vocab_size or pick the model's tokenizer")
+    raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but "
+                    f"--config.model.vocab_size is {vocab_size}: raise --config.model.vocab_size "
+                    "or pick the model's tokenizer")
   if tokenizer is not None:
     separator = default_separator(tokenizer, None if data_config.separator_id < 0
                                   else data_config.separator_id)

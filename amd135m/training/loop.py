@@ -19,7 +19,7 @@ import numpy as np
 
 from amd135m import checkpoints, config_lib, metrics as metrics_lib, optim, provenance, sharding
 from amd135m.checkpoints import orbax_io
-from amd135m.errors import UserError
+from amd135m.errors import UserError, make_dir
 from amd135m.training import data as data_lib, step as step_lib
 
 # Test seams (kill -9 mid-run, kill -9 during a save, SIGTERM), triggered at a step, not by timing.
@@ -44,21 +44,55 @@ class Result:
 
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Derived settings: total_steps from total_tokens; checks that need no devices."""
+  """Derived settings: total_steps from total_tokens; checks that need no devices. Messages name
+  the --config.KEY flags a user sets."""
   config = ml_collections.ConfigDict(config.to_dict())
+  for key in ("batch_size", "grad_accum", "data.seq_len", "log_every", "eval_every",
+              "eval_batches", "checkpoint_every", "keep_checkpoints"):
+    if _get(config, key) < 1:
+      raise UserError(f"--config.{key} must be >= 1, got {_get(config, key)}")
+  for key in ("devices", "data.num_epochs", "data.worker_count"):
+    if _get(config, key) < 0:
+      raise UserError(f"--config.{key} must be >= 0 (0 = {_ZERO_MEANS[key]}), "
+                      f"got {_get(config, key)}")
+  if not 0 <= config.seed < 2**32:
+    raise UserError(f"--config.seed {config.seed} is out of range: seeds are 0 to 2**32 - 1")
   tokens_per_step = config.batch_size * config.data.seq_len
   if config.total_tokens > 0:
     config.total_steps = max(1, math.ceil(config.total_tokens / tokens_per_step))
+  if config.total_steps < 1:
+    raise UserError(f"--config.total_steps must be >= 1 (or set --config.total_tokens), got "
+                    f"{config.total_steps}")
   if config.batch_size % config.grad_accum:
-    raise UserError(f"batch_size {config.batch_size} does not divide into grad_accum "
-                    f"{config.grad_accum} micro-batches")
+    raise UserError(f"--config.batch_size {config.batch_size} does not divide into "
+                    f"--config.grad_accum {config.grad_accum} micro-batches: make batch_size a "
+                    "multiple of grad_accum")
   if config.data.seq_len > config.model.max_seq_len:
-    raise UserError(f"data.seq_len {config.data.seq_len} exceeds model.max_seq_len "
-                    f"{config.model.max_seq_len}")
-  for key in ("log_every", "eval_every", "checkpoint_every", "total_steps", "keep_checkpoints"):
-    if config[key] < 1:
-      raise UserError(f"{key} must be >= 1, got {config[key]}")
+    raise UserError(f"--config.data.seq_len {config.data.seq_len} exceeds "
+                    f"--config.model.max_seq_len {config.model.max_seq_len}")
   return config
+
+
+_ZERO_MEANS = {"devices": "all of them", "data.num_epochs": "endless",
+               "data.worker_count": "read in this process"}
+
+
+def _get(config: ml_collections.ConfigDict, key: str):
+  for part in key.split("."):
+    config = config[part]
+  return config
+
+
+def check_same_model(workdir: pathlib.Path, model_config) -> None:
+  """A workdir's checkpoints restore only into the model that wrote them: a changed architecture
+  is one line naming the fields, not orbax's shape error."""
+  differences = orbax_io.model_differences(workdir, model_config)
+  if differences:
+    listed = ", ".join(f"model.{name} {saved} there, {now} now"
+                       for name, (saved, now) in differences.items())
+    raise UserError(f"--workdir {workdir} holds a checkpoint of a different model ({listed}; "
+                    f"see its {orbax_io.MODEL_CONFIG_FILE}): use a new --workdir or the same "
+                    "model settings")
 
 
 def _tokenizer(config):
@@ -75,8 +109,8 @@ def _init_from(config, model_config):
   mismatched = {f: (getattr(source_config, f), getattr(model_config, f)) for f in fields
                 if getattr(source_config, f) != getattr(model_config, f)}
   if mismatched:
-    raise UserError(f"init_from {config.init_from} has another architecture "
-                    f"(checkpoint, config): {mismatched}; make config.model match it")
+    raise UserError(f"--config.init_from {config.init_from} has another architecture "
+                    f"(checkpoint, config): {mismatched}; make --config.model.* match it")
   return lambda rng: jax.tree.map(jnp.asarray, params)
 
 
@@ -84,8 +118,8 @@ def _devices(config) -> list:
   if not config.devices:
     return jax.devices()
   if jax.process_count() > 1 or config.devices > jax.device_count():
-    raise UserError(f"devices={config.devices}: a subset of devices works in one process only, "
-                    f"with at most {jax.device_count()}; use 0 (all)")
+    raise UserError(f"--config.devices={config.devices}: a subset of devices works in one "
+                    f"process only, with at most {jax.device_count()}; use 0 (all)")
   return jax.devices()[:config.devices]
 
 
@@ -116,14 +150,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   lr_schedule = optim.schedule(config.lr, config.end_lr, config.warmup_steps, config.total_steps)
   optimizer = optim.make_optimizer(config)
   if config.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
-    raise UserError(f"batch_size {config.batch_size} does not split over the mesh's data x fsdp "
-                    f"= {mesh.shape['data'] * mesh.shape['fsdp']} devices")
+    raise UserError(f"--config.batch_size {config.batch_size} does not split over the mesh's "
+                    f"data x fsdp = {mesh.shape['data'] * mesh.shape['fsdp']} devices")
+  if config.batch_size % jax.process_count():
+    raise UserError(f"--config.batch_size {config.batch_size} does not split over "
+                    f"{jax.process_count()} processes: use a multiple of {jax.process_count()}")
 
   if lead:
-    workdir.mkdir(parents=True, exist_ok=True)
+    make_dir(workdir, "--workdir")
   ckpt = orbax_io.TrainCheckpoints(workdir, keep=config.keep_checkpoints,
                                    async_save=config.async_checkpoint)
   latest = ckpt.latest_step()
+  if latest is not None:
+    try:
+      check_same_model(workdir, model_config)
+    except UserError:
+      ckpt.close()
+      raise
   init_params = _init_from(config, model_config) if config.init_from and latest is None else None
   compiled = step_lib.compile_step(model_config, optimizer, lr_schedule, mesh, rules,
                                    config.grad_accum, init_params)
@@ -151,7 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   if not eval_data:
     raise UserError(f"the held-out part ({config.data.eval_fraction:.0%} of the documents) is "
                     f"shorter than one batch of {config.batch_size} x {config.data.seq_len}: "
-                    "raise data.eval_fraction or lower batch_size")
+                    "raise --config.data.eval_fraction or lower --config.batch_size")
 
   flops_per_token = step_lib.flops_per_token(model_config, config.data.seq_len)
   peak = metrics_lib.peak_flops(config.peak_flops) * jax.device_count()
@@ -176,7 +219,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       good = ckpt.latest_step()
       raise TrainingDiverged(
           f"{bad[0]} is {host[bad[0]]} at step {step}; the last good checkpoint is step {good} "
-          f"in {workdir / orbax_io.CHECKPOINT_DIR}: lower lr or raise warmup_steps and rerun")
+          f"in {workdir / orbax_io.CHECKPOINT_DIR}: lower --config.lr or raise "
+          "--config.warmup_steps and rerun")
     return host
 
   def save(step):
