@@ -136,13 +136,22 @@ def bench_decode(model: str, new_tokens: int = 128, runs: int = 3, prefill_token
   return result
 
 
+def first_layers(spec: str) -> int:
+  """N of a 'first:N' draft, or a UserError."""
+  try:
+    return int(spec.split(":", 1)[1])
+  except ValueError:
+    raise UserError(f"--draft {spec}: N in first:N must be a whole number of layers, "
+                    "e.g. first:6") from None
+
+
 def load_draft(spec: str, target_config, target_params):
   """'first:N' (the target's first N layers, final norm and head: a draft built from the target
   without training), 'self' (the target itself: the upper bound), or a model path."""
   if spec == "self":
     return target_config, target_params
   if spec.startswith("first:"):
-    n_layers = int(spec.split(":", 1)[1])
+    n_layers = first_layers(spec)
     if not 0 < n_layers <= target_config.n_layers:
       raise UserError(f"--draft first:N needs 1 <= N <= {target_config.n_layers}")
     params = {k: v for k, v in target_params.items()

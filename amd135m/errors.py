@@ -20,3 +20,22 @@ def make_dir(path, flag: str):
     raise UserError(f"{flag} {path}: cannot create this directory: {reason}{where}; "
                     "choose a writable directory path") from None
   return path
+
+
+def check_dir_creatable(path, flag: str) -> None:
+  """make_dir's checks without creating anything: for output a long run writes at its end."""
+  import os
+  import pathlib
+  import tempfile
+  path = pathlib.Path(path).expanduser().absolute()
+  if path.exists() and not path.is_dir():
+    raise UserError(f"{flag} {path}: a file is in the way; choose a directory path")
+  existing = next(p for p in (path, *path.parents) if p.exists())
+  if not existing.is_dir():
+    raise UserError(f"{flag} {path}: cannot be created ({existing} is a file); "
+                    "choose a writable directory path")
+  try:  # a real try (permissions, read-only or virtual file systems), removed at once
+    os.rmdir(tempfile.mkdtemp(prefix=".amd135m-check-", dir=existing))
+  except OSError as e:
+    raise UserError(f"{flag} {path}: cannot be created in {existing} ({e.strerror}); "
+                    "choose a writable directory path") from None

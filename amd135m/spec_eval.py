@@ -24,7 +24,7 @@ import time
 from typing import Callable, Iterable, Mapping, Sequence
 
 from amd135m import bench, checkpoints, sampling, speculative
-from amd135m.errors import UserError
+from amd135m.errors import UserError, check_dir_creatable, make_dir
 from amd135m.model_config import ModelConfig
 from amd135m.tokenizer import load_tokenizer
 
@@ -311,8 +311,7 @@ def save_table(table: SpecTable, out_dir: str | os.PathLike, setup: dict,
                task_ids: Sequence[str] | None = None) -> dict[str, pathlib.Path]:
   """spec_table.csv, spec_table.json (rows, setup, AMD's table, provenance), spec_table.png and,
   with `decode`, completions.jsonl (each method's text per prompt, for pass@1)."""
-  out = pathlib.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
+  out = make_dir(out_dir, "--out")
   paths = {kind: out / f"spec_table.{kind}" for kind in ("csv", "json", "png")}
   with open(paths["csv"], "w", newline="") as f:
     writer = csv.DictWriter(f, ROW_FIELDS, extrasaction="ignore")
@@ -371,12 +370,24 @@ def run(target: str, draft: str, out_dir: str, *, paper: bool = False, n_prompts
   paper=True the defaults become AMD's (module docstring); each can still be overridden.
   Returns the table and the paths written.
   """
-  n_prompts = n_prompts or (HUMANEVAL_SIZE if paper else 4)
+  # Everything is checked before loading anything: a 7B takes a while, the paper run hours.
+  n_prompts = (HUMANEVAL_SIZE if paper else 4) if n_prompts is None else n_prompts
+  if not 1 <= n_prompts <= HUMANEVAL_SIZE:
+    raise UserError(f"--prompts must be 1 to {HUMANEVAL_SIZE}, got {n_prompts}")
   gammas = list(gammas or ([PAPER_GAMMA] if paper else [2, 4]))
-  for gamma in gammas:  # before loading anything: a 7B takes a while
+  for gamma in gammas:
     if gamma < 1:
       raise UserError(f"gamma must be >= 1 (the number of draft tokens per round), got {gamma}")
-  max_new_tokens = max_new_tokens or (PAPER_MAX_NEW_TOKENS if paper else 64)
+  max_new_tokens = (PAPER_MAX_NEW_TOKENS if paper else 64) if max_new_tokens is None \
+      else max_new_tokens
+  if max_new_tokens < 1:
+    raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+  if not 0 <= seed < 2**32:
+    raise UserError(f"--seed must be 0 to 2**32 - 1, got {seed}")
+  sampling_params.validate()
+  if draft.startswith("first:"):
+    bench.first_layers(draft)
+  check_dir_creatable(out_dir, "--out")  # now, not after the measurement
   adaptive = paper if adaptive is None else adaptive
   stop_at_eos = paper if stop_at_eos is None else stop_at_eos
   unknown = [s for s in settings if s not in ("greedy", "sampling")]

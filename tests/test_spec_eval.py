@@ -171,6 +171,10 @@ def foreign_draft(pair):
     ("swapped pair", "larger than the target's"),
     ("foreign tokenizer", "tokenizers differ at id"),
     ("gamma 0", "gamma must be >= 1"),
+    ("no prompts", "--prompts must be 1 to 164"),
+    ("no new tokens", "--max-new-tokens must be >= 1"),
+    ("first:abc", "must be a whole number of layers"),
+    ("out is under a file", "cannot be created"),
 ])
 def test_bad_input_is_one_line_and_exit_2(pair, foreign_draft, tmp_path, capsys, case, message):
   root = pair["root"]
@@ -183,10 +187,19 @@ def test_bad_input_is_one_line_and_exit_2(pair, foreign_draft, tmp_path, capsys,
     target, draft = draft, target
   elif case == "foreign tokenizer":
     draft = foreign_draft
-  else:
+  elif case == "gamma 0":
     gammas = ["0", "2"]
-  rc = spec_eval.main(["--target", str(target), "--draft", str(draft), "--paper", "--prompts", "1",
-                       "--max-new-tokens", "4", "--gammas", *gammas, "--out", str(tmp_path / "o")])
+  elif case == "first:abc":
+    draft = "first:abc"
+  prompts, new_tokens = ("0" if case == "no prompts" else "1"), (
+      "0" if case == "no new tokens" else "4")
+  out_dir = tmp_path / "o"
+  if case == "out is under a file":
+    (tmp_path / "f").write_text("")
+    out_dir = tmp_path / "f" / "o"
+  rc = spec_eval.main(["--target", str(target), "--draft", str(draft), "--paper", "--prompts",
+                       prompts, "--max-new-tokens", new_tokens, "--gammas", *gammas,
+                       "--out", str(out_dir)])
   out, err = capsys.readouterr()
   assert rc == 2 and out == ""
   assert err.count("\n") == 1 and err.startswith("amd135m.spec_eval: error: ") and message in err
