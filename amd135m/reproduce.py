@@ -7,16 +7,18 @@ Every stage writes under one output directory and is skipped when already comple
 workdir with COMPLETE, a table on disk), so a rerun resumes where a crash stopped. No training
 text derives from HumanEval: the prompts for distillation are stdlib function headers.
 """
+import argparse
 import ast
 import dataclasses
 import json
 import pathlib
 import random
+import sys
 import time
 from typing import Callable
 
 from amd135m import config_lib
-from amd135m.errors import UserError
+from amd135m.errors import UserError, make_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DRAFT_CONFIG = ROOT / "configs" / "draft.py"
@@ -146,11 +148,14 @@ def reproduce(out_dir, preset: str = "demo", target: str | None = None,
   if preset not in PRESETS:
     raise UserError(f"unknown preset {preset!r}: choose one of {sorted(PRESETS)}")
   spec = PRESETS[preset]
-  out = pathlib.Path(out_dir).expanduser().absolute()
-  out.mkdir(parents=True, exist_ok=True)
   target = target or config_lib.cache_path(*config_lib.SMOLLM2_GGUF)
   if not pathlib.Path(target).exists():
     raise UserError(f"target {target} not found: run `make models` (or pass --target)")
+  # The target is read now (header, tensor index, tokenizer), not after the training stages.
+  from amd135m import checkpoints, tokenizer as tokenizer_lib  # noqa: PLC0415
+  checkpoints.open_checkpoint(target)
+  tokenizer_lib.load_tokenizer(target)
+  out = make_dir(pathlib.Path(out_dir).expanduser().absolute(), "--out")
   seconds, workdirs = {}, {}
 
   def timed(name, fn):
@@ -194,3 +199,24 @@ def reproduce(out_dir, preset: str = "demo", target: str | None = None,
   log(spec_eval.format_table(rows))
   log(f"stages (s): {seconds}; total {summary['total_seconds']} s; outputs in {out}")
   return {**summary, "table_dir": str(out / "table"), "loss_plot": str(out / "loss_curves.png")}
+
+
+def main(argv=None) -> int:
+  """python -m amd135m.reproduce (or experiments/reproduce.py) [--preset P] [--out D] [--target T]"""
+  parser = argparse.ArgumentParser(prog="amd135m.reproduce", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
+  parser.add_argument("--out", default=None, help="default: ~/.cache/amd135m/reproduce/PRESET")
+  parser.add_argument("--target", default=None, help="default: the SmolLM2-135M GGUF")
+  args = parser.parse_args(argv)
+  out = args.out or config_lib.cache_path("reproduce", args.preset)
+  try:
+    reproduce(out, args.preset, args.target)
+  except UserError as e:
+    print(f"amd135m.reproduce: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -30,3 +30,19 @@ def test_shortened_reproduction_runs_end_to_end(tmp_path, smollm2_gguf):
   again = reproduce.reproduce(out, "test", str(smollm2_gguf), log=lines.append)
   assert sum("skipped" in line for line in lines) == 4
   assert again["rows"] == saved["rows"]
+
+
+def test_bad_target_or_out_is_one_line_before_any_stage(tmp_path, smollm2_gguf, capsys):
+  truncated = tmp_path / "truncated.gguf"
+  with open(smollm2_gguf, "rb") as src:
+    truncated.write_bytes(src.read(1 << 20))  # ends inside the header's metadata
+  (tmp_path / "a_file").write_text("")
+  for args, message in [
+      (["--target", str(truncated), "--out", str(tmp_path / "o1")], "truncated"),
+      (["--out", str(tmp_path / "a_file" / "o2"), "--target", str(smollm2_gguf)],
+       "cannot create this directory")]:
+    assert reproduce.main(["--preset", "test", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("amd135m.reproduce: error: "), err
+    assert message in err, err
+  assert not (tmp_path / "o1").exists()  # nothing trained
