@@ -35,7 +35,7 @@ from typing import Callable
 
 import ml_collections
 
-from amd135m.errors import UserError
+from amd135m.errors import UserError, make_dir
 
 # What one trial runs, before its flags; tests substitute a fake trainer script.
 TRAINER = (sys.executable, "-m", "amd135m.train")
@@ -215,8 +215,7 @@ def run_sweep(spec: str, workdir, parallel: int = 1, trainer=None,
     raise UserError(f"--parallel must be at least 1, not {parallel}")
   trainer = tuple(trainer or TRAINER)
   sweep = load_sweep(spec)
-  workdir = pathlib.Path(workdir).resolve()
-  workdir.mkdir(parents=True, exist_ok=True)
+  workdir = make_dir(pathlib.Path(workdir).resolve(), "--workdir")
   with _lock(workdir):
     _write_sweep_json(sweep, workdir, trainer)
     results = {}
@@ -470,8 +469,7 @@ def write_slurm_script(spec: str, workdir, parallel: int | None = None,
     raise UserError(f"--parallel must be at least 1, not {parallel}")
   trainer = tuple(trainer or TRAINER)
   sweep = load_sweep(spec)
-  workdir = pathlib.Path(workdir).resolve()
-  workdir.mkdir(parents=True, exist_ok=True)
+  workdir = make_dir(pathlib.Path(workdir).resolve(), "--workdir")
   _write_sweep_json(sweep, workdir, trainer)
   throttle = f"%{parallel}" if parallel else ""
   cases = []

@@ -317,6 +317,15 @@ def test_bad_input_is_one_line_and_runs_nothing(tmp_path, fake, capsys, sweep_so
   assert fake.calls() == []
 
 
+@pytest.mark.parametrize("flags", [[], ["--slurm"]])
+def test_workdir_under_a_file_is_one_line(tmp_path, fake, capsys, flags):
+  (tmp_path / "a_file").write_text("")
+  code, out, err = run(write_config(tmp_path), tmp_path / "a_file" / "sweep", *flags,
+                       capsys=capsys)
+  assert code == 2 and out == "" and fake.calls() == []
+  assert len(err.splitlines()) == 1 and "--workdir" in err and "cannot create" in err, err
+
+
 def test_workdir_of_another_config_is_refused(tmp_path, fake, capsys):
   workdir = tmp_path / "sweep"
   assert run(write_config(tmp_path), workdir, "--slurm", capsys=capsys)[0] == 0
