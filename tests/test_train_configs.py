@@ -66,6 +66,7 @@ def test_a_trained_workdir_generates_and_exports(pretrained_135m, tmp_path):
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
   assert run.returncode == 0, run.stderr[-2000:]
   assert json.loads(run.stdout.splitlines()[0])["new_tokens"] == 4
+  assert "WARNING" not in run.stderr, run.stderr  # orbax's metadata note is silenced
   out = tmp_path / "hf"
   run = subprocess.run([sys.executable, "-m", "amd135m.convert", "--input", str(pretrained_135m),
                         "--output", str(out)], capture_output=True, text=True, cwd=ROOT,

@@ -103,10 +103,18 @@ def load_workdir_params(workdir, step: int | None = None) -> tuple[ModelConfig, 
     raise UserError(f"{workdir} has no finished checkpoint yet: train longer or wait for a save")
   step = steps[-1] if step is None else step
   path = workdir / CHECKPOINT_DIR / str(step) / "state"
-  checkpointer = ocp.PyTreeCheckpointer()
-  tree = checkpointer.metadata(path)
-  tree = getattr(getattr(tree, "item_metadata", tree), "tree", tree)
-  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree["params"])
-  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-      item={"params": tree["params"]}, restore_args={"params": as_numpy}, partial_restore=True))
+  from absl import logging as absl_logging
+  # Reading one item of the step, orbax warns that the step's metadata file is not in the item's
+  # directory (it is one level up): a line on every load that means nothing to the user.
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(path)
+    tree = getattr(getattr(tree, "item_metadata", tree), "tree", tree)
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree["params"])
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item={"params": tree["params"]}, restore_args={"params": as_numpy}, partial_restore=True))
+  finally:
+    absl_logging.set_verbosity(verbosity)
   return read_model_config(workdir), restored["params"]
