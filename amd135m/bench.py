@@ -10,7 +10,6 @@ speedup predicted from the measured acceptance and draft/target cost ratio.
 Transformers runs in a subprocess (benchmarks/hf_reference.py) so that this package never
 imports torch.
 """
-import argparse
 import json
 import pathlib
 import statistics
@@ -29,6 +28,7 @@ from amd135m import checkpoints, model as model_lib, sampling, speculative
 from amd135m.errors import UserError
 from amd135m.provenance import provenance
 from amd135m.tokenizer import load_tokenizer
+from amd135m import errors
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DECODE_PROMPT = "The history of the printing press begins"
@@ -260,7 +260,7 @@ def bench_speculative(target: str, draft: str, gamma: int, n_prompts: int = 4,
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="amd135m.bench", description=__doc__.splitlines()[0])
+  parser = errors.ArgumentParser(prog="amd135m.bench", description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="what", required=True)
   decode = sub.add_parser("decode", help="batch-1 greedy decode and 512-token prefill")
   decode.add_argument("--model", required=True)

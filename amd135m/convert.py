@@ -5,17 +5,17 @@
 Tensors stream one at a time, so memory stays near one tensor whatever the model's size, and the
 output directory appears only once complete.
 """
-import argparse
 import sys
 
 import tqdm
 
 from amd135m.checkpoints import DTYPES, convert_checkpoint
 from amd135m.errors import UserError
+from amd135m import errors
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="amd135m.convert", description=__doc__.split("\n")[0])
+  parser = errors.ArgumentParser(prog="amd135m.convert", description=__doc__.split("\n")[0])
   parser.add_argument("--input", required=True, help="Hugging Face model directory or .gguf file")
   parser.add_argument("--output", required=True, help="directory to create (must not exist)")
   parser.add_argument("--dtype", choices=list(DTYPES),

@@ -1,4 +1,5 @@
 """The one exception type for mistakes a user can fix; faces print it as one line."""
+import argparse
 
 
 class UserError(Exception):
@@ -39,3 +40,11 @@ def check_dir_creatable(path, flag: str) -> None:
   except OSError as e:
     raise UserError(f"{flag} {path}: cannot be created in {existing} ({e.strerror}); "
                     "choose a writable directory path") from None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse, with a usage mistake reported like every other bad input: one line, exit 2 (the
+  full usage stays one --help away)."""
+
+  def error(self, message: str):
+    self.exit(2, f"{self.prog}: error: {message}; --help lists the flags\n")

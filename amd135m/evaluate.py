@@ -8,7 +8,6 @@ multiple-choice: zero-shot acc / acc_norm (LAMBADA: acc and perplexity) by log-l
 PATH is anything checkpoints.load_params reads (a Hugging Face directory, a .gguf file).
 Prints a Markdown table, or the full result as JSON with --json.
 """
-import argparse
 import contextlib
 import json
 import sys
@@ -17,10 +16,11 @@ from absl import logging as absl_logging
 
 from amd135m.errors import UserError
 from amd135m.evaluation import humaneval, multiple_choice, perplexity
+from amd135m import errors
 
 
 def parse_args(argv):
-  parser = argparse.ArgumentParser(prog="amd135m.evaluate", description=__doc__.splitlines()[0])
+  parser = errors.ArgumentParser(prog="amd135m.evaluate", description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="command", required=True)
 
   p = sub.add_parser("perplexity", help="mean NLL and perplexity on a dataset split")

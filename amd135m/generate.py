@@ -5,16 +5,16 @@ With --draft DRAFT|ngram --gamma K it decodes speculatively (DRAFT is a model pa
 vocabulary is an id-prefix of the target's; `ngram` is prompt lookup, no model) and each JSON
 record adds acceptance_rate, tokens_per_target_call and target_calls.
 """
-import argparse
 import json
 import sys
 
 from amd135m import checkpoints, inference, sampling, speculative, tokenizer as tokenizer_lib
 from amd135m.errors import UserError
+from amd135m import errors
 
 
 def parse_args(argv):
-  parser = argparse.ArgumentParser(prog="amd135m.generate", description=__doc__.splitlines()[0])
+  parser = errors.ArgumentParser(prog="amd135m.generate", description=__doc__.splitlines()[0])
   parser.add_argument("--model", required=True, help="a .gguf file or a Hugging Face directory")
   parser.add_argument("--prompt", action="append", default=[], help="repeat for a batch")
   parser.add_argument("--prompts-file", help="JSONL with a 'prompt' field per line")

@@ -14,7 +14,6 @@ others go on. DIR/results.csv (overrides, final metrics, status) and DIR/curves.
 DIR/heatmap.png for a 2-D grid) summarise the sweep. --slurm writes DIR/sweep.sbatch, one trial
 per array task, instead of running; --collect only rewrites the summary from what DIR holds.
 """
-import argparse
 import csv
 import dataclasses
 import datetime
@@ -36,6 +35,7 @@ from typing import Callable
 import ml_collections
 
 from amd135m.errors import UserError, make_dir
+from amd135m import errors
 
 # What one trial runs, before its flags; tests substitute a fake trainer script.
 TRAINER = (sys.executable, "-m", "amd135m.train")
@@ -509,7 +509,7 @@ mv "$trial_dir/{FINISHED}.tmp" "$trial_dir/{FINISHED}"  # atomic: whole or absen
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="amd135m.sweep", description=__doc__.splitlines()[0])
+  parser = errors.ArgumentParser(prog="amd135m.sweep", description=__doc__.splitlines()[0])
   parser.add_argument("--config", help="F.py[:arg], a config file with a sweep(add) function")
   parser.add_argument("--workdir", required=True, help="one subdirectory per trial goes here")
   parser.add_argument("--parallel", type=int, default=None,

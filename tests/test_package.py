@@ -22,3 +22,22 @@ def test_no_source_file_imports_them_lazily():
   package = pathlib.Path(__file__).resolve().parents[1] / "amd135m"
   offenders = [str(p) for p in package.rglob("*.py") if pattern.search(p.read_text())]
   assert offenders == []
+
+
+FACES = ["bench", "data.__main__", "evaluate", "reproduce", "spec_eval", "sweep", "convert",
+         "generate", "train"]
+
+
+def test_every_face_reports_a_usage_mistake_in_one_line(capsys):
+  """An unknown or malformed flag is bad input like any other: one line and exit 2."""
+  import importlib
+  import pytest
+  for name in FACES:
+    module = importlib.import_module(f"amd135m.{name}")
+    with pytest.raises(SystemExit) as exit_:
+      module.main(["--no-such-flag"])
+    err = capsys.readouterr().err
+    prog = "amd135m." + name.split(".")[0]
+    assert exit_.value.code == 2, name
+    assert err.count("\n") == 1 and err.startswith(f"{prog}: error: "), (name, err)
+    assert "--help" in err

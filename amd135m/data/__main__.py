@@ -7,7 +7,6 @@ stats:   documents, skipped records and why, and (with --tokenizer) tokens, of a
          counting tokens writes the token store if it is missing.
 Progress goes to stderr; the result, as JSON, to stdout.
 """
-import argparse
 import contextlib
 import json
 import sys
@@ -17,12 +16,13 @@ from absl import logging as absl_logging
 
 from amd135m.data import builders
 from amd135m.errors import UserError, make_dir
+from amd135m import errors
 
 NAMES = ["slimpajama", "project_gutenberg", "starcoder_python", "local_text"]
 
 
 def parse_args(argv):
-  parser = argparse.ArgumentParser(prog="amd135m.data", description=__doc__.splitlines()[0])
+  parser = errors.ArgumentParser(prog="amd135m.data", description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="command", required=True)
   for command in ("prepare", "stats"):
     p = sub.add_parser(command)
