@@ -74,6 +74,9 @@ def base_config(model: dict) -> ml_collections.ConfigDict:
   config.init_from = ""
   config.tokenizer = ""
   config.seed = 0
+  # Logit distillation from a teacher (HF dir, GGUF or workdir; '' = none) whose vocabulary the
+  # model's is an id-prefix of: loss = (1 - weight) * NLL + weight * T^2 * KL(teacher || model).
+  config.distill = ml_collections.ConfigDict(dict(teacher="", weight=1.0, temperature=1.0))
 
   # Sources: comma-separated 'synthetic' or BUILDER@DATA_DIR[:PATTERN] (prepared by
   # `python -m amd135m.data prepare`); weights: comma-separated mixture weights, '' = equal.

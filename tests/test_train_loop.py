@@ -126,6 +126,8 @@ def _tiny(*overrides):
     ("devices=-1", "--config.devices must be >= 0"),
     ("seed=-1", "--config.seed -1 is out of range: seeds are 0 to 2**32 - 1"),
     ("seed=4294967296", "--config.seed 4294967296 is out of range"),
+    ("distill.weight=1.5", "--config.distill.weight must be in [0, 1]"),
+    ("distill.temperature=0", "--config.distill.temperature must be > 0"),
 ])
 def test_resolve_refuses_bad_settings_naming_the_flag(override, message):
   with pytest.raises(loop.UserError) as error:
@@ -197,3 +199,26 @@ def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoin
   assert good is None or good < bad_step
   if good is not None:
     assert all(np.isfinite(p).all() for p in _final_params(tmp_path))
+
+
+def test_distillation_from_a_teacher_trains_and_refuses_a_smaller_vocabulary(tmp_path):
+  """--config.distill.teacher: a saved teacher (vocabulary 80 > the student's 64) drives the
+  loss; the student moves toward it (the KL falls by over a quarter in 20 steps)."""
+  import dataclasses  # noqa: PLC0415
+  import jax  # noqa: PLC0415
+  from amd135m import checkpoints, model as model_lib  # noqa: PLC0415
+  student = config_lib.model_config(_tiny("model.vocab_size=64").model)
+  for name, vocab in (("teacher", 80), ("small_teacher", 48)):
+    teacher = dataclasses.replace(student, vocab_size=vocab, n_layers=1)
+    params = jax.tree.map(np.array, model_lib.init_params(teacher, jax.random.key(3)))
+    params["lm_head"]["kernel"] *= 100  # a confident teacher: far from the student's uniform
+    checkpoints.save_hf(tmp_path / name, teacher, params)
+  config = _tiny("model.vocab_size=64", f"distill.teacher={tmp_path / 'teacher'}",
+                 "total_steps=20", "log_every=1", "eval_every=20", "checkpoint_every=20", "batch_size=4",
+                 "data.seq_len=32", "lr=1e-2", "warmup_steps=1", "devices=1")
+  loop.train_and_evaluate(config, tmp_path / "run", progress=False)
+  losses = [v for _, v in sorted(_train_losses(tmp_path / "run").items())]
+  assert len(losses) == 20 and losses[-1] < 0.75 * losses[0], losses  # KL to the teacher
+  small = _tiny("model.vocab_size=64", f"distill.teacher={tmp_path / 'small_teacher'}")
+  with pytest.raises(loop.UserError, match="smaller than the model's 64"):
+    loop.train_and_evaluate(small, tmp_path / "run_small", progress=False)

@@ -133,3 +133,45 @@ def test_loss_and_gradients_equal_transformers_on_real_smollm2(smollm2, smollm2_
   # f32 through 30 layers in two libraries: gradients agree to ~1e-4 of their scale.
   _compare_with_transformers(smollm2_hf.train(), config, params, tokens, rtol=2e-3, atol=2e-5)
   smollm2_hf.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Logit distillation (config.distill).
+
+def _tiny_pair(teacher_vocab: int):
+  """A tiny student and a teacher with a larger vocabulary, random weights each."""
+  from amd135m import model as model_lib  # noqa: PLC0415
+  config = config_lib.load("configs/tiny.py")
+  config.batch_size, config.data.seq_len = 2, 16
+  student = config_lib.model_config(config.model)
+  teacher = dataclasses.replace(student, vocab_size=teacher_vocab, n_layers=1)
+  return (config, student, model_lib.init_params(student, jax.random.key(1)), teacher,
+          model_lib.init_params(teacher, jax.random.key(2)))
+
+
+def test_distillation_loss_is_the_tempered_kl_mixed_with_the_nll():
+  from amd135m import model as model_lib  # noqa: PLC0415
+  config, student, params, teacher_config, teacher_params = _tiny_pair(600)
+  batch = {k: jnp.asarray(v) for k, v in _batch(config).items()}
+  nll, count = step_lib.token_nll(params, student, batch)
+  for weight, temperature in ((0.0, 1.0), (1.0, 1.0), (0.3, 2.0)):
+    teacher = step_lib.Teacher(teacher_config, weight, temperature)
+    loss, _ = step_lib.token_nll(params, student, batch, teacher, teacher_params)
+    s = np.asarray(model_lib.forward(params, student, batch["inputs"])[0], np.float64)
+    t = np.asarray(model_lib.forward(teacher_params, teacher_config, batch["inputs"])[0],
+                   np.float64)[..., :student.vocab_size]  # the student's ids: a prefix
+    log_p = t / temperature - np.log(np.exp(t / temperature).sum(-1, keepdims=True))
+    log_q = s / temperature - np.log(np.exp(s / temperature).sum(-1, keepdims=True))
+    kl = temperature ** 2 * (np.exp(log_p) * (log_p - log_q)).sum(-1).sum()
+    expected = (1 - weight) * float(nll) + weight * kl
+    np.testing.assert_allclose(float(loss), expected, rtol=2e-5)
+  assert float(count) == config.batch_size * config.data.seq_len
+
+
+def test_a_student_equal_to_its_teacher_gets_no_gradient():
+  config, student, params, _, _ = _tiny_pair(600)
+  batch = {k: jnp.asarray(v) for k, v in _batch(config).items()}
+  teacher = step_lib.Teacher(student, weight=1.0, temperature=2.0)
+  loss, grads, _ = step_lib.loss_and_grads(params, student, batch, 1, None, teacher, params)
+  assert abs(float(loss)) < 1e-5
+  assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads)) < 1e-5

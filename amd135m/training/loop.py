@@ -70,6 +70,11 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if config.data.seq_len > config.model.max_seq_len:
     raise UserError(f"--config.data.seq_len {config.data.seq_len} exceeds "
                     f"--config.model.max_seq_len {config.model.max_seq_len}")
+  if not 0 <= config.distill.weight <= 1:
+    raise UserError(f"--config.distill.weight must be in [0, 1], got {config.distill.weight}")
+  if not config.distill.temperature > 0:
+    raise UserError(f"--config.distill.temperature must be > 0, got "
+                    f"{config.distill.temperature}")
   return config
 
 
@@ -112,6 +117,25 @@ def _init_from(config, model_config):
     raise UserError(f"--config.init_from {config.init_from} has another architecture "
                     f"(checkpoint, config): {mismatched}; make --config.model.* match it")
   return lambda rng: jax.tree.map(jnp.asarray, params)
+
+
+def _teacher(config, model_config, data_config) -> tuple:
+  """(step.Teacher, its params) for --config.distill.teacher, or (None, None)."""
+  if not config.distill.teacher:
+    return None, None
+  path = pathlib.Path(config.distill.teacher).expanduser()
+  teacher_config, params = checkpoints.load_params(path)
+  if teacher_config.vocab_size < model_config.vocab_size:
+    raise UserError(f"--config.distill.teacher {path} has a vocabulary of "
+                    f"{teacher_config.vocab_size}, smaller than the model's "
+                    f"{model_config.vocab_size}: the model's ids must be a prefix of the teacher's")
+  if data_config.seq_len > teacher_config.max_seq_len:
+    raise UserError(f"--config.data.seq_len {data_config.seq_len} exceeds the teacher's context "
+                    f"of {teacher_config.max_seq_len}")
+  # The teacher computes in the model's dtype (bf16 on accelerators), its weights as stored.
+  teacher_config = dataclasses.replace(teacher_config, dtype=model_config.dtype)
+  teacher = step_lib.Teacher(teacher_config, config.distill.weight, config.distill.temperature)
+  return teacher, jax.tree.map(jnp.asarray, params)
 
 
 def _devices(config) -> list:
@@ -168,8 +192,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       ckpt.close()
       raise
   init_params = _init_from(config, model_config) if config.init_from and latest is None else None
+  teacher, teacher_params = _teacher(config, model_config, config.data)
   compiled = step_lib.compile_step(model_config, optimizer, lr_schedule, mesh, rules,
-                                   config.grad_accum, init_params)
+                                   config.grad_accum, init_params, teacher, teacher_params)
   loader = data_lib.train_loader(sources, config.data, config.batch_size, config.seed,
                                  jax.process_index(), jax.process_count())
   if latest is not None:

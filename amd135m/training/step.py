@@ -4,6 +4,7 @@ State is a plain dict {'step', 'params', 'opt_state'}; the step is a pure functi
 in/out shardings by `compile_step`, with the state donated.
 """
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -16,27 +17,53 @@ from amd135m import model as model_lib, sharding
 from amd135m.model_config import ModelConfig
 
 
-def token_nll(params, config: ModelConfig, batch: dict) -> tuple[jax.Array, jax.Array]:
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """Logit distillation: the loss per token becomes (1 - weight) * NLL + weight * T^2 *
+  KL(teacher || student) at temperature T (Hinton et al.), the teacher's logits cut to the
+  student's vocabulary (an id-prefix of the teacher's, as a draft's is of its target's)."""
+  config: ModelConfig
+  weight: float = 1.0
+  temperature: float = 1.0
+
+
+def token_nll(params, config: ModelConfig, batch: dict, teacher: Teacher | None = None,
+              teacher_params=None) -> tuple[jax.Array, jax.Array]:
   """(summed next-token NLL in f32, number of target tokens) of batch {'inputs','targets': [B,T]}
-  with an optional 'mask' [B, T] (1 = count the target)."""
+  with an optional 'mask' [B, T] (1 = count the target); with a teacher, the summed
+  distillation loss instead."""
   logits, _ = model_lib.forward(params, config, batch["inputs"])                 # [B, T, V] f32
   logits = logits.astype(jnp.float32)
   # logsumexp minus the target's logit: no [B, T, V] log-probabilities are written, and the
   # backward is one pass (softmax minus the one-hot), the vocabulary being most of the bytes.
   target_logits = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-  nll = jax.nn.logsumexp(logits, axis=-1) - target_logits                         # [B, T]
+  loss = jax.nn.logsumexp(logits, axis=-1) - target_logits                        # [B, T]
+  if teacher is not None:
+    loss = (1.0 - teacher.weight) * loss + teacher.weight * _distillation(
+        logits, teacher, teacher_params, batch["inputs"])
   mask = batch.get("mask")
-  mask = jnp.ones_like(nll) if mask is None else mask.astype(jnp.float32)
-  return jnp.sum(nll * mask), jnp.sum(mask)
+  mask = jnp.ones_like(loss) if mask is None else mask.astype(jnp.float32)
+  return jnp.sum(loss * mask), jnp.sum(mask)
+
+
+def _distillation(logits, teacher: Teacher, teacher_params, inputs) -> jax.Array:
+  """T^2 * KL(softmax(teacher / T) || softmax(student / T)) per position, [B, T]."""
+  taught, _ = model_lib.forward(teacher_params, teacher.config, inputs)
+  taught = jax.lax.stop_gradient(taught[..., :logits.shape[-1]].astype(jnp.float32))
+  t = teacher.temperature
+  log_p = jax.nn.log_softmax(taught / t, axis=-1)
+  log_q = jax.nn.log_softmax(logits / t, axis=-1)
+  return t * t * jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
 
 
 def loss_and_grads(params, config: ModelConfig, batch: dict, accum_steps: int,
-                   batch_sharding=None):
+                   batch_sharding=None, teacher: Teacher | None = None, teacher_params=None):
   """Mean token loss and its gradient over the batch, accumulated over `accum_steps` micro-batches
   with lax.scan. Sums of NLL and gradients are divided by the total token count once, so the result
   equals the one-shot gradient whatever the split (a mean of micro-batch means would weight
   micro-batches with fewer tokens up)."""
-  grad_fn = jax.value_and_grad(token_nll, has_aux=True)
+  grad_fn = jax.value_and_grad(
+      lambda p, c, b: token_nll(p, c, b, teacher, teacher_params), has_aux=True)
   if accum_steps == 1:
     (nll_sum, count), grads = grad_fn(params, config, batch)
   else:
@@ -59,9 +86,11 @@ def loss_and_grads(params, config: ModelConfig, batch: dict, accum_steps: int,
   return nll_sum / count, jax.tree.map(lambda g: g / count, grads), count
 
 
-def train_step(state: dict, batch: dict, *, config: ModelConfig, optimizer, accum_steps: int,
-               lr_schedule: Callable, batch_sharding=None) -> tuple[dict, dict]:
-  loss, grads, count = loss_and_grads(state["params"], config, batch, accum_steps, batch_sharding)
+def train_step(state: dict, batch: dict, teacher_params=None, *, config: ModelConfig, optimizer,
+               accum_steps: int, lr_schedule: Callable, batch_sharding=None,
+               teacher: Teacher | None = None) -> tuple[dict, dict]:
+  loss, grads, count = loss_and_grads(state["params"], config, batch, accum_steps, batch_sharding,
+                                      teacher, teacher_params)
   grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state["params"])
   updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
@@ -113,9 +142,12 @@ def state_shardings(config: ModelConfig, optimizer, mesh: Mesh, rules) -> Any:
 
 
 def compile_step(config: ModelConfig, optimizer, lr_schedule, mesh: Mesh, rules,
-                 accum_steps: int = 1, init_params: Callable | None = None) -> Compiled:
+                 accum_steps: int = 1, init_params: Callable | None = None,
+                 teacher: Teacher | None = None, teacher_params=None) -> Compiled:
   """jit-ed init/step/eval with explicit shardings. init_params(rng) -> params overrides the
-  random init (fine-tuning from a checkpoint); its output is resharded by out_shardings."""
+  random init (fine-tuning from a checkpoint); its output is resharded by out_shardings.
+  With a teacher, its params are placed by the same rule table and every step distils from them
+  (`Compiled.step` still takes (state, batch)); eval stays the plain next-token NLL."""
   shardings = state_shardings(config, optimizer, mesh, rules)
   batch = sharding.batch_sharding(mesh)
   make_params = init_params or (lambda rng: model_lib.init_params(config, rng))
@@ -135,12 +167,20 @@ def compile_step(config: ModelConfig, optimizer, lr_schedule, mesh: Mesh, rules,
         return fn(*args)
     return wrapped
 
-  step_fn = jax.jit(
-      on_mesh(lambda state, b: train_step(state, b, config=config, optimizer=optimizer,
-                                          accum_steps=accum_steps, lr_schedule=lr_schedule,
-                                          batch_sharding=batch)),
-      in_shardings=(shardings, batch), out_shardings=(shardings, sharding.replicated(mesh)),
-      donate_argnums=0)
+  step = functools.partial(train_step, config=config, optimizer=optimizer,
+                           accum_steps=accum_steps, lr_schedule=lr_schedule,
+                           batch_sharding=batch, teacher=teacher)
+  if teacher is None:
+    step_fn = jax.jit(on_mesh(step), in_shardings=(shardings, batch),
+                      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  else:
+    teacher_shardings = sharding.named(mesh, sharding.param_specs(
+        model_lib.logical_axes(teacher.config), mesh, rules, teacher.config))
+    teacher_params = jax.device_put(teacher_params, teacher_shardings)
+    with_teacher = jax.jit(on_mesh(step), in_shardings=(shardings, batch, teacher_shardings),
+                           out_shardings=(shardings, sharding.replicated(mesh)),
+                           donate_argnums=0)
+    step_fn = lambda state, b: with_teacher(state, b, teacher_params)  # noqa: E731
   eval_fn = jax.jit(on_mesh(lambda params, b: eval_step(params, b, config=config)),
                     in_shardings=(shardings["params"], batch),
                     out_shardings=sharding.replicated(mesh))
