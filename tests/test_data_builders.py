@@ -205,3 +205,15 @@ def test_user_errors(tmp_path):
   (tmp_path / "file").write_text("")
   with pytest.raises(UserError, match="data_dir .* a file is in the way"):
     builders.prepare("local_text", tmp_path / "raw", tmp_path / "file")
+
+
+def test_loading_logs_no_custom_config_warning(tmp_path, caplog):
+  """tfds warns on every run-time config, which ours always are: silenced where we build one."""
+  import logging  # noqa: PLC0415
+  (tmp_path / "src").mkdir()
+  (tmp_path / "src" / "a.txt").write_text("some text\n")
+  builders.prepare("local_text", tmp_path / "src", tmp_path / "tfds", patterns=["*.txt"])
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    assert len(builders.load("local_text", tmp_path / "tfds", patterns=["*.txt"])) == 1
+  assert not [r for r in caplog.records if "custom data configuration" in r.getMessage()]

@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import multiprocessing
 import pathlib
 import re
@@ -333,6 +334,17 @@ def _builder(name: str, data_dir, patterns=None, shard_index: int = 0, num_shard
   config = SourceConfig(name=_config_name(cls, patterns, shard_index, num_shards),
                         patterns=patterns, shard_index=shard_index, num_shards=num_shards)
   return cls(data_dir=str(data_dir), config=config, file_format="array_record")
+
+
+class _NoCustomConfigNote(logging.Filter):
+  """tfds logs "Using custom data configuration" for every config built at run time, which ours
+  always are: a warning line per source in every training or evaluation log, meaning nothing."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Using custom data configuration")
+
+
+logging.getLogger("absl").addFilter(_NoCustomConfigNote())
 
 
 def _patterns(cls, patterns) -> tuple[str, ...]:
