@@ -120,18 +120,6 @@ class _HFBackend:
   def decode(self, ids: list[int]) -> str:
     return self.tok.decode(ids, skip_special_tokens=False)
 
-  def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """The model's own chat template rendered over [{'role': ..., 'content': ...}], as
-    transformers renders it (a sandboxed Jinja environment, trim_blocks and lstrip_blocks)."""
-    if self.chat_template is None:
-      raise UserError("this model's tokenizer has no chat template: use bare prompts")
-    import jinja2.sandbox  # noqa: PLC0415 (only chat prompts need it)
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    special = {name: self.token(i) for name, i in (("bos_token", self.bos_id),
-                                                   ("eos_token", self.eos_id)) if i is not None}
-    return env.from_string(self.chat_template).render(
-        messages=messages, add_generation_prompt=add_generation_prompt, **special)
-
   def token(self, token_id: int) -> str | None:
     return self.tok.id_to_token(token_id)
 
@@ -185,18 +173,6 @@ class _SentencePieceBackend:
   def decode(self, ids: list[int]) -> str:
     # transformers' decoder, so that specials read as their text and bytes fuse into characters.
     return self.decoder.decode([p for p in map(self.token, ids) if p is not None])
-
-  def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """The model's own chat template rendered over [{'role': ..., 'content': ...}], as
-    transformers renders it (a sandboxed Jinja environment, trim_blocks and lstrip_blocks)."""
-    if self.chat_template is None:
-      raise UserError("this model's tokenizer has no chat template: use bare prompts")
-    import jinja2.sandbox  # noqa: PLC0415 (only chat prompts need it)
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    special = {name: self.token(i) for name, i in (("bos_token", self.bos_id),
-                                                   ("eos_token", self.eos_id)) if i is not None}
-    return env.from_string(self.chat_template).render(
-        messages=messages, add_generation_prompt=add_generation_prompt, **special)
 
   def token(self, token_id: int) -> str | None:
     if 0 <= token_id < self.sp.get_piece_size():
