@@ -25,10 +25,9 @@ import dataclasses
 import tempfile
 
 from amd135m import checkpoints, model as model_lib, sampling, speculative
-from amd135m.errors import UserError
+from amd135m.errors import ArgumentParser, UserError
 from amd135m.provenance import provenance
 from amd135m.tokenizer import load_tokenizer
-from amd135m import errors
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DECODE_PROMPT = "The history of the printing press begins"
@@ -260,7 +259,7 @@ def bench_speculative(target: str, draft: str, gamma: int, n_prompts: int = 4,
 
 
 def main(argv=None) -> int:
-  parser = errors.ArgumentParser(prog="amd135m.bench", description=__doc__.splitlines()[0])
+  parser = ArgumentParser(prog="amd135m.bench", description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="what", required=True)
   decode = sub.add_parser("decode", help="batch-1 greedy decode and 512-token prefill")
   decode.add_argument("--model", required=True)

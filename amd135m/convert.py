@@ -10,12 +10,11 @@ import sys
 import tqdm
 
 from amd135m.checkpoints import DTYPES, convert_checkpoint
-from amd135m.errors import UserError
-from amd135m import errors
+from amd135m.errors import ArgumentParser, UserError
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = errors.ArgumentParser(prog="amd135m.convert", description=__doc__.split("\n")[0])
+  parser = ArgumentParser(prog="amd135m.convert", description=__doc__.split("\n")[0])
   parser.add_argument("--input", required=True, help="Hugging Face model directory or .gguf file")
   parser.add_argument("--output", required=True, help="directory to create (must not exist)")
   parser.add_argument("--dtype", choices=list(DTYPES),

@@ -1,15 +1,25 @@
 """The one exception type for mistakes a user can fix; faces print it as one line."""
 import argparse
+import os
+import pathlib
+import tempfile
 
 
 class UserError(Exception):
   """Bad input from the user: the message says what is wrong and what to do."""
 
 
+def check_counts(**counts) -> None:
+  """A UserError for the first count below 1: check_counts(batch_size=n) names --batch-size.
+  None means unset and passes."""
+  for name, value in counts.items():
+    if value is not None and value < 1:
+      raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
 def make_dir(path, flag: str):
   """mkdir -p path, or a UserError naming the flag that gave it (a file in the way, no permission,
   a read-only place). Returns the path as a pathlib.Path."""
-  import pathlib
   path = pathlib.Path(path).expanduser()
   if path.exists() and not path.is_dir():
     raise UserError(f"{flag} {path}: a file is in the way; choose a directory path")
@@ -25,9 +35,6 @@ def make_dir(path, flag: str):
 
 def check_dir_creatable(path, flag: str) -> None:
   """make_dir's checks without creating anything: for output a long run writes at its end."""
-  import os
-  import pathlib
-  import tempfile
   path = pathlib.Path(path).expanduser().absolute()
   if path.exists() and not path.is_dir():
     raise UserError(f"{flag} {path}: a file is in the way; choose a directory path")

@@ -14,13 +14,12 @@ import sys
 
 from absl import logging as absl_logging
 
-from amd135m.errors import UserError
+from amd135m.errors import ArgumentParser, UserError
 from amd135m.evaluation import humaneval, multiple_choice, perplexity
-from amd135m import errors
 
 
 def parse_args(argv):
-  parser = errors.ArgumentParser(prog="amd135m.evaluate", description=__doc__.splitlines()[0])
+  parser = ArgumentParser(prog="amd135m.evaluate", description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="command", required=True)
 
   p = sub.add_parser("perplexity", help="mean NLL and perplexity on a dataset split")
@@ -42,8 +41,8 @@ def parse_args(argv):
   h.add_argument("--top-p", type=float, default=1.0, help="1 disables")
   h.add_argument("--max-new-tokens", type=int, default=256)
   h.add_argument("--prompt-style", choices=humaneval.PROMPT_STYLES, default="bare",
-                 help="chat: the model's chat template, its answer begun with the prompt "
-                      "(for instruction-tuned models)")
+                 help="chat: the model's chat template asks for the function, its whole "
+                      "answer is scored (for instruction-tuned models)")
   h.add_argument("--problems", type=int, help="only the first N problems")
   h.add_argument("--timeout", type=float, default=3.0, help="seconds per program")
   h.add_argument("--seed", type=int, default=0)

@@ -9,12 +9,11 @@ import json
 import sys
 
 from amd135m import checkpoints, inference, sampling, speculative, tokenizer as tokenizer_lib
-from amd135m.errors import UserError
-from amd135m import errors
+from amd135m.errors import ArgumentParser, UserError
 
 
 def parse_args(argv):
-  parser = errors.ArgumentParser(prog="amd135m.generate", description=__doc__.splitlines()[0])
+  parser = ArgumentParser(prog="amd135m.generate", description=__doc__.splitlines()[0])
   parser.add_argument("--model", required=True, help="a .gguf file or a Hugging Face directory")
   parser.add_argument("--prompt", action="append", default=[], help="repeat for a batch")
   parser.add_argument("--prompts-file", help="JSONL with a 'prompt' field per line")

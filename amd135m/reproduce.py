@@ -18,8 +18,7 @@ import time
 from typing import Callable
 
 from amd135m import config_lib
-from amd135m.errors import UserError, make_dir
-from amd135m import errors
+from amd135m.errors import ArgumentParser, UserError, make_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DRAFT_CONFIG = ROOT / "configs" / "draft.py"
@@ -204,8 +203,8 @@ def reproduce(out_dir, preset: str = "demo", target: str | None = None,
 
 def main(argv=None) -> int:
   """python -m amd135m.reproduce (or experiments/reproduce.py) [--preset P] [--out D] [--target T]"""
-  parser = errors.ArgumentParser(prog="amd135m.reproduce", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = ArgumentParser(prog="amd135m.reproduce", description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
   parser.add_argument("--out", default=None, help="default: ~/.cache/amd135m/reproduce/PRESET")
   parser.add_argument("--target", default=None, help="default: the SmolLM2-135M GGUF")

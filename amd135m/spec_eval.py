@@ -24,10 +24,9 @@ import time
 from typing import Callable, Iterable, Mapping, Sequence
 
 from amd135m import bench, checkpoints, sampling, speculative
-from amd135m.errors import UserError, check_dir_creatable, make_dir
+from amd135m.errors import ArgumentParser, UserError, check_dir_creatable, make_dir
 from amd135m.model_config import ModelConfig
 from amd135m.tokenizer import load_tokenizer
-from amd135m import errors
 
 # AMD's one-shot prefix, verbatim from clip_input() in speculative_decoding/codellama_spec.py of
 # github.com/AMD-AIG-AIMA/AMD-LLM (commit 1f4de24); the HumanEval prompt follows the final '#'.
@@ -430,7 +429,7 @@ def run(target: str, draft: str, out_dir: str, *, paper: bool = False, n_prompts
 
 
 def main(argv=None) -> int:
-  parser = errors.ArgumentParser(prog="amd135m.spec_eval", description=__doc__.splitlines()[0])
+  parser = ArgumentParser(prog="amd135m.spec_eval", description=__doc__.splitlines()[0])
   parser.add_argument("--target", required=True, help="HF directory or .gguf of the target")
   parser.add_argument("--draft", required=True, help="HF directory or .gguf, 'first:N' or 'self'")
   parser.add_argument("--out", required=True, help="directory for spec_table.{csv,json,png}")

@@ -34,8 +34,7 @@ from typing import Callable
 
 import ml_collections
 
-from amd135m.errors import UserError, make_dir
-from amd135m import errors
+from amd135m.errors import ArgumentParser, UserError, make_dir
 
 # What one trial runs, before its flags; tests substitute a fake trainer script.
 TRAINER = (sys.executable, "-m", "amd135m.train")
@@ -509,7 +508,7 @@ mv "$trial_dir/{FINISHED}.tmp" "$trial_dir/{FINISHED}"  # atomic: whole or absen
 
 
 def main(argv=None) -> int:
-  parser = errors.ArgumentParser(prog="amd135m.sweep", description=__doc__.splitlines()[0])
+  parser = ArgumentParser(prog="amd135m.sweep", description=__doc__.splitlines()[0])
   parser.add_argument("--config", help="F.py[:arg], a config file with a sweep(add) function")
   parser.add_argument("--workdir", required=True, help="one subdirectory per trial goes here")
   parser.add_argument("--parallel", type=int, default=None,

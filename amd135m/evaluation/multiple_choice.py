@@ -40,7 +40,7 @@ from typing import Callable, Sequence
 import numpy as np
 import tqdm
 
-from amd135m.errors import UserError
+from amd135m.errors import UserError, check_counts
 from amd135m.evaluation import models, scoring
 
 TASKS = ("sciq", "piqa", "arc_easy", "arc_challenge", "winogrande", "hellaswag", "lambada")
@@ -299,9 +299,7 @@ def run(model_path: str | os.PathLike, task: str, data: str | os.PathLike, **kwa
 
   The task, the data file and the numbers are checked before the model is loaded.
   """
-  for flag, key in (("--limit", "limit"), ("--batch-size", "batch_size")):
-    if kwargs.get(key) is not None and kwargs[key] < 1:
-      raise UserError(f"{flag} must be >= 1, got {kwargs[key]}")
+  check_counts(limit=kwargs.get("limit"), batch_size=kwargs.get("batch_size"))
   read_docs(task, data, limit=kwargs.get("limit"))
   result = evaluate(models.load_model(model_path), task, data, **kwargs)
   result["model"] = str(model_path)

@@ -18,7 +18,7 @@ import numpy as np
 import tqdm
 
 from amd135m.data import builders, packing, splits, tokenized
-from amd135m.errors import UserError
+from amd135m.errors import UserError, check_counts
 from amd135m.evaluation import models, scoring
 
 SPLITS = ("heldout", "all")
@@ -119,9 +119,7 @@ def run(model_path: str | os.PathLike, dataset: str, split: str = "heldout",
   if not 0 <= seed < 2**32:
     raise UserError(f"--split-seed must be 0 to 2**32 - 1 (the seed training split with), "
                     f"got {seed}")
-  for flag, key in (("--max-tokens", "max_tokens"), ("--batch-size", "batch_size")):
-    if kwargs.get(key) is not None and kwargs[key] < 1:
-      raise UserError(f"{flag} must be >= 1, got {kwargs[key]}")
+  check_counts(max_tokens=kwargs.get("max_tokens"), batch_size=kwargs.get("batch_size"))
   documents = load_documents(dataset, split, eval_fraction, seed)  # checked before the model
   model = models.load_model(model_path)
   result = evaluate(model, documents, **kwargs)
