@@ -204,6 +204,22 @@ def test_context_free_acceptance_matches_theory():
     assert abs(result.totals["acceptance_rate"] - a) < 0.05
 
 
+def test_predicted_speedup_is_tokens_per_round_over_round_cost():
+  # The formula (verification costs one step), checked against hand-worked values.
+  assert bench.predicted_speedup(1.0, 4, 0.0) == 5.0
+  assert bench.predicted_speedup(0.5, 2, 0.25) == pytest.approx(1.75 / 1.5)
+  assert bench.predicted_speedup(0.0, 4, 0.3) == pytest.approx(1 / 2.2)
+  # With a measured verification cost v, a round costs gamma c + v steps.
+  assert bench.predicted_speedup(0.5, 2, 0.25, verify_ratio=1.5) == pytest.approx(1.75 / 2.0)
+
+
+def test_verification_cost_times_both_forwards(target):
+  config, params = target
+  cost = bench.verification_cost(params, config, gamma=3, context=5, cache_len=16, repeats=2)
+  assert 0 < cost["step_seconds"] < 10 and 0 < cost["verify_seconds"] < 10
+  assert cost["ratio"] == cost["verify_seconds"] / cost["step_seconds"]
+
+
 # ---------------------------------------------------------------------------------------------
 # The real SmolLM2 as target.
 
