@@ -187,18 +187,39 @@ def test_rerun_with_another_model_names_the_fields_in_one_line(uninterrupted, tm
       "same model settings")
 
 
-def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
-  run = _train(tmp_path, "--config.lr=1e30", "--config.warmup_steps=0", "--config.grad_clip=0",
-               "--config.checkpoint_every=1")
-  assert run.returncode == 2 and "Traceback" not in run.stderr
+def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
+    uninterrupted, tmp_path):
+  """Step 5's loss and weights are NaN; log_every=100 so no logging check runs at step 5: only
+  the check before each save keeps step 5 off disk."""
+  run = _train(tmp_path, "--config.log_every=100", "--config.checkpoint_every=1",
+               env={loop._NAN_AT_STEP: "5"})
+  assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
   message = run.stderr.strip().splitlines()[-1]
-  assert message.startswith("amd135m.train: error: ") and "at step " in message, message
-  bad_step = int(message.split("at step ")[1].split(";")[0])
-  good = orbax_io.TrainCheckpoints(tmp_path).latest_step()
-  assert f"the last good checkpoint is step {good}" in message
-  assert good is None or good < bad_step
-  if good is not None:
-    assert all(np.isfinite(p).all() for p in _final_params(tmp_path))
+  assert message.startswith("amd135m.train: error: loss is nan at step 5; the last good "
+                            "checkpoint is step 4 in "), message
+  assert orbax_io.TrainCheckpoints(tmp_path).latest_step() == 4
+  entries = [p.name for p in (tmp_path / "checkpoints").iterdir()]
+  assert not any(name.split(".")[0] == "5" for name in entries), entries
+  assert all(np.isfinite(p).all() for p in _final_params(tmp_path))
+  # Rerun without the fault: it continues from step 4 as if nothing had happened.
+  rerun = _train(tmp_path)
+  assert rerun.returncode == 0, rerun.stderr[-2000:]
+  resumed, reference = _train_losses(tmp_path), _train_losses(uninterrupted)
+  assert resumed == {step: reference[step] for step in range(5, 13)}
+  for a, b in zip(_final_params(tmp_path), _final_params(uninterrupted), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_weights_that_overflow_in_the_first_step_are_never_saved(tmp_path):
+  """The loss of step 1 is finite (it uses the initial weights), its new weights are not: the
+  param_norm check stops the run before step 1 is saved."""
+  config = _tiny("lr=1e30", "warmup_steps=0", "grad_clip=0", "total_steps=3", "log_every=100",
+                 "checkpoint_every=1", "batch_size=4", "data.seq_len=32", "devices=1")
+  with pytest.raises(loop.TrainingDiverged,
+                     match=r"^param_norm is (inf|nan) at step 1; the last good checkpoint is "
+                           r"step None in "):
+    loop.train_and_evaluate(config, tmp_path, progress=False)
+  assert orbax_io.TrainCheckpoints(tmp_path).latest_step() is None
 
 
 def test_distillation_from_a_teacher_trains_and_refuses_a_smaller_vocabulary(tmp_path):

@@ -22,10 +22,12 @@ from amd135m.checkpoints import orbax_io
 from amd135m.errors import UserError, make_dir
 from amd135m.training import data as data_lib, step as step_lib
 
-# Test seams (kill -9 mid-run, kill -9 during a save, SIGTERM), triggered at a step, not by timing.
+# Test seams (kill -9 mid-run, kill -9 during a save, SIGTERM, NaN weights entering a step),
+# triggered at a step, not by timing.
 _KILL_AFTER_STEP = "AMD135M_TEST_KILL_AFTER_STEP"
 _KILL_DURING_SAVE = "AMD135M_TEST_KILL_DURING_SAVE"
 _SIGTERM_AFTER_STEP = "AMD135M_TEST_SIGTERM_AFTER_STEP"
+_NAN_AT_STEP = "AMD135M_TEST_NAN_AT_STEP"
 
 
 COMPLETE = "COMPLETE"
@@ -229,7 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   preempted = []
   previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
   hooks = {name: int(os.environ.get(name, -1)) for name in
-           (_KILL_AFTER_STEP, _KILL_DURING_SAVE, _SIGTERM_AFTER_STEP)}
+           (_KILL_AFTER_STEP, _KILL_DURING_SAVE, _SIGTERM_AFTER_STEP, _NAN_AT_STEP)}
   bar = metrics_lib.progress_bar(config.total_steps, start_step, enabled=lead and progress)
   last_metrics, eval_metrics = {}, {}
   pending = None  # (step, device metrics) of the previous step: checked one step late
@@ -265,6 +267,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         break
       if config.debug_batch_hashes:
         writer.batch_hashes(step, local["inputs"], jax.process_index())
+      if hooks[_NAN_AT_STEP] == step:  # this step's loss and new weights come out NaN
+        state = {**state, "params": jax.tree.map(lambda p: p * jnp.nan, state["params"])}
       state, device_metrics = compiled.step(state, _global_batch(local, compiled.batch_sharding))
       if pending is not None:
         last_metrics = check(*pending)
