@@ -99,29 +99,43 @@ def test_prepare_refuses_data_built_from_other_files(tmp_path):
 
 
 def test_prepared_text_flows_into_the_loader(raw_dir, tmp_path, smollm2_gguf):
-  """local_text -> tokens -> packed windows: every document's tokens appear once, in the
-  windows, separated by the tokenizer's separator (SmolLM2 adds no BOS: its EOS)."""
+  """local_text -> tokens -> packed windows: every document's tokens appear once, in order, in
+  the windows, separated by the tokenizer's separator (SmolLM2 adds no BOS: its EOS)."""
   builders.prepare("local_text", raw_dir, tmp_path)
+  records = builders.load("local_text", tmp_path)
   tokenizer = load_tokenizer(smollm2_gguf)
-  docs = tokenized.TokenizedSource(builders.load("local_text", tmp_path), tokenizer)
+  docs = tokenized.TokenizedSource(records, tokenizer)
   sep = tokenized.separator_id(tokenizer)
   assert sep == tokenizer.eos_id == 2
+  # The expected stream, built from the raw texts rather than through TokenizedSource.
+  names = [records[i]["id"].decode().split(":")[0] for i in range(len(records))]
+  assert sorted(names) == sorted(TEXTS)  # each non-empty file is one record
+  expected = np.concatenate([np.concatenate([[sep], tokenizer.encode(TEXTS[name], add_bos=False)])
+                             for name in names]).astype(np.int32)
+  width = 7 + 1
   packed = packing.pack_documents([docs[i] for i in range(len(docs))], seq_len=7,
                                   separator_id=sep)
-  stream = np.concatenate([packed.windows.reshape(-1),
-                           np.zeros(packed.dropped_tokens, np.int32)])  # the dropped tail
-  total = sum(len(docs[i]) + 1 for i in range(len(docs)))
-  assert len(stream) == total
-  batches = list(loader.DataLoader([docs], seq_len=7, global_batch_size=2, separator_id=sep,
-                                   shuffle=False, num_epochs=1))
-  np.testing.assert_array_equal(batches[0]["inputs"][0], packed.windows[0][:-1])
+  np.testing.assert_array_equal(packed.windows.reshape(-1), expected[:packed.windows.size])
+  assert packed.windows.size + packed.dropped_tokens == len(expected)
+  assert len(packed.windows) >= 4, "the windows should cut through documents"
+  batches_loader = loader.DataLoader([docs], seq_len=7, global_batch_size=2, separator_id=sep,
+                                     shuffle=False, num_epochs=1)
+  batches = list(batches_loader)
+  assert len(batches) == len(packed.windows) // 2
+  for b, batch in enumerate(batches):
+    rows = packed.windows[2 * b:2 * b + 2]
+    np.testing.assert_array_equal(batch["inputs"], rows[:, :-1])
+    np.testing.assert_array_equal(batch["targets"], rows[:, 1:])
+  # The unfinished last batch and the partial window are counted, not lost silently.
+  assert len(batches) * 2 * width + batches_loader.dropped_tokens == len(expected)
   # A grain worker process tokenises the same documents from the array_record files.
   with loader.DataLoader([docs], seq_len=7, global_batch_size=2, separator_id=sep,
                          shuffle=False, num_epochs=1, worker_count=1) as in_worker:
     got = list(in_worker)
-  assert len(got) == len(batches) == len(packed.windows) // 2
+  assert len(got) == len(batches)
   for ours, theirs in zip(got, batches):
     np.testing.assert_array_equal(ours["inputs"], theirs["inputs"])
+    np.testing.assert_array_equal(ours["targets"], theirs["targets"])
 
 
 def test_separator_rules():
