@@ -200,14 +200,6 @@ def verification_cost(params, config, gamma: int, context: int, cache_len: int,
               ratio=best[gamma + 1] / best[1], context=context)
 
 
-def predicted_speedup(acceptance: float, gamma: int, cost_ratio: float,
-                      verify_ratio: float = 1.0) -> float:
-  """Tokens per round (1 - a^(gamma+1)) / (1 - a) over the round's cost in target steps,
-  gamma c + v: the issue's prediction with v = 1, a CPU-honest one with v measured."""
-  tokens = (1 - acceptance ** (gamma + 1)) / (1 - acceptance) if acceptance < 1 else gamma + 1
-  return tokens / (gamma * cost_ratio + verify_ratio)
-
-
 def bench_speculative(target: str, draft: str, gamma: int, n_prompts: int = 4,
                       new_tokens: int = 64, reference: bool = True) -> dict:
   config, params = checkpoints.load_params(target)
@@ -258,12 +250,12 @@ def bench_speculative(target: str, draft: str, gamma: int, n_prompts: int = 4,
                 adaptive=summary(adaptive_s, adaptive_out))
   a = result["speculative"]["acceptance_rate"]
   speedup = result["speculative"]["tokens_per_second"] / target_tps
-  predicted = predicted_speedup(a, gamma, cost_ratio)
+  predicted = speculative.predicted_speedup(a, gamma, cost_ratio)
   verify = verification_cost(params, config, gamma,
                              context=int(np.mean([len(p) for p in prompts])) + new_tokens // 2,
                              cache_len=sampling.bucket(max(map(len, prompts)))
                              + sampling.bucket(new_tokens) + gamma + 1)
-  with_verify = predicted_speedup(a, gamma, cost_ratio, verify["ratio"])
+  with_verify = speculative.predicted_speedup(a, gamma, cost_ratio, verify["ratio"])
   result["verification"] = verify
   result["speculative"].update(
       speedup=speedup, predicted_speedup=predicted, share_of_predicted=speedup / predicted,

@@ -175,8 +175,9 @@ def speculative_table(target_params, target_config: ModelConfig, draft_params,
       spec_tps = _tokens(tokens) / _seconds(spec_runs[gamma])
       row.update(setting=name, target_tokens_per_s=target_tps, speculative_tokens_per_s=spec_tps,
                  speedup=spec_tps / target_tps, cost_ratio=cost_ratio,
-                 predicted_speedup=(None if adaptive or cost_ratio is None
-                                    else predicted_speedup(row["acceptance"], gamma, cost_ratio)),
+                 predicted_speedup=(
+                     None if adaptive or cost_ratio is None
+                     else speculative.predicted_speedup(row["acceptance"], gamma, cost_ratio)),
                  exact=tokens == target_tokens if knobs.temperature == 0 else None,
                  target_new_tokens=_tokens(target_tokens), speculative_new_tokens=_tokens(tokens),
                  target_seconds=_seconds(target_runs),
@@ -184,13 +185,6 @@ def speculative_table(target_params, target_config: ModelConfig, draft_params,
       rows.append({k: row[k] for k in ROW_FIELDS} | {
           "acceptance_by_position": row["acceptance_by_position"]})
   return SpecTable(rows, [len(ids) for ids in encoded], outputs)
-
-
-def predicted_speedup(acceptance: float, gamma: int, cost_ratio: float) -> float:
-  """Leviathan et al.'s expected speedup: tokens per round over the round's cost in target calls."""
-  a = acceptance
-  per_round = gamma + 1 if a >= 1 else (1 - a ** (gamma + 1)) / (1 - a)
-  return per_round / (gamma * cost_ratio + 1)
 
 
 def _tokens(rows: Iterable[list[int]]) -> int:

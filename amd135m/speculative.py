@@ -269,6 +269,15 @@ def statistics(drafted, accepted, target_calls, verified_tokens, accepted_at, dr
       acceptance_by_position=[float(a / d) if d else 0.0 for a, d in zip(accepted_at, drafted_at)])
 
 
+def predicted_speedup(acceptance: float, gamma: int, cost_ratio: float,
+                      verify_ratio: float = 1.0) -> float:
+  """Leviathan et al.'s expected speedup: tokens per round, (1 - a^(gamma+1)) / (1 - a), over the
+  round's cost in target steps, gamma c + v (c: a draft step's cost, v: a verification's). The
+  usual prediction takes v = 1; on a CPU a forward of gamma + 1 tokens costs more than one step."""
+  tokens = (1 - acceptance ** (gamma + 1)) / (1 - acceptance) if acceptance < 1 else gamma + 1
+  return tokens / (gamma * cost_ratio + verify_ratio)
+
+
 def check_vocabularies(draft_vocab: int, target_vocab: int, draft_tokenizer=None,
                        target_tokenizer=None) -> None:
   """The draft's ids must mean the target's: its vocabulary an id-prefix of the target's (AMD's

@@ -91,6 +91,11 @@ def test_draft_equal_to_target_accepts_every_token(pair):
   assert greedy["acceptance_by_position"] == [1.0, 1.0, 1.0]
   assert sampled["acceptance"] == 1.0  # p == q: min(1, p/q) = 1 at every proposal
   assert greedy["cost_ratio"] is None and greedy["predicted_speedup"] is None
+  # By hand, per prompt: 5 tokens after the prefill's, in 2 rounds (3 drafted + 1 bonus, then 3
+  # drafted of which the budget keeps 1). AMD's figure (verified - calls) / draft forwards.
+  assert MAX_NEW == 6 and len(PROMPTS) == 2
+  assert greedy["tokens_per_target_call"] == 10 / 4
+  assert greedy["amd_acceptance"] == (10 - 4) / 12
 
 
 def test_exact_column_fails_when_outputs_differ(pair, monkeypatch):
