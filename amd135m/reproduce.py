@@ -15,6 +15,7 @@ import pathlib
 import random
 import sys
 import time
+import warnings
 from typing import Callable
 
 from amd135m import config_lib
@@ -60,7 +61,9 @@ def stdlib_headers(count: int, seed: int = 0) -> list[str]:
   for path in sorted(root.rglob("*.py")):
     try:
       source = path.read_text(encoding="utf-8")
-      tree = ast.parse(source)
+      with warnings.catch_warnings():  # old corpus files' invalid escapes: not the user's concern
+        warnings.simplefilter("ignore", (DeprecationWarning, SyntaxWarning))
+        tree = ast.parse(source)
     except (SyntaxError, UnicodeDecodeError, ValueError):
       continue
     lines = source.splitlines()

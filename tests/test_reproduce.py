@@ -25,10 +25,16 @@ def test_shortened_reproduction_runs_end_to_end(tmp_path, smollm2_gguf):
   assert (out / "loss_curves.png").stat().st_size > 10_000
   assert (out / "table" / "spec_table.csv").exists()
 
-  # A rerun finds every stage complete and redoes nothing.
+  # A rerun finds every stage complete and redoes nothing: no file of a stage or of the table is
+  # rewritten (the summary and the loss plot are redrawn from them), and the rows carry over.
+  def stamps():
+    return {p: p.stat().st_mtime_ns for p in out.rglob("*")
+            if p.is_file() and p.name not in ("summary.json", "loss_curves.png")}
+  before = stamps()
   lines.clear()
   again = reproduce.reproduce(out, "test", str(smollm2_gguf), log=lines.append)
   assert sum("skipped" in line for line in lines) == 4
+  assert stamps() == before
   assert again["rows"] == saved["rows"]
 
 
