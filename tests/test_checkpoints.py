@@ -2,6 +2,9 @@
 
 GGUF: every tensor of the real SmolLM2 file, and of a synthetic file holding one layer per ggml
 type, equals what transformers' GGUF loader produces (rotary permutation undone, dequantised).
+Both loaders dequantise with `gguf.quants.dequantize`, so that comparison checks our offsets,
+chunked reads and row un-permutation, not the block maths; Q4_0/Q4_1/Q8_0 blocks are also
+decoded here by hand with numpy.
 HF: tiny random LlamaForCausalLMs survive transformers -> ours -> ours -> transformers bit for bit.
 """
 import dataclasses
@@ -333,7 +336,8 @@ def test_smollm2_gguf_equals_transformers(smollm2_gguf, smollm2_reference):
 # below the exponent-all-ones range), and the expected weights are still `dequantize` of the
 # stored bytes. Q8_1, Q8_K, Q1_0, I8-I64 and F64 it does neither; they never hold llama weights
 # in files llama.cpp writes (Q8_1/Q8_K are dot-product intermediates).
-# The lists are computed below, so a newer gguf package widens the test by itself.
+# The lists are computed below, so a newer gguf package widens the test by itself;
+# test_ggml_types_of_real_checkpoints_are_tested fails if one drops a type files use.
 
 
 def _supports(operation: str, qtype: Q) -> bool:
@@ -444,6 +448,49 @@ def test_every_ggml_type_dequantises_like_gguf_and_transformers(quant_gguf, qtyp
       # Ternary TQ1_0/TQ2_0 keep ~0.7 correlation with Gaussian weights; misordered rows give ~0.
       correlation = np.corrcoef(ours[name].astype(np.float32).ravel(), originals[name].ravel())
       assert correlation[0, 1] > 0.6, (name, correlation[0, 1])
+
+
+def test_ggml_types_of_real_checkpoints_are_tested():
+  # The lists above come from what gguf implements: an upgrade must not shrink them silently.
+  used = {Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K}
+  assert used <= set(LAYER_TYPES), sorted(q.name for q in used - set(LAYER_TYPES))
+  assert {Q.Q4_0, Q.Q4_1, Q.Q8_0} <= set(QUANTIZABLE)  # real weights, not random block bytes
+
+
+def _decode_blocks_by_hand(raw: np.ndarray, qtype: Q) -> np.ndarray:
+  """[rows, row_bytes] uint8 -> [rows, cols] float32, from ggml's block layouts (32 weights a
+  block): Q8_0 = f16 d, int8 q[32]: d*q; Q4_0 = f16 d, 16 bytes of nibbles: d*(q - 8);
+  Q4_1 = f16 d, f16 m, 16 bytes: d*q + m. Low nibbles are weights 0-15, high ones 16-31."""
+  block_bytes = {Q.Q8_0: 34, Q.Q4_0: 18, Q.Q4_1: 20}[qtype]
+  blocks = raw.reshape(-1, block_bytes)
+  scale = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # [n, 1]
+  if qtype == Q.Q8_0:
+    values = scale * blocks[:, 2:].copy().view(np.int8).astype(np.float32)
+  else:
+    nibbles = blocks[:, block_bytes - 16:]
+    q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=1).astype(np.float32)  # [n, 32]
+    if qtype == Q.Q4_0:
+      values = scale * (q - 8)
+    else:
+      values = scale * q + blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+  return values.reshape(raw.shape[0], -1)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0], ids=lambda qtype: qtype.name)
+def test_simple_quants_equal_a_decoding_written_here(qtype, tmp_path):
+  path = tmp_path / "one-type.gguf"
+  config = dataclasses.replace(QUANT_CONFIG, n_layers=1)
+  write_llama_gguf(path, config, lambda name: Q.F32 if "norm" in name else qtype)
+  raw = {tensor.name: np.array(tensor.data) for tensor in gguf.GGUFReader(path).tensors}
+  loaded = dict(iter_hf_tensors(path))
+  for short in _MATRICES:
+    name = f"model.layers.0.{short}.weight"
+    assert raw[gguf_name(name)].dtype == np.uint8, name
+    by_hand = _decode_blocks_by_hand(raw[gguf_name(name)], qtype)
+    heads = {"self_attn.q_proj": config.n_heads, "self_attn.k_proj": config.n_kv_heads}.get(short)
+    if heads:
+      by_hand = hf_rows_from_gguf(by_hand, heads)
+    np.testing.assert_array_equal(loaded[name], by_hand, err_msg=name)
 
 
 def _rewrite_gguf(source: pathlib.Path, target: pathlib.Path, arch: str = "llama",
