@@ -5,10 +5,11 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
-from amd135m import checkpoints, config_lib
+from amd135m import checkpoints, config_lib, model as model_lib
 from amd135m.data import builders, spm, splits
 from amd135m.tokenizer import load_tokenizer
 from amd135m.training import data as data_lib, loop
@@ -24,12 +25,34 @@ def corpora():
       pytest.fail(f"the local corpus {name} is missing: run `make corpora` (make test does it)")
 
 
+def _initial_params(config) -> dict:
+  """The weights the loop starts from in a new workdir: init_from's, else the seed's init."""
+  if config.init_from:
+    return checkpoints.load_params(pathlib.Path(config.init_from).expanduser())[1]
+  init = jax.jit(model_lib.init_params, static_argnums=0)  # compiled once, then from the cache
+  return init(config_lib.model_config(config.model), jax.random.key(config.seed))
+
+
+def _by_name(params) -> dict:
+  return {jax.tree_util.keystr(path): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+
+
 def _three_steps(spec, workdir):
   config = config_lib.load(spec)
   config_lib.apply_overrides(config, ["total_steps=3", "eval_batches=1", "devices=1"])
   result = loop.train_and_evaluate(config, workdir, progress=False)
   assert result.step == 3 and np.isfinite(result.last_metrics["loss"])
   assert np.isfinite(result.eval_metrics["eval_loss"])
+  # An lr that resolves to 0 or an optimizer that drops its updates leaves weights at init.
+  assert result.last_metrics["lr"] > 0, result.last_metrics
+  start = _by_name(_initial_params(config))
+  trained = _by_name(checkpoints.load_params(workdir)[1])
+  assert start.keys() == trained.keys()
+  # 1e-7: this init and the loop's may differ by float rounding (~1e-8, seen eager vs jit-ed);
+  # Adam moves weights by about lr per step, 1e-5 or more here.
+  unchanged = [name for name in start if np.max(np.abs(start[name] - trained[name])) <= 1e-7]
+  assert not unchanged, f"weights still at their initial values after 3 steps: {unchanged}"
   return result
 
 
