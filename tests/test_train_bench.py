@@ -1,15 +1,20 @@
-"""`python -m amd135m.bench train` as a user runs it: both steps run, on the same loss."""
+"""`python -m amd135m.bench train` as a user runs it: both steps run and are timed; the rates and
+MFU follow from the timings, the hand-counted FLOPs and the measured peak."""
 import json
 import math
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_bench_train_runs_ours_and_transformers_on_the_same_loss():
+def test_bench_train_runs_both_steps_and_derives_tokens_per_second_and_mfu_from_them():
+  """Each side starts from its own random weights and batches (the bench shares neither), so
+  their losses are not compared with each other; tests/test_train_step.py compares our loss and
+  gradients with transformers' on the same weights."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run(
       [sys.executable, "-m", "amd135m.bench", "train", "--config", "configs/tiny.py", "--batch",
@@ -19,12 +24,22 @@ def test_bench_train_runs_ours_and_transformers_on_the_same_loss():
   result = json.loads(proc.stdout)
   ours, torch = result["ours"], result["transformers"]
   assert result["tokens_per_step"] == 64 and ours["dtype"] == "float32"
+  # tiny, untied: per layer q, o 64x64, k, v 64x32, mlp 3 x 64x128, 2 norms; a final norm; the
+  # head 64x512 (the input embedding is a lookup) -> N = 106816; attention 12 * L * T * d.
+  assert result["flops_per_token"] == 6 * 106816 + 12 * 2 * 32 * 64
+  peak = result["peak"]
+  assert len(peak["measured"]) == 2 and peak["flops_per_second"] == max(peak["measured"]) > 0
   for side in (ours, torch):
-    assert len(side["step_seconds"]) == 2 and side["tokens_per_second"] > 0
-    assert 0 < side["mfu"] < 1.5  # a measured peak can be beaten a little, not many times
+    assert len(side["step_seconds"]) == 2 and len(side["losses"]) == 3  # + the untimed first
+    assert side["median_step_seconds"] == statistics.median(side["step_seconds"]) > 0
+    assert math.isclose(side["tokens_per_second"], 64 / side["median_step_seconds"])
+    assert math.isclose(side["mfu"], result["flops_per_token"] * side["tokens_per_second"]
+                        / peak["flops_per_second"])
+    assert side["mfu"] < 1.5  # a measured peak can be beaten a little, not many times
   assert math.isclose(result["ratio"], ours["tokens_per_second"] / torch["tokens_per_second"])
-  # Random init (std 0.02) on uniform tokens: both losses start at ~ln(vocab), the mean per token
-  # (a summed or unshifted loss on either side would be far off).
+  # Random init (std 0.02) on uniform tokens: each first loss is ~ln(vocab), so each side takes
+  # the mean over tokens (a sum would be 64x). At init any target costs ~ln(vocab): this cannot
+  # tell next-token targets from unshifted ones.
   for side in (ours, torch):
     assert abs(side["losses"][0] - math.log(512)) < 0.05, side["losses"]
   assert result["provenance"]["device"]["platform"] == "cpu"
