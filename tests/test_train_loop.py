@@ -167,6 +167,9 @@ def test_bad_workdir_flags_and_model_fields_are_one_line_errors(tmp_path):
       (in_the_way, [], f"--workdir {in_the_way}: a file is in the way"),
       ("/proc/amd135m_workdir", [], "--workdir /proc/amd135m_workdir: cannot create"),
       (tmp_path / "w", ["--config.model.attention=bogus"], "choose one of einsum, cudnn"),
+      (tmp_path / "w", ["--config.model.attention=cudnn"],
+       "--config.model.attention=cudnn needs NVIDIA GPUs (cuDNN flash attention); this run's "
+       "devices are cpu: use einsum"),
       (tmp_path / "w", ["--local_processes", "-1"], "--local_processes must be >= 1")]:
     run = _train(workdir, *extra)
     assert run.returncode == 2, run.stderr[-2000:]

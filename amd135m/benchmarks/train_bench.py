@@ -3,7 +3,8 @@
 In one run: (a) our jitted step (`training.step.compile_step` on a 1-device mesh, AdamW as the
 config says, synthetic token batches); (b) transformers' LlamaForCausalLM step on torch with the
 same model, batch, sequence length, loss and optimizer (torch.optim.AdamW with the config's betas,
-eps, weight decay and mask, global-norm clipping), in a subprocess
+eps, weight decay and mask, global-norm clipping; its lr constant at the config's peak where ours
+follows the schedule, which costs nothing measurable), in a subprocess
 (benchmarks/torch_train_reference.py) so this package never imports torch. The two take their
 steps in turn (ours, theirs, ours, ...), so a shared machine's varying load falls on both alike;
 each reports the median of its timed steps after compile and warm-up. (c) The best f32 FLOP/s of

@@ -141,12 +141,15 @@ def _teacher(config, model_config, data_config) -> tuple:
 
 
 def _devices(config) -> list:
-  if not config.devices:
-    return jax.devices()
-  if jax.process_count() > 1 or config.devices > jax.device_count():
+  if config.devices and (jax.process_count() > 1 or config.devices > jax.device_count()):
     raise UserError(f"--config.devices={config.devices}: a subset of devices works in one "
                     f"process only, with at most {jax.device_count()}; use 0 (all)")
-  return jax.devices()[:config.devices]
+  devices = jax.devices()[:config.devices] if config.devices else jax.devices()
+  platforms = {d.platform for d in devices}
+  if config.model.attention == "cudnn" and platforms != {"gpu"}:
+    raise UserError(f"--config.model.attention=cudnn needs NVIDIA GPUs (cuDNN flash attention); "
+                    f"this run's devices are {', '.join(sorted(platforms))}: use einsum")
+  return devices
 
 
 def _global_batch(local: dict, batch_sharding) -> dict:
