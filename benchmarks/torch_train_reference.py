@@ -6,12 +6,14 @@ python benchmarks/torch_train_reference.py --spec '{"model": {...}, "optimizer":
 
 threads: torch's intra-op threads (0: one per CPU, torch's default); model: ModelConfig's fields
 (vocab_size, dim, ...); optimizer: the training config's b1, b2, eps, lr, weight_decay,
-weight_decay_mask, grad_clip. The step is the one ours takes: forward, mean
+weight_decay_mask, grad_clip; weights (optional): a Hugging Face directory to start from instead
+of a seeded init; tokens (optional): an .npy of [count, B, T + 1] batches instead of seeded ones. The step is the one ours takes: forward, mean
 next-token cross-entropy in f32 over all B x T targets, backward, global-norm clipping, AdamW.
 
 Steps on request, so the caller can interleave them with its own (a shared machine's load then
-falls on both alike): prints one JSON line when ready, then for each line 'step' on stdin runs one
-step and prints {"seconds", "loss"}; exits at end of input.
+falls on both alike): prints one JSON line when ready, then for each line 'step' (or 'step LR',
+that step's learning rate) on stdin runs one step and prints {"seconds", "loss"}; exits at end of
+input.
 """
 import argparse
 import json
@@ -19,6 +21,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 import transformers
 
@@ -55,12 +58,19 @@ def main():
   torch.set_num_threads(spec.get("threads") or os.cpu_count())
   model, opt = spec["model"], spec["optimizer"]
   compute = {"float32": None, "bfloat16": torch.bfloat16}[model["dtype"]]
-  hf_model = build(model, spec["seed"])
+  if spec.get("weights"):
+    hf_model = transformers.LlamaForCausalLM.from_pretrained(
+        spec["weights"], dtype=torch.float32, attn_implementation="sdpa").train()
+  else:
+    hf_model = build(model, spec["seed"])
   optimizer = torch.optim.AdamW(param_groups(hf_model, opt), lr=opt["lr"],
                                 betas=(opt["b1"], opt["b2"]), eps=opt["eps"])
-  generator = torch.Generator().manual_seed(spec["seed"])
-  batches = [torch.randint(0, model["vocab_size"], (spec["batch"], spec["seq_len"] + 1),
-                           generator=generator) for _ in range(4)]
+  if spec.get("tokens"):
+    batches = [torch.from_numpy(t).long() for t in np.load(spec["tokens"])]
+  else:
+    generator = torch.Generator().manual_seed(spec["seed"])
+    batches = [torch.randint(0, model["vocab_size"], (spec["batch"], spec["seq_len"] + 1),
+                             generator=generator) for _ in range(4)]
 
   def step(tokens):
     optimizer.zero_grad(set_to_none=True)
@@ -78,8 +88,12 @@ def main():
                         torch_threads=torch.get_num_threads(),
                         attention=hf_model.config._attn_implementation)), flush=True)
   for i, line in enumerate(sys.stdin):
-    if line.strip() != "step":
+    request = line.split()
+    if not request or request[0] != "step" or len(request) > 2:
       raise SystemExit(f"torch_train_reference: unknown request {line.strip()!r}")
+    if len(request) == 2:  # the caller's schedule: set before the step, outside its timing
+      for group in optimizer.param_groups:
+        group["lr"] = float(request[1])
     start = time.perf_counter()
     loss = step(batches[i % len(batches)])
     print(json.dumps({"seconds": time.perf_counter() - start, "loss": loss}), flush=True)

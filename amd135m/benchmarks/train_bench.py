@@ -3,13 +3,14 @@
 In one run: (a) our jitted step (`training.step.compile_step` on a 1-device mesh, AdamW as the
 config says, synthetic token batches); (b) transformers' LlamaForCausalLM step on torch with the
 same model, batch, sequence length, loss and optimizer (torch.optim.AdamW with the config's betas,
-eps, weight decay and mask, global-norm clipping; its lr constant at the config's peak where ours
-follows the schedule, which costs nothing measurable), in a subprocess
+eps, weight decay and mask, global-norm clipping), started from our initial weights (exported to
+Hugging Face format) and fed our batches at our schedule's lr, in a subprocess
 (benchmarks/torch_train_reference.py) so this package never imports torch. The two take their
 steps in turn (ours, theirs, ours, ...), so a shared machine's varying load falls on both alike;
-each reports the median of its timed steps after compile and warm-up. (c) The best f32 FLOP/s of
-an n^3 matmul, measured before and after, is MFU's denominator on a CPU (a known accelerator uses
-its data-sheet peak). FLOPs per token are `training.step.flops_per_token` (model FLOPs:
+each reports the median of its timed steps after compile and warm-up, and their losses must
+agree step by step (`loss_difference`, the largest relative gap: both sides train the same).
+(c) The best f32 FLOP/s of an n^3 matmul, measured before and after, is MFU's denominator on a
+CPU (a known accelerator uses its data-sheet peak). FLOPs per token are `training.step.flops_per_token` (model FLOPs:
 6N + 12 L T d; remat not counted). The load average before and after is recorded.
 """
 import argparse
@@ -20,12 +21,13 @@ import pathlib
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
 import numpy as np
 
-from amd135m import config_lib, metrics, optim, sharding
+from amd135m import checkpoints, config_lib, metrics, optim, sharding
 from amd135m.errors import UserError
 from amd135m.provenance import provenance
 from amd135m.training import step as step_lib
@@ -34,15 +36,18 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 REFERENCE = ROOT / "benchmarks" / "torch_train_reference.py"
 
 
+def synthetic_tokens(vocab_size: int, batch: int, seq_len: int, count: int = 4,
+                     seed: int = 0) -> np.ndarray:
+  """`count` batches of uniform random tokens, [count, B, T + 1] int32 (inputs and targets)."""
+  rng = np.random.default_rng(seed)
+  return rng.integers(0, vocab_size, (count, batch, seq_len + 1), dtype=np.int32)
+
+
 def synthetic_batches(vocab_size: int, batch: int, seq_len: int, count: int = 4,
                       seed: int = 0) -> list[dict]:
-  """`count` batches of uniform random tokens: {'inputs', 'targets'} [B, T] int32."""
-  rng = np.random.default_rng(seed)
-  out = []
-  for _ in range(count):
-    tokens = rng.integers(0, vocab_size, (batch, seq_len + 1), dtype=np.int32)
-    out.append({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
-  return out
+  """The same tokens as {'inputs', 'targets'} [B, T] int32 batches."""
+  return [{"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+          for tokens in synthetic_tokens(vocab_size, batch, seq_len, count, seed)]
 
 
 class OurStep:
@@ -55,10 +60,17 @@ class OurStep:
     self.compiled = step_lib.compile_step(self.model_config, optim.make_optimizer(config),
                                           schedule, mesh,
                                           sharding.parse_rules(config.sharding_rules))
+    self.schedule = schedule
     self.state = self.compiled.init(jax.random.key(config.seed))
-    self.batches = [{k: jax.device_put(v, self.compiled.batch_sharding) for k, v in b.items()}
-                    for b in synthetic_batches(self.model_config.vocab_size, batch, seq_len)]
+    self.tokens = synthetic_tokens(self.model_config.vocab_size, batch, seq_len)
+    self.batches = [{k: jax.device_put(v, self.compiled.batch_sharding)
+                     for k, v in (("inputs", t[:, :-1]), ("targets", t[:, 1:]))}
+                    for t in self.tokens]
     self.calls = 0
+
+  def next_lr(self) -> float:
+    """The learning rate the next call's update uses (the schedule at the optimizer's count)."""
+    return float(self.schedule(self.calls))
 
   def __call__(self) -> tuple[float, float]:
     """(seconds, loss) of one step."""
@@ -70,14 +82,18 @@ class OurStep:
 
 
 class TorchStep:
-  """transformers' step in a subprocess (benchmarks/torch_train_reference.py), step by step."""
+  """transformers' step in a subprocess (benchmarks/torch_train_reference.py), step by step.
 
-  def __init__(self, config, batch: int, seq_len: int, threads: int = 0):
+  weights: a Hugging Face directory to start from and tokens: an .npy of [count, B, T + 1] batches
+  (ours, so that both sides take the same steps); without them, its own init and batches."""
+
+  def __init__(self, config, batch: int, seq_len: int, threads: int = 0, weights: str = "",
+               tokens: str = ""):
     model = dataclasses.asdict(config_lib.model_config(config.model))
     optimizer = {k: config[k] for k in ("lr", "b1", "b2", "eps", "weight_decay",
                                         "weight_decay_mask", "grad_clip")}
     spec = dict(model=model, optimizer=optimizer, batch=batch, seq_len=seq_len, seed=config.seed,
-                threads=threads)
+                threads=threads, weights=weights, tokens=tokens)
     self.proc = subprocess.Popen([sys.executable, str(REFERENCE), "--spec", json.dumps(spec)],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
@@ -92,8 +108,9 @@ class TorchStep:
                       f"{err[-1] if err else 'no output'}")
     return json.loads(line)
 
-  def __call__(self) -> tuple[float, float]:
-    self.proc.stdin.write("step\n")
+  def __call__(self, lr: float | None = None) -> tuple[float, float]:
+    """(seconds, loss) of one step; lr: this step's learning rate (None: the config's lr)."""
+    self.proc.stdin.write("step\n" if lr is None else f"step {lr!r}\n")
     self.proc.stdin.flush()
     out = self._read()
     return out["seconds"], out["loss"]
@@ -140,27 +157,38 @@ def bench_train(config_spec: str, batch: int = 2, seq_len: int = 512, steps: int
   flops_per_token = step_lib.flops_per_token(model_config, seq_len)
   load = [os.getloadavg()[0]]
   peaks = [peak(matmul_n, matmul_runs)]
-  theirs = TorchStep(config, batch, seq_len, torch_threads) if reference else None
-  try:
-    ours_step = OurStep(config, batch, seq_len)
-    times = {"ours": [], "theirs": []}
-    losses = {"ours": [], "theirs": []}  # every step's, the untimed first included
-    compile_seconds, loss = ours_step()  # compile + one step, excluded
-    losses["ours"].append(loss)
-    if theirs is not None:
-      losses["theirs"].append(theirs()[1])  # its first step (allocations), excluded alike
-    # Alternate the two steps, so that another process's load on the machine falls on both.
-    for i in range(warmup - 1 + steps):
-      for name, step in (("ours", ours_step), ("theirs", theirs)):
-        if step is None:
-          continue
-        seconds, loss = step()
-        losses[name].append(loss)
-        if i >= warmup - 1:
-          times[name].append(seconds)
-  finally:
-    if theirs is not None:
-      theirs.close()
+  ours_step = OurStep(config, batch, seq_len)
+  theirs = None
+  with tempfile.TemporaryDirectory() as tmp:
+    if reference:
+      # Both sides start from our initial weights and take our batches at our schedule's lr, so
+      # their losses must agree step by step: the benchmark times the same training.
+      weights, tokens = pathlib.Path(tmp) / "weights", pathlib.Path(tmp) / "tokens.npy"
+      checkpoints.save_hf(weights, model_config,
+                          jax.tree.map(np.asarray, ours_step.state["params"]))
+      np.save(tokens, ours_step.tokens)
+      theirs = TorchStep(config, batch, seq_len, torch_threads, str(weights), str(tokens))
+    try:
+      times = {"ours": [], "theirs": []}
+      losses = {"ours": [], "theirs": []}  # every step's, the untimed first included
+      lr = ours_step.next_lr()
+      compile_seconds, loss = ours_step()  # compile + one step, excluded
+      losses["ours"].append(loss)
+      if theirs is not None:
+        losses["theirs"].append(theirs(lr)[1])  # its first step (allocations), excluded alike
+      # Alternate the two steps, so that another process's load on the machine falls on both.
+      for i in range(warmup - 1 + steps):
+        lr = ours_step.next_lr()
+        for name, step in (("ours", ours_step), ("theirs", theirs)):
+          if step is None:
+            continue
+          seconds, loss = step() if name == "ours" else step(lr)
+          losses[name].append(loss)
+          if i >= warmup - 1:
+            times[name].append(seconds)
+    finally:
+      if theirs is not None:
+        theirs.close()
   peaks.append(peak(matmul_n, matmul_runs))
   load.append(os.getloadavg()[0])
   best_peak = max(peaks)
@@ -188,6 +216,8 @@ def bench_train(config_spec: str, batch: int = 2, seq_len: int = 512, steps: int
     hf.update(rates(hf["tokens_per_second"]))
     result["transformers"] = hf
     result["ratio"] = ours["tokens_per_second"] / hf["tokens_per_second"]
+    result["loss_difference"] = max(
+        abs(a - b) / abs(b) for a, b in zip(losses["ours"], losses["theirs"]))
   result["provenance"] = provenance()
   return result
 
@@ -236,4 +266,5 @@ def print_train(r: dict) -> None:
           f"{row['model_flops_per_second'] / 1e9:6.1f} GFLOP/s, MFU {100 * row['mfu']:.1f}% "
           f"(median step {row['median_step_seconds']:.3f} s)")
   if "ratio" in r:
-    print(f"ours / transformers: {r['ratio']:.2f}x")
+    print(f"ours / transformers: {r['ratio']:.2f}x (same weights, batches and lr: losses agree "
+          f"to {r['loss_difference']:.1e} relative)")
