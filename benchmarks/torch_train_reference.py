@@ -7,8 +7,9 @@ python benchmarks/torch_train_reference.py --spec '{"model": {...}, "optimizer":
 threads: torch's intra-op threads (0: one per CPU, torch's default); model: ModelConfig's fields
 (vocab_size, dim, ...); optimizer: the training config's b1, b2, eps, lr, weight_decay,
 weight_decay_mask, grad_clip; weights (optional): a Hugging Face directory to start from instead
-of a seeded init; tokens (optional): an .npy of [count, B, T + 1] batches instead of seeded ones. The step is the one ours takes: forward, mean
-next-token cross-entropy in f32 over all B x T targets, backward, global-norm clipping, AdamW.
+of a seeded init; tokens (optional): an .npy of [count, B, T + 1] batches instead of seeded ones.
+The step is the one ours takes: forward, mean next-token cross-entropy in f32 over all B x T
+targets, backward, global-norm clipping, AdamW.
 
 Steps on request, so the caller can interleave them with its own (a shared machine's load then
 falls on both alike): prints one JSON line when ready, then for each line 'step' (or 'step LR',

@@ -10,8 +10,9 @@ steps in turn (ours, theirs, ours, ...), so a shared machine's varying load fall
 each reports the median of its timed steps after compile and warm-up, and their losses must
 agree step by step (`loss_difference`, the largest relative gap: both sides train the same).
 (c) The best f32 FLOP/s of an n^3 matmul, measured before and after, is MFU's denominator on a
-CPU (a known accelerator uses its data-sheet peak). FLOPs per token are `training.step.flops_per_token` (model FLOPs:
-6N + 12 L T d; remat not counted). The load average before and after is recorded.
+CPU (a known accelerator uses its data-sheet peak). FLOPs per token are
+`training.step.flops_per_token` (model FLOPs: 6N + 12 L T d; remat not counted). The load
+average before and after is recorded.
 """
 import argparse
 import dataclasses
