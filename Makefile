@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 SMOLLM2 := $(shell $(PY) tools/fetch_test_models.py --print-path 2>/dev/null)
 
-.PHONY: install models corpora test demo reproduce bench gpu-wheels clean
+.PHONY: install models corpora test demo reproduce bench clean
 
 # torch first, pinned: that takes the CPU wheel; letting transformers pull torch brings a CUDA build.
 $(VENV)/.installed: setup.py

@@ -149,6 +149,10 @@ def test_local_text_patterns_and_shards(tmp_path):
                                   shard_index=i, num_shards=2)) for i in range(2)]
   assert parts[0] + parts[1] == whole  # same records, same order
   assert [r[0] for r in whole] == ["pkg/m0.py:0", "pkg/m1.py:0", "pkg/m2.py:0", "pkg/m3.py:0"]
+  # Loading without the patterns it was prepared with names what the directory does hold.
+  with pytest.raises(UserError, match=r"prepared from other file patterns \(all-[0-9a-f]{8}, "
+                                      r"shard0-of-2-[0-9a-f]{8}, shard1-of-2-[0-9a-f]{8}\): give"):
+    builders.load("local_text", tmp_path / "tfds")
   # Prepared only in shards, the dataset loads whole: the shards concatenated.
   only_shards = tmp_path / "only_shards"
   for i in range(2):
