@@ -541,8 +541,9 @@ def _prepared(name: str, data_dir, patterns, shard_index: int | None,
                         f"prepare them (--shard-index i --num-shards {n}) first")
   for builder in builders:
     if not _is_prepared(builder):
-      configs = pathlib.Path(builder.data_path).parent.parent
-      others = sorted(p.name for p in configs.glob("*") if p.is_dir()) if configs.is_dir() else []
+      wanted = pathlib.Path(builder.data_path).parent  # .../BUILDER/CONFIG/VERSION
+      others = sorted(p.name for p in wanted.parent.glob("*")
+                      if p.is_dir() and p.name != wanted.name) if wanted.parent.is_dir() else []
       hint = (f"; it holds {name} prepared from other file patterns ({', '.join(others)}): give "
               f"the patterns it was prepared with, e.g. {name}@{data_dir}:*.txt"
               if others else f": run `python -m amd135m.data prepare --dataset {name} ...` first")
