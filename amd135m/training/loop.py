@@ -247,9 +247,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if bad:
       ckpt.wait()
       good = ckpt.latest_step()
+      kept = (f"the last good checkpoint is step {good} in {workdir / orbax_io.CHECKPOINT_DIR}"
+              if good is not None else "no checkpoint was saved before it")
       raise TrainingDiverged(
-          f"{bad[0]} is {host[bad[0]]} at step {step}; the last good checkpoint is step {good} "
-          f"in {workdir / orbax_io.CHECKPOINT_DIR}: lower --config.lr or raise "
+          f"{bad[0]} is {host[bad[0]]} at step {step}; {kept}: lower --config.lr or raise "
           "--config.warmup_steps and rerun")
     return host
 
