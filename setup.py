@@ -40,6 +40,8 @@ setuptools.setup(
     description="AMD-135M re-implemented in JAX/Flax: exact Llama, checkpoint interop, "
     "fast generation and speculative decoding.",
     packages=setuptools.find_packages(include=["amd135m", "amd135m.*"]),
+    # The CPU small-matmul kernel's source, compiled on first use (amd135m/cpu_kernels.py).
+    package_data={"amd135m": ["csrc/*.cc"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={"dev": DEV_REQUIRES},

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from amd135m import cpu_kernels
 from amd135m.model_config import ModelConfig  # noqa: F401 (re-exported: model.ModelConfig)
 
 
@@ -78,6 +79,15 @@ def _weight(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[st
   return constrain(weight, tuple(f"use_{a}" for a in axes))
 
 
+def _product(rows: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
+  """rows [N, in] @ w [in, out], or @ w.T for w [out, in] when transposed. A decode step or a
+  speculative verification (1-8 f32 rows, unsharded) goes to cpu_kernels' streaming kernel on
+  CPUs, which reads the weight once for all rows where XLA's GEMM packs it on every call."""
+  if _SHARDING.get() is None and rows.shape[0] <= cpu_kernels.MAX_ROWS:
+    return cpu_kernels.matmul(rows, w, transposed)
+  return jnp.einsum("NI,OI->NO" if transposed else "NI,IO->NO", rows, w)
+
+
 class Linear(nn.Module):
   """y = x W with the kernel W stored [in, out]."""
   config: ModelConfig
@@ -91,7 +101,7 @@ class Linear(nn.Module):
     # A 2-D product over B*T rows: XLA's CPU backend lays out the weight gradient of the 3-D
     # einsum with transposing copies (an MLP's forward+backward ran 1.3x slower).
     rows = x.reshape(-1, x.shape[-1]).astype(dtype)                               # [B*T, in]
-    out = jnp.einsum("NI,IO->NO", rows, w.astype(dtype))
+    out = _product(rows, w.astype(dtype), transposed=False)
     return out.reshape(*x.shape[:-1], self.features)
 
 
@@ -111,7 +121,7 @@ class Embedding(nn.Module):
   def attend(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V]: the tied output head
     dtype = jnp.dtype(self.config.dtype)
     rows = x.reshape(-1, x.shape[-1]).astype(dtype)                               # [B*T, D]
-    logits = jnp.einsum("ND,VD->NV", rows, self.embedding.astype(dtype))
+    logits = _product(rows, self.embedding.astype(dtype), transposed=True)
     return logits.reshape(*x.shape[:-1], -1)
 
 

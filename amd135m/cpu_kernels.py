@@ -1,0 +1,118 @@
+"""A CPU kernel for products of a few rows with a large f32 weight (csrc/small_matmul.cc).
+
+A decode step multiplies one row by every weight, a speculative verification gamma + 1 rows. On
+CPUs XLA runs the first as a matrix-vector kernel and the second as a GEMM that packs the weight
+on every call, so verifying 5 tokens cost 1.5 single-token steps where reading the weights once
+should cost about 1. `matmul` sends products of 1-8 f32 rows to a kernel that streams each weight
+once for all rows; everything else (more rows, other dtypes, GPUs, gradients) stays with XLA.
+
+The kernel is compiled with the system's C++ compiler on first use and cached per CPU under
+$AMD135M_CACHE/kernels. Without a compiler, or with AMD135M_CPU_KERNELS=0, XLA does every
+product (the numbers agree to rounding; only speed differs).
+"""
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+
+import jax
+import jax.numpy as jnp
+
+MAX_ROWS = 8
+_SOURCE = pathlib.Path(__file__).parent / "csrc" / "small_matmul.cc"
+_TARGET = "amd135m_small_matmul"
+
+
+def _cpu_signature() -> str:
+  """What -march=native compiles for: the CPU model and its flags."""
+  try:
+    text = pathlib.Path("/proc/cpuinfo").read_text()
+    lines = [l for l in text.splitlines() if l.startswith(("model name", "flags"))][:2]
+    return "\n".join(lines)
+  except OSError:
+    return platform.processor()
+
+
+def _compile() -> pathlib.Path:
+  from amd135m import config_lib  # here: config_lib imports the model, which imports this module
+  source = _SOURCE.read_bytes()
+  key = hashlib.sha256(source + jax.__version__.encode() + _cpu_signature().encode()).hexdigest()
+  target = pathlib.Path(config_lib.cache_path("kernels")) / f"small_matmul-{key[:16]}.so"
+  if target.exists():
+    return target
+  compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+  if compiler is None:
+    raise RuntimeError("no C++ compiler (g++) on PATH")
+  target.parent.mkdir(parents=True, exist_ok=True)
+  # Built beside the target and renamed into place, so concurrent processes never load half a file.
+  with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    built = pathlib.Path(tmp) / target.name
+    command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
+               "-I", jax.ffi.include_dir(), str(_SOURCE), "-o", str(built)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+      raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+    os.replace(built, target)
+  return target
+
+
+@functools.cache
+def available() -> bool:
+  """Whether the kernel is built and registered with XLA (compiling it on first call)."""
+  if os.environ.get("AMD135M_CPU_KERNELS", "1") == "0":
+    return False
+  try:
+    library = ctypes.cdll.LoadLibrary(str(_compile()))
+    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.Amd135mSmallMatmul),
+                                platform="cpu")
+    return True
+  except (OSError, RuntimeError) as e:
+    warnings.warn(f"amd135m: the CPU small-matmul kernel is unavailable, XLA does every product "
+                  f"({str(e).splitlines()[0]})", stacklevel=2)
+    return False
+
+
+def _kernel(x: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
+  n = w.shape[0] if transposed else w.shape[1]
+  call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32),
+                          vmap_method="sequential")
+  return call(x, w, transposed=transposed)
+
+
+def _xla(x: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
+  return jnp.einsum("NK,VK->NV" if transposed else "NK,KV->NV", x, w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _small_matmul(x, w, transposed):
+  # The kernel on CPUs; the same product through XLA where the program is lowered for a GPU.
+  return jax.lax.platform_dependent(x, w, cpu=lambda x, w: _kernel(x, w, transposed),
+                                    default=lambda x, w: _xla(x, w, transposed))
+
+
+def _forward(x, w, transposed):
+  return _small_matmul(x, w, transposed), (x, w)
+
+
+def _backward(transposed, residuals, g):
+  x, w = residuals
+  _, pullback = jax.vjp(lambda x, w: _xla(x, w, transposed), x, w)
+  return pullback(g)
+
+
+_small_matmul.defvjp(_forward, _backward)
+
+
+def matmul(x: jax.Array, w: jax.Array, transposed: bool = False) -> jax.Array:
+  """x [M, K] @ w [K, N] (or @ w.T for w [N, K] when transposed): the kernel for 1-8 f32 rows on
+  a CPU-capable build, XLA's einsum otherwise."""
+  if (x.shape[0] <= MAX_ROWS and x.dtype == jnp.float32 and w.dtype == jnp.float32
+      and x.ndim == 2 and w.ndim == 2 and available()):
+    return _small_matmul(x, w, transposed)
+  return _xla(x, w, transposed)

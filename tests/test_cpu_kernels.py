@@ -1,0 +1,119 @@
+"""The CPU small-matmul kernel (amd135m/csrc/small_matmul.cc): exact to f32 rounding, row by row
+the same whatever the number of rows, used by the model where it should be and nowhere else."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from amd135m import cpu_kernels, model as model_lib
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
+                                reason="no C++ compiler: the kernel could not be built")
+
+# Tails everywhere: K not a multiple of the 8-row blocks or 16 lanes, N not a multiple of 16,
+# V not a multiple of the 4-row blocks, and SmolLM2's real shapes.
+SHAPES = [(37, 50), (8, 16), (576, 192), (1536, 576), (3, 1)]
+
+
+def _product(rows, k, n, transposed, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((rows, k)).astype(np.float32)
+  w = rng.standard_normal((n, k) if transposed else (k, n)).astype(np.float32)
+  out = jax.jit(lambda x, w: cpu_kernels.matmul(x, w, transposed))(x, w)
+  return x, w, np.asarray(out)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("k,n", SHAPES)
+def test_products_equal_float64_within_f32_rounding(k, n, transposed):
+  for rows in range(1, cpu_kernels.MAX_ROWS + 1):
+    x, w, out = _product(rows, k, n, transposed)
+    w64 = w.astype(np.float64)
+    exact = x.astype(np.float64) @ (w64.T if transposed else w64)
+    # A sum of k products in f32: error below k * eps * sum |x_i w_i|, far below it in practice.
+    scale = np.abs(x).astype(np.float64) @ np.abs(w64.T if transposed else w64)
+    assert out.shape == exact.shape
+    np.testing.assert_array_less(np.abs(out - exact), k * 6e-8 * scale + 1e-30)
+    # and as close to XLA's own product as two f32 summation orders are
+    xla = np.asarray(jnp.einsum("NK,VK->NV" if transposed else "NK,KV->NV", x, w))
+    np.testing.assert_allclose(out, xla, rtol=0, atol=2e-6 * np.sqrt(k) * scale.max())
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_each_row_is_bitwise_its_one_row_product(transposed):
+  """A speculative verification's row m equals the decode step that would have scored it."""
+  k, n = 576, 200
+  for rows in (2, 5, 8):
+    x, w, out = _product(rows, k, n, transposed, seed=rows)
+    for m in range(rows):
+      alone = np.asarray(jax.jit(lambda x, w: cpu_kernels.matmul(x, w, transposed))(x[m:m + 1], w))
+      assert np.array_equal(out[m], alone[0]), (rows, m)
+
+
+def test_gradients_and_vmap_follow_xla():
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((3, 40)), jnp.float32)
+  w = jnp.asarray(np.random.default_rng(2).standard_normal((40, 24)), jnp.float32)
+  loss = lambda f: lambda x, w: (jnp.sin(f(x, w)) ** 2).sum()
+  ours = jax.grad(loss(cpu_kernels.matmul), argnums=(0, 1))(x, w)
+  xla = jax.grad(loss(lambda x, w: x @ w), argnums=(0, 1))(x, w)
+  for a, b in zip(ours, xla):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  batched = jax.vmap(lambda x: cpu_kernels.matmul(x, w))(jnp.stack([x, 2 * x]))
+  np.testing.assert_allclose(batched, jnp.stack([x @ w, 2 * x @ w]), rtol=1e-5, atol=1e-4)
+
+
+def _lowered(rows, platforms=None, dtype=jnp.float32):
+  x, w = jnp.ones((rows, 16), dtype), jnp.ones((16, 32), dtype)
+  lowered = jax.jit(lambda x, w: cpu_kernels.matmul(x, w)).trace(x, w)
+  return (lowered.lower(lowering_platforms=platforms) if platforms else lowered.lower()).as_text()
+
+
+def test_only_few_f32_rows_on_cpu_reach_the_kernel():
+  assert "amd135m_small_matmul" in _lowered(1)
+  assert "amd135m_small_matmul" in _lowered(cpu_kernels.MAX_ROWS)
+  assert "amd135m_small_matmul" not in _lowered(cpu_kernels.MAX_ROWS + 1)
+  assert "amd135m_small_matmul" not in _lowered(2, dtype=jnp.bfloat16)
+  # A program lowered for a GPU takes XLA's product.
+  assert "amd135m_small_matmul" not in _lowered(2, platforms=("cuda",))
+
+
+def test_the_model_decodes_through_the_kernel():
+  config = model_lib.ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                 ffn_dim=48, max_seq_len=64, tie_embeddings=True)
+  params = model_lib.init_params(config, jax.random.PRNGKey(0))
+  cache = model_lib.init_cache(config, 1, 16)
+  step = jax.jit(lambda p, t, c: model_lib.forward(p, config, t, c)[0])
+  text = step.trace(params, jnp.zeros((1, 3), jnp.int32), cache).lower().as_text()
+  # 7 layer products per layer and the tied head
+  assert text.count("amd135m_small_matmul") == 7 * config.n_layers + 1
+  wide = step.trace(params, jnp.zeros((1, 12), jnp.int32), cache).lower().as_text()
+  assert "amd135m_small_matmul" not in wide
+
+
+def test_switching_it_off_leaves_xla_and_the_same_logits(tmp_path):
+  """AMD135M_CPU_KERNELS=0 takes XLA's products; the logits agree to f32 rounding."""
+  script = (
+      "import sys, numpy as np, jax, jax.numpy as jnp\n"
+      "from amd135m import model as m\n"
+      "c = m.ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,"
+      " max_seq_len=64, tie_embeddings=False)\n"
+      "p = m.init_params(c, jax.random.PRNGKey(0))\n"
+      "f = jax.jit(lambda p, t, cache: m.forward(p, c, t, cache)[0])\n"
+      "t, cache = jnp.arange(4, dtype=jnp.int32)[None], m.init_cache(c, 1, 8)\n"
+      "print('kernel' if 'amd135m_small_matmul' in f.trace(p, t, cache).lower().as_text()"
+      " else 'xla')\n"
+      "np.save(sys.argv[1], np.asarray(f(p, t, cache)))\n")
+  outputs = {}
+  for switch in ("1", "0"):
+    env = dict(os.environ, AMD135M_CPU_KERNELS=switch, JAX_PLATFORMS="cpu")
+    path = tmp_path / f"{switch}.npy"
+    run = subprocess.run([sys.executable, "-c", script, str(path)], env=env, capture_output=True,
+                         text=True, check=True)
+    outputs[run.stdout.strip()] = np.load(path)
+  assert set(outputs) == {"kernel", "xla"}
+  np.testing.assert_allclose(outputs["kernel"], outputs["xla"], rtol=0, atol=1e-5)
+  assert np.abs(outputs["kernel"]).max() > 1e-2
