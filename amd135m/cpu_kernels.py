@@ -27,6 +27,7 @@ import jax.numpy as jnp
 MAX_ROWS = 8
 _SOURCE = pathlib.Path(__file__).parent / "csrc" / "small_matmul.cc"
 _TARGET = "amd135m_small_matmul"
+_ATTENTION = "amd135m_cached_attention"
 
 
 def _cpu_signature() -> str:
@@ -71,6 +72,8 @@ def available() -> bool:
     library = ctypes.cdll.LoadLibrary(str(_compile()))
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.Amd135mSmallMatmul),
                                 platform="cpu")
+    jax.ffi.register_ffi_target(_ATTENTION, jax.ffi.pycapsule(library.Amd135mCachedAttention),
+                                platform="cpu")
     return True
   except (OSError, RuntimeError) as e:
     warnings.warn(f"amd135m: the CPU small-matmul kernel is unavailable, XLA does every product "
@@ -79,6 +82,8 @@ def available() -> bool:
 
 
 def _kernel(x: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
+  if not available():
+    raise RuntimeError("the CPU kernels are unavailable (see the warning above)")
   n = w.shape[0] if transposed else w.shape[1]
   call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32),
                           vmap_method="sequential")
@@ -116,3 +121,44 @@ def matmul(x: jax.Array, w: jax.Array, transposed: bool = False) -> jax.Array:
       and x.ndim == 2 and w.ndim == 2 and available()):
     return _small_matmul(x, w, transposed)
   return _xla(x, w, transposed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cached attention for 1-8 new tokens per row: one call per layer instead of XLA's dozen ops.
+
+def attention_applies(q: jax.Array, k_cache: jax.Array, dtype) -> bool:
+  """Whether cached_attention takes this layer: f32 throughout, 1-8 new tokens per row, a head
+  dimension in whole 16-lane vectors."""
+  return (q.shape[1] <= MAX_ROWS and q.shape[-1] % 16 == 0 and q.dtype == jnp.float32
+          and k_cache.dtype == jnp.float32 and jnp.dtype(dtype) == jnp.float32 and available())
+
+
+def _attention_kernel(q, k, v, k_cache, v_cache, length):
+  if not available():
+    raise RuntimeError("the CPU kernels are unavailable (see the warning above)")
+  out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+  cache = jax.ShapeDtypeStruct(k_cache.shape, jnp.float32)
+  # The caches are aliased to the results: the kernel writes the new slots in place.
+  call = jax.ffi.ffi_call(_ATTENTION, (out, cache, cache), vmap_method="sequential",
+                          input_output_aliases={3: 1, 4: 2})
+  return call(q, k, v, k_cache, v_cache, length.astype(jnp.int32))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def cached_attention(reference, q, k, v, k_cache, v_cache, length):
+  """reference(q, k, v, k_cache, v_cache, length) -> (out [B, T, N, H], k_cache, v_cache): XLA's
+  form, which this computes in one kernel call on CPUs; it runs on other platforms and gives the
+  gradient. q [B, T, N, H]; k, v [B, T, K, H]; caches [B, S, K, H]; length [B]."""
+  return jax.lax.platform_dependent(q, k, v, k_cache, v_cache, length, cpu=_attention_kernel,
+                                    default=reference)
+
+
+def _attention_forward(reference, *args):
+  return cached_attention(reference, *args), args
+
+
+def _attention_backward(reference, args, g):
+  return jax.vjp(reference, *args)[1](g)
+
+
+cached_attention.defvjp(_attention_forward, _attention_backward)

@@ -9,6 +9,7 @@ Kernels are [in, out] because XLA's CPU matrix-vector product streams that layou
 """
 import contextlib
 import contextvars
+import functools
 
 import flax
 import flax.linen as nn
@@ -168,22 +169,22 @@ class Attention(nn.Module):
     v = constrain(v, ("act_batch", "act_seq", "act_kv_heads", None))
 
     if cache_kv is not None:
-      # Write the T new keys/values of row b at slots length[b] + [0, T). A select over the whole
-      # cache rather than a per-row dynamic_update_slice: XLA lowers the batched one to a scatter
-      # that it does not update in place inside the decode loop. The rows are placed by a one-hot
-      # product (exact: each slot sums one value times 1), which XLA runs far faster than a gather.
-      slot = jnp.arange(cache_kv[0].shape[1])[None, :] - cache_length[:, None]       # [B, S]
-      place = (slot[:, :, None] == jnp.arange(t)[None, None, :]).astype(cache_kv[0].dtype)
-      written = ((slot >= 0) & (slot < t))[:, :, None, None]
-      k = jnp.where(written, jnp.einsum("BST,BTKH->BSKH", place, k.astype(place.dtype)),
-                    cache_kv[0])
-      v = jnp.where(written, jnp.einsum("BST,BTKH->BSKH", place, v.astype(place.dtype)),
-                    cache_kv[1])
-      new_kv = (k, v)
-    else:
-      new_kv = (k, v)  # this forward's own keys and values (a prefill keeps them as its cache)
+      if not return_attention and _SHARDING.get() is None and cpu_kernels.attention_applies(
+          q, cache_kv[0], c.dtype):
+        # One call per layer on CPUs: the cache written in place, each query attending only to the
+        # slots up to its own position (the XLA form below as its reference and gradient).
+        out, k, v = cpu_kernels.cached_attention(
+            functools.partial(_cached_attention, dtype=c.dtype), q, k, v, *cache_kv, cache_length)
+      else:
+        out, k, v, probs = _cached_attention(q, k, v, *cache_kv, cache_length, c.dtype,
+                                             return_probs=True)
+        if return_attention:
+          self.sow("intermediates", "attention", probs)                           # [B, N, T, S]
+      out = out.reshape(b, t, c.n_heads * c.head_dim)
+      return Linear(c, c.dim, ("heads", "embed"), name="o_proj")(out), (k, v)
+    new_kv = (k, v)  # this forward's own keys and values (a prefill keeps them as its cache)
 
-    if cache_kv is None and not return_attention and c.attention != "einsum":
+    if not return_attention and c.attention != "einsum":
       # Without a cache the mask is plain causal: a fused kernel never materialises the [T, S]
       # scores (cuDNN flash attention: bf16/fp16 on NVIDIA GPUs, and it skips the masked half).
       out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
@@ -191,26 +192,45 @@ class Attention(nn.Module):
       out = out.reshape(b, t, c.n_heads * c.head_dim)
       return Linear(c, c.dim, ("heads", "embed"), name="o_proj")(out), new_kv
 
-    if cache_kv is None and return_attention:
+    if return_attention:
       out, probs = _grouped_attention(q, k, v, mask, c.dtype)                    # [B, T, N*H]
       # [B, K, G*T, S] -> [B, N, T, S]
       self.sow("intermediates", "attention", probs.reshape(b, c.n_heads, t, -1))
       return Linear(c, c.dim, ("heads", "embed"), name="o_proj")(out), new_kv
-    if cache_kv is None:
-      out = _causal_attention(q, k, v, mask, c.dtype)                            # [B, T, N*H]
-      return Linear(c, c.dim, ("heads", "embed"), name="o_proj")(out), new_kv
-
-    # Query head n = kv_head * n_groups + group, as in the reference's repeat_kv.
-    q = q.reshape(b, t, c.n_kv_heads, n_groups, c.head_dim)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(q.dtype)).astype(jnp.float32)
-    scores = scores / jnp.sqrt(jnp.float32(c.head_dim))
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    if return_attention:
-      self.sow("intermediates", "attention", probs.reshape(b, c.n_heads, t, -1))  # [B, N, T, S]
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(c.dtype), v.astype(c.dtype))
-    out = out.reshape(b, t, c.n_heads * c.head_dim)
+    out = _causal_attention(q, k, v, mask, c.dtype)                              # [B, T, N*H]
     return Linear(c, c.dim, ("heads", "embed"), name="o_proj")(out), new_kv
+
+
+def _cached_attention(q, k, v, k_cache, v_cache, length, dtype, return_probs=False):
+  """Writes the T new keys/values of row b at cache slots length[b] + [0, T) and attends each
+  query at position length[b] + t to the slots up to it. q: [B, T, N, H]; k, v: [B, T, K, H];
+  caches [B, S, K, H]. Returns (out [B, T, N, H], k_cache, v_cache[, probs [B, N, T, S]])."""
+  b, t, n_heads, head_dim = q.shape
+  n_kv = k_cache.shape[2]
+  # A select over the whole cache rather than a per-row dynamic_update_slice: XLA lowers the
+  # batched one to a scatter that it does not update in place inside the decode loop. The rows
+  # are placed by a one-hot product (exact: each slot sums one value times 1), which XLA runs far
+  # faster than a gather.
+  slot = jnp.arange(k_cache.shape[1])[None, :] - length[:, None]                   # [B, S]
+  place = (slot[:, :, None] == jnp.arange(t)[None, None, :]).astype(k_cache.dtype)
+  written = ((slot >= 0) & (slot < t))[:, :, None, None]
+  k_cache = jnp.where(written, jnp.einsum("BST,BTKH->BSKH", place, k.astype(place.dtype)),
+                      k_cache)
+  v_cache = jnp.where(written, jnp.einsum("BST,BTKH->BSKH", place, v.astype(place.dtype)),
+                      v_cache)
+  positions = length[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]          # [B, T]
+  mask = jnp.arange(k_cache.shape[1])[None, None, :] <= positions[:, :, None]     # [B, T, S]
+  # Query head n = kv_head * n_groups + group, as in the reference's repeat_kv.
+  q = q.reshape(b, t, n_kv, n_heads // n_kv, head_dim)
+  scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_cache.astype(q.dtype)).astype(jnp.float32)
+  scores = scores / jnp.sqrt(jnp.float32(head_dim))
+  scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(dtype), v_cache.astype(dtype))
+  out = out.reshape(b, t, n_heads, head_dim)
+  if return_probs:
+    return out, k_cache, v_cache, probs.reshape(b, n_heads, t, -1)
+  return out, k_cache, v_cache
 
 
 def _grouped_attention(q, k, v, mask, dtype) -> tuple[jax.Array, jax.Array]:

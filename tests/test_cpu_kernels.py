@@ -1,5 +1,7 @@
-"""The CPU small-matmul kernel (amd135m/csrc/small_matmul.cc): exact to f32 rounding, row by row
-the same whatever the number of rows, used by the model where it should be and nowhere else."""
+"""The CPU kernels (amd135m/csrc/small_matmul.cc): products of a few rows, exact to f32 rounding
+and row by row the same whatever the number of rows; cached attention for a few new tokens, equal
+to XLA's form; both used by the model where they should be and nowhere else."""
+import functools
 import os
 import subprocess
 import sys
@@ -82,16 +84,17 @@ def test_only_few_f32_rows_on_cpu_reach_the_kernel():
 
 
 def test_the_model_decodes_through_the_kernel():
-  config = model_lib.ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+  config = model_lib.ModelConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
                                  ffn_dim=48, max_seq_len=64, tie_embeddings=True)
   params = model_lib.init_params(config, jax.random.PRNGKey(0))
   cache = model_lib.init_cache(config, 1, 16)
   step = jax.jit(lambda p, t, c: model_lib.forward(p, config, t, c)[0])
   text = step.trace(params, jnp.zeros((1, 3), jnp.int32), cache).lower().as_text()
-  # 7 layer products per layer and the tied head
+  # 7 layer products per layer and the tied head; one attention call per layer
   assert text.count("amd135m_small_matmul") == 7 * config.n_layers + 1
+  assert text.count("amd135m_cached_attention") == config.n_layers
   wide = step.trace(params, jnp.zeros((1, 12), jnp.int32), cache).lower().as_text()
-  assert "amd135m_small_matmul" not in wide
+  assert "amd135m_small_matmul" not in wide and "amd135m_cached_attention" not in wide
 
 
 def test_switching_it_off_leaves_xla_and_the_same_logits(tmp_path):
@@ -99,7 +102,7 @@ def test_switching_it_off_leaves_xla_and_the_same_logits(tmp_path):
   script = (
       "import sys, numpy as np, jax, jax.numpy as jnp\n"
       "from amd135m import model as m\n"
-      "c = m.ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,"
+      "c = m.ModelConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,"
       " max_seq_len=64, tie_embeddings=False)\n"
       "p = m.init_params(c, jax.random.PRNGKey(0))\n"
       "f = jax.jit(lambda p, t, cache: m.forward(p, c, t, cache)[0])\n"
@@ -117,3 +120,39 @@ def test_switching_it_off_leaves_xla_and_the_same_logits(tmp_path):
   assert set(outputs) == {"kernel", "xla"}
   np.testing.assert_allclose(outputs["kernel"], outputs["xla"], rtol=0, atol=1e-5)
   assert np.abs(outputs["kernel"]).max() > 1e-2
+
+
+def _attention_inputs(b, t, s, lengths, seed=0):
+  rng = np.random.default_rng(seed)
+  n, k, h = 9, 3, 64
+  shapes = [(b, t, n, h), (b, t, k, h), (b, t, k, h), (b, s, k, h), (b, s, k, h)]
+  arrays = [jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in shapes]
+  return (*arrays, jnp.asarray(lengths, jnp.int32))
+
+
+@pytest.mark.parametrize("t,lengths", [(1, [0, 19]), (5, [3, 30]), (8, [0, 32]), (3, [38, 20])])
+def test_cached_attention_equals_xla(t, lengths):
+  """Ragged rows, an empty cache, a write reaching the last slot and one running past it (dropped,
+  as XLA's masked write drops it)."""
+  args = _attention_inputs(2, t, 40, lengths)
+  reference = functools.partial(model_lib._cached_attention, dtype="float32")
+  ours = jax.jit(lambda *a: cpu_kernels.cached_attention(reference, *a))(*args)
+  xla = jax.jit(reference)(*args)
+  np.testing.assert_allclose(ours[0], xla[0], rtol=0, atol=2e-6)
+  for cache, expected in zip(ours[1:], xla[1:]):
+    assert np.array_equal(cache, expected)
+  # The caches passed in are left as they were (XLA copies them for the in-place write when the
+  # caller keeps them).
+  assert np.array_equal(args[3], _attention_inputs(2, t, 40, lengths)[3])
+  assert "amd135m_cached_attention" in jax.jit(
+      lambda *a: cpu_kernels.cached_attention(reference, *a)).trace(*args).lower().as_text()
+
+
+def test_cached_attention_gradient_is_xlas():
+  args = _attention_inputs(1, 2, 12, [4])
+  reference = functools.partial(model_lib._cached_attention, dtype="float32")
+  loss = lambda f: lambda q, k: (f(q, k, *args[2:])[0] ** 2).sum()
+  ours = jax.grad(loss(lambda *a: cpu_kernels.cached_attention(reference, *a)), (0, 1))(*args[:2])
+  xla = jax.grad(loss(reference), (0, 1))(*args[:2])
+  for a, b in zip(ours, xla):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
