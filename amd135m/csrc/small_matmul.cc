@@ -1,25 +1,32 @@
-// Products of a few rows with a large f32 weight on CPUs: out[M, N] = x[M, K] @ W, M <= 8.
+// CPU kernels for decode steps and speculative verifications: products of a few rows with a
+// large f32 weight (out[M, N] = x[M, K] @ W, M <= 8), and cached attention for a few new tokens.
 //
 // Why: a decode step, and a speculative verification of gamma + 1 tokens, read every weight once
 // and do almost no arithmetic per byte. XLA's CPU backend runs a 1-row product as its own
 // matrix-vector kernel, but 2-8 rows as a GEMM that packs the weight on every call, so a 5-row
 // forward cost 1.5 one-row forwards where reading the weights should make it about 1. These
 // kernels stream each weight once for all M rows (register-blocked over the rows, software
-// prefetch ahead of the stream) and split the output columns between the threads of XLA's
-// intra-op pool.
+// prefetch ahead of the stream) and split the output columns between the calling thread and
+// helper threads of their own.
 //
 // Every output element is summed in the same order whatever M and the thread count, so row m of
 // a several-row product is bitwise the one-row product of row m.
 //
 // Built on first use by amd135m/cpu_kernels.py (g++ -O3 -march=native, cached per CPU).
 #include <algorithm>
-#include <cmath>
 #include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
+#include <thread>
 #include <vector>
+
+#include <unistd.h>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -113,9 +120,9 @@ void MatmulNT(const float* __restrict x, const float* __restrict e, float* __res
     }
 }
 
-// Runs body(0..chunks-1) on the calling thread and on helpers scheduled on XLA's pool. Chunks are
-// claimed from a counter, so a helper that starts late (or never) only means the caller does
-// more; the caller waits only for chunks a helper has claimed, which are already running.
+// A job split into chunks that threads claim from a counter: whoever comes (the caller, a worker
+// that wakes late, or no worker at all) takes the next chunk, and the caller waits only for chunks
+// already claimed, which are running.
 struct Job {
   std::atomic<int> next{0};
   std::atomic<int> done{0};
@@ -130,14 +137,80 @@ struct Job {
   }
 };
 
-void RunChunks(ffi::ThreadPool& pool, int chunks, std::function<void(int)> body) {
-  auto job = std::make_shared<Job>();
-  job->chunks = chunks;
-  job->body = std::move(body);
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([job] { job->Work(); });
-  job->Work();
-  while (job->done.load(std::memory_order_acquire) < chunks) __builtin_ia32_pause();
+// Helper threads that spin briefly between jobs: a SmolLM2 forward calls these kernels some 240
+// times, tens of microseconds apart (the smallest, a 576 x 192 product, takes about 30 us), so a
+// helper should be running when a call arrives rather than be woken for it. After 200 us without
+// a job a worker sleeps, so an idle process leaves the cores alone.
+class Workers {
+ public:
+  static Workers& Get() {
+    static Workers* workers = new Workers();  // never destroyed: detached threads outlive main
+    return *workers;
+  }
+
+  void Run(int chunks, std::function<void(int)> body) {
+    auto job = std::make_shared<Job>();
+    job->chunks = chunks;
+    job->body = std::move(body);
+    // One job at a time: a caller that finds the workers busy (another device's forward) works
+    // alone rather than waiting, and so does a forked child, which has none of the threads (and
+    // maybe a mutex locked at the fork).
+    const bool helped = chunks > 1 && !threads_.empty() && getpid() == pid_;
+    std::unique_lock<std::mutex> dispatch(dispatch_, std::defer_lock);
+    if (helped && dispatch.try_lock()) {
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        job_ = job;
+        generation_.fetch_add(1, std::memory_order_release);
+      }
+      if (sleeping_.load(std::memory_order_acquire) > 0) wake_.notify_all();
+    }
+    job->Work();
+    while (job->done.load(std::memory_order_acquire) < chunks) __builtin_ia32_pause();
+  }
+
+ private:
+  Workers() : pid_(getpid()) {
+    const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
+    for (unsigned i = 0; i + 1 < std::min(cores, 8u); ++i)
+      threads_.emplace_back([this] { Loop(); }).detach();
+  }
+
+  void Loop() {
+    uint64_t seen = generation_.load(std::memory_order_acquire);
+    for (;;) {
+      auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
+      for (int spins = 0; generation_.load(std::memory_order_acquire) == seen; ++spins) {
+        __builtin_ia32_pause();
+        if ((spins & 255) == 255 && std::chrono::steady_clock::now() > deadline) {
+          std::unique_lock<std::mutex> lock(mutex_);
+          sleeping_.fetch_add(1, std::memory_order_acq_rel);
+          wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+          sleeping_.fetch_sub(1, std::memory_order_acq_rel);
+        }
+      }
+      std::shared_ptr<Job> job;
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        seen = generation_.load(std::memory_order_acquire);
+        job = job_;
+      }
+      job->Work();
+    }
+  }
+
+  const pid_t pid_;
+  std::mutex dispatch_;
+  std::mutex mutex_;  // guards job_ and the sleep/wake handshake
+  std::condition_variable wake_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> sleeping_{0};
+  std::shared_ptr<Job> job_;
+  std::vector<std::thread> threads_;
+};
+
+void RunChunks(int chunks, std::function<void(int)> body) {
+  Workers::Get().Run(chunks, std::move(body));
 }
 
 using Kernel = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
@@ -155,7 +228,7 @@ Kernel Select(bool transposed, int64_t rows) {
   return (transposed ? nt : nn)[rows - 1];
 }
 
-ffi::Error SmallMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+ffi::Error SmallMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                        ffi::ResultBuffer<ffi::F32> out, bool transposed) {
   auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2)
@@ -172,11 +245,11 @@ ffi::Error SmallMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   float* op = out->typed_data();
   // Column chunks (row chunks of a transposed weight) in multiples of the kernels' blocks, a few
   // per thread so that a helper starting late still finds work.
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t threads = std::max<int64_t>(1, std::min(8u, std::thread::hardware_concurrency()));
   const int64_t block = transposed ? 4 : 16;
   const int64_t per = std::max<int64_t>(block, (n / (4 * threads) + block - 1) / block * block);
   const int chunks = static_cast<int>((n + per - 1) / per);
-  RunChunks(pool, chunks, [=](int i) {
+  RunChunks(chunks, [=](int i) {
     kernel(xp, wp, op, k, n, i * per, std::min<int64_t>(n, (i + 1) * per));
   });
   return ffi::Error::Success();
@@ -193,6 +266,16 @@ ffi::Error SmallMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 // query only to the slots up to its own position.
 
 typedef int i16 __attribute__((vector_size(64), aligned(4)));
+
+// The sum of the 16 lanes, lane i + lane i + 8, then + 4, + 2, + 1 (a tree: independent sums
+// overlap, where 15 scalar adds in a row wait on each other).
+inline float Sum(v16 x) {
+  x += __builtin_shuffle(x, i16{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  x += __builtin_shuffle(x, i16{4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3});
+  x += __builtin_shuffle(x, i16{2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1});
+  x += __builtin_shuffle(x, i16{1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0});
+  return x[0];
+}
 
 // exp for x <= 0 (scores minus their max), as Cephes' expf: 2^n * p(r), n = round(x / ln2),
 // |r| <= ln2 / 2; below -87 (exp < 2^-125, nothing next to the max's 1) it returns 2^-126.
@@ -215,7 +298,7 @@ inline v16 Exp(v16 x) {
   return p * scale;
 }
 
-ffi::Error CachedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+ffi::Error CachedAttention(ffi::Buffer<ffi::F32> q,
                            ffi::Buffer<ffi::F32> k_new, ffi::Buffer<ffi::F32> v_new,
                            ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
                            ffi::Buffer<ffi::S32> length, ffi::ResultBuffer<ffi::F32> out,
@@ -240,7 +323,7 @@ ffi::Error CachedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   float* op = out->typed_data();
   const float root = std::sqrt(static_cast<float>(H));
   // One chunk per (row, kv head, new token): its G query heads share every key and value load.
-  RunChunks(pool, static_cast<int>(B * K * T), [=](int i) {
+  RunChunks(static_cast<int>(B * K * T), [=](int i) {
     const int64_t t = i % T, kh = (i / T) % K, b = i / (T * K);
     const int64_t last = std::min<int64_t>(static_cast<int64_t>(len[b]) + t, S - 1);
     if (last < 0) return;
@@ -254,30 +337,49 @@ ffi::Error CachedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
         for (int64_t h = 0; h < H; h += 16)
           acc += *reinterpret_cast<const v16*>(q0 + g * H + h) *
                  *reinterpret_cast<const v16*>(key + h);
-        float dot = 0.f;
-        for (int l = 0; l < 16; ++l) dot += acc[l];
-        scores[g * padded + s] = dot / root;
+        scores[g * padded + s] = Sum(acc);
       }
     }
+    const v16 zero = {}, lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const float keys = static_cast<float>(n_keys);  // exact below 2^24 slots
     for (int64_t g = 0; g < G; ++g) {
       float* row = scores.data() + g * padded;
-      float max = row[0];
-      for (int64_t s = 1; s < n_keys; ++s) max = std::max(max, row[s]);
-      for (int64_t s = n_keys; s < padded; ++s) row[s] = -INFINITY;  // exp gives 0 for these
-      float sum = 0.f;
+      // As XLA's softmax of q.k / sqrt(H): the max, exp(x - max), their sum, each over it. The
+      // padding's slots (s >= n_keys) are left out of the max and get probability 0.
+      v16 top = zero - INFINITY;
+      for (int64_t s = 0; s < padded; s += 16) {
+        v16 x = *reinterpret_cast<v16*>(row + s) / root;
+        *reinterpret_cast<v16*>(row + s) = x;
+        top = (lanes + static_cast<float>(s) < keys && x > top) ? x : top;
+      }
+      float max = top[0];
+      for (int l = 1; l < 16; ++l) max = std::max(max, top[l]);
+      v16 sum = zero;
       for (int64_t s = 0; s < padded; s += 16) {
         v16 e = Exp(*reinterpret_cast<v16*>(row + s) - max);
-        for (int l = 0; l < 16; ++l) e[l] = s + l < n_keys ? e[l] : 0.f;
+        e = lanes + static_cast<float>(s) < keys ? e : zero;
         *reinterpret_cast<v16*>(row + s) = e;
-        for (int l = 0; l < 16; ++l) sum += e[l];
+        sum += e;
       }
-      for (int64_t s = 0; s < n_keys; ++s) row[s] /= sum;  // probabilities, as XLA's softmax
-      float* o = op + ((b * T + t) * N + kh * G + g) * H;
-      for (int64_t h = 0; h < H; h += 16) {
-        v16 acc = {};
-        for (int64_t s = 0; s < n_keys; ++s)
-          acc += row[s] * *reinterpret_cast<const v16*>(vc + ((b * S + s) * K + kh) * H + h);
-        *reinterpret_cast<v16*>(o + h) = acc;
+      const float total = Sum(sum);
+      for (int64_t s = 0; s < padded; s += 16) *reinterpret_cast<v16*>(row + s) /= total;
+    }
+    // The weighted sum of values: each value row loaded once for up to 16 (head, 16-lane block)
+    // outputs, each with its own accumulator (one chain of FMAs would wait on its own latency).
+    const int64_t blocks = H / 16, outputs = G * blocks;
+    for (int64_t first = 0; first < outputs; first += 16) {
+      const int64_t count = std::min<int64_t>(16, outputs - first);
+      v16 acc[16] = {};
+      for (int64_t s = 0; s < n_keys; ++s) {
+        const float* value = vc + ((b * S + s) * K + kh) * H;
+        for (int64_t j = 0; j < count; ++j) {
+          const int64_t g = (first + j) / blocks, h = (first + j) % blocks;
+          acc[j] += scores[g * padded + s] * *reinterpret_cast<const v16*>(value + h * 16);
+        }
+      }
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t g = (first + j) / blocks, h = (first + j) % blocks;
+        *reinterpret_cast<v16*>(op + ((b * T + t) * N + kh * G + g) * H + h * 16) = acc[j];
       }
     }
   });
@@ -287,7 +389,6 @@ ffi::Error CachedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Amd135mSmallMatmul, SmallMatmul,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
@@ -295,7 +396,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Amd135mSmallMatmul, SmallMatmul,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Amd135mCachedAttention, CachedAttention,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // q
                                   .Arg<ffi::Buffer<ffi::F32>>()   // new keys
                                   .Arg<ffi::Buffer<ffi::F32>>()   // new values
