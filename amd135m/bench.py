@@ -183,8 +183,8 @@ def verification_cost(params, config, gamma: int, context: int, cache_len: int,
   """A cached target forward of gamma + 1 new tokens (a speculative round's verification) against
   one of a single token (a decode step), at the same context and cache size: the best of
   `repeats`, the two interleaved so that the machine's load falls on both. The issue's predicted
-  speedup assumes the ratio is 1; on a CPU it is not (a 1-row forward runs matrix-vector
-  kernels, a forward of 2+ rows matrix-matrix ones)."""
+  speedup assumes the ratio is 1; on a CPU it is not (through XLA alone a 1-row forward runs
+  matrix-vector kernels, a forward of 2+ rows weight-packing GEMMs; cpu_kernels narrows the gap)."""
   # The cache is donated, as the decode loops update theirs in place: without it XLA copies every
   # layer's cache before the forward writes into it, which the loops never do.
   forward = jax.jit(lambda p, t, c: model_lib.forward(p, config, t, c), donate_argnums=2)

@@ -1,14 +1,16 @@
-"""A CPU kernel for products of a few rows with a large f32 weight (csrc/small_matmul.cc).
+"""CPU kernels for decode steps and speculative verifications (C++ in csrc/small_matmul.cc).
 
 A decode step multiplies one row by every weight, a speculative verification gamma + 1 rows. On
 CPUs XLA runs the first as a matrix-vector kernel and the second as a GEMM that packs the weight
-on every call, so verifying 5 tokens cost 1.5 single-token steps where reading the weights once
+on every call, so verifying 5 tokens cost 1.6 single-token steps where reading the weights once
 should cost about 1. `matmul` sends products of 1-8 f32 rows to a kernel that streams each weight
-once for all rows; everything else (more rows, other dtypes, GPUs, gradients) stays with XLA.
+once for all rows, and `cached_attention` does a layer's cached attention for 1-8 new tokens in
+one call (XLA ran it as a dozen small ops scoring every cache slot). Everything else (more rows,
+other dtypes, GPUs, gradients) stays with XLA.
 
-The kernel is compiled with the system's C++ compiler on first use and cached per CPU under
-$AMD135M_CACHE/kernels. Without a compiler, or with AMD135M_CPU_KERNELS=0, XLA does every
-product (the numbers agree to rounding; only speed differs).
+The kernels are compiled with the system's C++ compiler on first use and cached per CPU under
+$AMD135M_CACHE/kernels. Without a compiler, or with AMD135M_CPU_KERNELS=0, XLA does all of it
+(the numbers agree to f32 rounding; only speed differs).
 """
 import ctypes
 import functools
@@ -65,7 +67,7 @@ def _compile() -> pathlib.Path:
 
 @functools.cache
 def available() -> bool:
-  """Whether the kernel is built and registered with XLA (compiling it on first call)."""
+  """Whether the kernels are built and registered with XLA (compiling them on first call)."""
   if os.environ.get("AMD135M_CPU_KERNELS", "1") == "0":
     return False
   try:
@@ -76,7 +78,7 @@ def available() -> bool:
                                 platform="cpu")
     return True
   except (OSError, RuntimeError) as e:
-    warnings.warn(f"amd135m: the CPU small-matmul kernel is unavailable, XLA does every product "
+    warnings.warn(f"amd135m: the CPU kernels are unavailable, XLA does their work "
                   f"({str(e).splitlines()[0]})", stacklevel=2)
     return False
 

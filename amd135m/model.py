@@ -156,7 +156,6 @@ class Attention(nn.Module):
   def __call__(self, x, positions, mask, cache_kv, cache_length, return_attention):
     """x: [B, T, D]; positions: [B, T]; mask: [B, T, S] bool; cache_kv: ([B,S,K,H],)*2 or None."""
     c = self.config
-    n_groups = c.n_heads // c.n_kv_heads
     b, t, _ = x.shape
     q = Linear(c, c.n_heads * c.head_dim, ("embed", "heads"), name="q_proj")(x)
     k = Linear(c, c.n_kv_heads * c.head_dim, ("embed", "kv_heads"), name="k_proj")(x)

@@ -156,3 +156,21 @@ def test_cached_attention_gradient_is_xlas():
   xla = jax.grad(loss(reference), (0, 1))(*args[:2])
   for a, b in zip(ours, xla):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_without_a_compiler_xla_does_the_work(tmp_path):
+  """A machine where the kernels cannot be built warns once and runs everything through XLA."""
+  script = (
+      "import jax, jax.numpy as jnp\n"
+      "from amd135m import cpu_kernels\n"
+      "x, w = jnp.ones((2, 16)), jnp.ones((16, 8))\n"
+      "f = jax.jit(lambda x, w: cpu_kernels.matmul(x, w))\n"
+      "assert 'amd135m_small_matmul' not in f.trace(x, w).lower().as_text()\n"
+      "assert float(f(x, w)[0, 0]) == 16.0\n"
+      "print(cpu_kernels.available())\n")
+  env = dict(os.environ, AMD135M_CACHE=str(tmp_path), CXX="/bin/false", JAX_PLATFORMS="cpu")
+  run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                       check=True)
+  assert run.stdout.strip() == "False"
+  assert "the CPU kernels are unavailable" in run.stderr
+  assert not list(tmp_path.glob("kernels/*.so"))
