@@ -90,10 +90,20 @@ def filter_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
   return jnp.where(keys >= threshold, logits, -jnp.inf)
 
 
+def argmax(x: jax.Array) -> jax.Array:
+  """jnp.argmax over the last axis (the first index of the max) as a max, then the first index
+  equal to it: XLA's CPU argmax, a reduce over (value, index) pairs, took 0.69 ms for 5 x 49152
+  logits (a speculative round's verification), this 0.17 ms. A row holding NaN, where jnp.argmax
+  returns the NaN's index, gets the last id instead. [...] int32."""
+  top = jnp.max(x, axis=-1, keepdims=True)
+  ids = jnp.arange(x.shape[-1], dtype=jnp.int32)
+  return jnp.minimum(jnp.min(jnp.where(x == top, ids, x.shape[-1]), axis=-1), x.shape[-1] - 1)
+
+
 def probabilities(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
   """The distribution tokens are drawn from: one-hot argmax when temperature is 0. [..., V]."""
   def greedy(logits):
-    return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+    return jax.nn.one_hot(argmax(logits), logits.shape[-1], dtype=jnp.float32)
 
   def sampled(logits):
     return jax.nn.softmax(filter_logits(logits, temperature, top_k, top_p), axis=-1)
@@ -120,13 +130,21 @@ def draw(probs: jax.Array, keys: jax.Array) -> jax.Array:
   return jnp.minimum(token, probs.shape[-1] - 1).astype(jnp.int32)
 
 
+def pick(probs: jax.Array, keys: jax.Array, temperature) -> jax.Array:
+  """`draw`, or the argmax when temperature is 0 (probs from `probabilities` are one-hot then, so
+  both give the same token): greedy speculative rounds skip the cumsum and binary search over the
+  vocabulary, which took a tenth of a first:6 speculative decode's time. Returns [B] int32."""
+  return jax.lax.cond(temperature > 0, lambda p: draw(p, keys),
+                      lambda p: argmax(p), probs)
+
+
 def choose_tokens(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p) -> jax.Array:
   """One token per row. logits: [B, V] f32; keys: [B] PRNG keys. Returns [B] int32."""
   def sample(logits):
     return draw(jax.nn.softmax(filter_logits(logits, temperature, top_k, top_p), axis=-1), keys)
 
   def greedy(logits):
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return argmax(logits)
 
   # A traced branch: greedy runs skip the filters and the random numbers entirely.
   return jax.lax.cond(temperature > 0, sample, greedy, logits)

@@ -56,7 +56,7 @@ class ModelDraft:
     def draw(logits, i):  # [B, V_draft] -> token [B], q [B, V_target]
       q = sampling.probabilities(logits, *knobs)
       step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
-      token = sampling.draw(q, step_keys)
+      token = sampling.pick(q, step_keys, knobs[0])
       return token, jnp.pad(q, ((0, 0), (0, target_vocab - vocab)))
 
     first, q_first = draw(logits[:, 0], 0)
@@ -201,7 +201,7 @@ def _loop(target_params, draft_params, target_config, draft, first_logits, targe
                               axis=1)[:, 0]
     all_passed = (n_accepted == s.gamma)[:, None]
     final_dist = jnp.where(all_passed, p_n, _residual(p_n, q_n))
-    final = sampling.draw(final_dist, residual_keys)
+    final = sampling.pick(final_dist, residual_keys, temperature)
 
     # New tokens: proposals[:n] then `final`, cut at a stop id and at the budget.
     slot = jnp.arange(max_gamma + 1)[None]

@@ -128,3 +128,12 @@ def test_signed_zeros_tie():
   logits = jnp.asarray([[1.0, 0.0, -0.0, -1.0]])
   kept = np.isfinite(np.asarray(sampling.filter_logits(logits, 1.0, 2, 1.0)))
   np.testing.assert_array_equal(kept, [[True, True, True, False]])  # ties at the k-th are kept
+
+
+def test_argmax_is_jnp_argmax_ties_included():
+  """sampling.argmax (max, then the first index equal to it) picks what jnp.argmax picks: the
+  first of tied maxima, on random logits and on rows built with ties."""
+  x = jax.random.normal(jax.random.key(3), (4, 7, 1000))
+  x = x.at[0, :, 17].set(9.0).at[0, :, 400].set(9.0)          # a tie: the first index wins
+  x = x.at[1, 0].set(0.0)                                     # all equal: index 0
+  np.testing.assert_array_equal(jax.jit(sampling.argmax)(x), jnp.argmax(x, axis=-1))
