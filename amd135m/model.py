@@ -84,7 +84,7 @@ def _product(rows: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
   """rows [N, in] @ w [in, out], or @ w.T for w [out, in] when transposed. A decode step or a
   speculative verification (1-8 f32 rows, unsharded) goes to cpu_kernels' streaming kernel on
   CPUs, which reads the weight once for all rows where XLA's GEMM packs it on every call."""
-  if _SHARDING.get() is None and rows.shape[0] <= cpu_kernels.MAX_ROWS:
+  if _SHARDING.get() is None:  # cpu_kernels.matmul passes other shapes and dtypes to XLA
     return cpu_kernels.matmul(rows, w, transposed)
   return jnp.einsum("NI,OI->NO" if transposed else "NI,IO->NO", rows, w)
 

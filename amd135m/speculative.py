@@ -54,9 +54,8 @@ class ModelDraft:
                                       logit_positions=jnp.ones((seq.shape[0], 1), jnp.int32))
 
     def draw(logits, i):  # [B, V_draft] -> token [B], q [B, V_target]
-      q = sampling.probabilities(logits, *knobs)
       step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
-      token = sampling.pick(q, step_keys, knobs[0])
+      token, q = sampling.draw_with_probabilities(logits, step_keys, *knobs)
       return token, jnp.pad(q, ((0, 0), (0, target_vocab - vocab)))
 
     first, q_first = draw(logits[:, 0], 0)

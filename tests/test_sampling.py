@@ -137,3 +137,18 @@ def test_argmax_is_jnp_argmax_ties_included():
   x = x.at[0, :, 17].set(9.0).at[0, :, 400].set(9.0)          # a tie: the first index wins
   x = x.at[1, 0].set(0.0)                                     # all equal: index 0
   np.testing.assert_array_equal(jax.jit(sampling.argmax)(x), jnp.argmax(x, axis=-1))
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.0, 0, 1.0), (0.7, 20, 0.9)])
+def test_draw_with_probabilities_is_probabilities_then_pick(temperature, top_k, top_p):
+  """A speculative draft step's shortcut (greedy: one argmax of the logits) gives the token and
+  the distribution that `probabilities` followed by `pick` give."""
+  logits = 3 * jax.random.normal(jax.random.key(5), (6, 300))
+  logits = logits.at[2, 11].set(20.0).at[2, 250].set(20.0)    # a tie: the first index wins
+  keys = jax.random.split(jax.random.key(6), 6)
+  token, q = jax.jit(sampling.draw_with_probabilities)(logits, keys, temperature, top_k, top_p)
+  want_q = sampling.probabilities(logits, temperature, top_k, top_p)
+  np.testing.assert_array_equal(token, sampling.pick(want_q, keys, temperature))
+  np.testing.assert_allclose(q, want_q, rtol=1e-6, atol=1e-7)
+  if temperature == 0:
+    assert token[2] == 11

@@ -215,16 +215,11 @@ void RunChunks(int chunks, std::function<void(int)> body) {
 
 using Kernel = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
 
-template <int M>
-Kernel NNFor() { return &MatmulNN<M>; }
-template <int M>
-Kernel NTFor() { return &MatmulNT<M>; }
-
 Kernel Select(bool transposed, int64_t rows) {
-  static const Kernel nn[kMaxRows] = {NNFor<1>(), NNFor<2>(), NNFor<3>(), NNFor<4>(),
-                                      NNFor<5>(), NNFor<6>(), NNFor<7>(), NNFor<8>()};
-  static const Kernel nt[kMaxRows] = {NTFor<1>(), NTFor<2>(), NTFor<3>(), NTFor<4>(),
-                                      NTFor<5>(), NTFor<6>(), NTFor<7>(), NTFor<8>()};
+  static const Kernel nn[kMaxRows] = {&MatmulNN<1>, &MatmulNN<2>, &MatmulNN<3>, &MatmulNN<4>,
+                                      &MatmulNN<5>, &MatmulNN<6>, &MatmulNN<7>, &MatmulNN<8>};
+  static const Kernel nt[kMaxRows] = {&MatmulNT<1>, &MatmulNT<2>, &MatmulNT<3>, &MatmulNT<4>,
+                                      &MatmulNT<5>, &MatmulNT<6>, &MatmulNT<7>, &MatmulNT<8>};
   return (transposed ? nt : nn)[rows - 1];
 }
 
