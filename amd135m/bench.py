@@ -166,16 +166,26 @@ def humaneval_prompts(n: int) -> list[str]:
   return [problem["prompt"] for problem in list(read_problems().values())[:n]]
 
 
-def _per_prompt(run, prompts) -> tuple[list[float], list]:
-  """Runs each prompt once to warm up (compiles), then times a second pass, batch 1."""
+def _interleaved(runs: dict, prompts, repeats: int) -> dict[str, tuple[list[float], list]]:
+  """Times each of `runs` (name -> run(prompt)) on every prompt at batch 1: one pass to warm up
+  (compiles), then `repeats` passes in which each prompt goes through every run back to back, so
+  that load coming and going on a shared machine falls on all of them alike. Returns, per name,
+  each prompt's median time over the passes and the outputs of the last pass."""
   for prompt in prompts:
-    run(prompt)
-  seconds, outputs = [], []
-  for prompt in prompts:
-    start = time.perf_counter()
-    outputs.append(run(prompt))
-    seconds.append(time.perf_counter() - start)
-  return seconds, outputs
+    for run in runs.values():
+      run(prompt)
+  times = {name: [[] for _ in prompts] for name in runs}
+  outputs = {name: [None] * len(prompts) for name in runs}
+  for pass_ in range(repeats):
+    for i, prompt in enumerate(prompts):
+      print(f"\rtiming: pass {pass_ + 1}/{repeats}, prompt {i + 1}/{len(prompts)}", end="",
+            file=sys.stderr, flush=True)
+      for name, run in runs.items():
+        start = time.perf_counter()
+        outputs[name][i] = run(prompt)
+        times[name][i].append(time.perf_counter() - start)
+  print(file=sys.stderr)
+  return {name: ([float(np.median(t)) for t in times[name]], outputs[name]) for name in runs}
 
 
 def verification_cost(params, config, gamma: int, context: int, cache_len: int,
@@ -204,7 +214,9 @@ def verification_cost(params, config, gamma: int, context: int, cache_len: int,
 
 
 def bench_speculative(target: str, draft: str, gamma: int, n_prompts: int = 4,
-                      new_tokens: int = 64, reference: bool = True) -> dict:
+                      new_tokens: int = 64, reference: bool = True, repeats: int = 3) -> dict:
+  if repeats < 1:
+    raise UserError(f"--repeats must be at least 1, got {repeats}")
   config, params = checkpoints.load_params(target)
   params = jax.tree.map(jnp.asarray, params)
   tokenizer = load_tokenizer(target)
@@ -221,16 +233,15 @@ def bench_speculative(target: str, draft: str, gamma: int, n_prompts: int = 4,
     return lambda p: speculative.speculative_generate(params, config, d, dp, [p], new_tokens,
                                                       gamma)
 
-  target_s, target_out = _per_prompt(plain(config, params), prompts)
-  draft_s, _ = _per_prompt(plain(draft_config, draft_params), prompts)
-  model_s, model_out = _per_prompt(spec(speculative.ModelDraft(draft_config), draft_params),
-                                   prompts)
-  ngram_s, ngram_out = _per_prompt(spec(speculative.NgramDraft(), None), prompts)
-  adaptive_s, adaptive_out = _per_prompt(
-      lambda p: speculative.speculative_generate(params, config,
-                                                 speculative.ModelDraft(draft_config),
-                                                 draft_params, [p], new_tokens, gamma,
-                                                 adaptive=True), prompts)
+  timed = _interleaved(dict(
+      target=plain(config, params), draft=plain(draft_config, draft_params),
+      model=spec(speculative.ModelDraft(draft_config), draft_params),
+      ngram=spec(speculative.NgramDraft(), None),
+      adaptive=lambda p: speculative.speculative_generate(
+          params, config, speculative.ModelDraft(draft_config), draft_params, [p], new_tokens,
+          gamma, adaptive=True)), prompts, repeats)
+  (target_s, target_out), (draft_s, _), (model_s, model_out), (ngram_s, ngram_out), (
+      adaptive_s, adaptive_out) = timed.values()
 
   def summary(seconds, outs):
     accepted = sum(o.totals["accepted"] for o in outs)
@@ -246,7 +257,9 @@ def bench_speculative(target: str, draft: str, gamma: int, n_prompts: int = 4,
   target_tps = total / sum(target_s)
   cost_ratio = sum(draft_s) / sum(target_s)  # c: a draft forward's time over a target forward's
   result = dict(benchmark="speculative", target=target, draft=draft, gamma=gamma,
-                prompts=f"HumanEval/0..{n_prompts - 1}", new_tokens=new_tokens,
+                prompts=f"HumanEval/0..{n_prompts - 1}", new_tokens=new_tokens, repeats=repeats,
+                shares_target_layers=speculative.shares_target_layers(
+                    draft_config, draft_params, config, params),
                 target_only=dict(tokens_per_second=target_tps, seconds=target_s),
                 draft_only=dict(tokens_per_second=total / sum(draft_s), cost_ratio=cost_ratio),
                 speculative=summary(model_s, model_out), ngram=summary(ngram_s, ngram_out),
@@ -306,6 +319,8 @@ def main(argv=None) -> int:
   spec.add_argument("--gamma", type=int, default=4)
   spec.add_argument("--prompts", type=int, default=4, help="the first N HumanEval prompts")
   spec.add_argument("--new-tokens", type=int, default=64)
+  spec.add_argument("--repeats", type=int, default=3,
+                    help="timed passes (each prompt through every method in turn); medians")
   spec.add_argument("--no-reference", action="store_true", help="skip transformers")
   spec.add_argument("--json", action="store_true")
   from amd135m.benchmarks import data_bench  # noqa: PLC0415 (data: logic in benchmarks/)
@@ -323,7 +338,8 @@ def main(argv=None) -> int:
                             reference=not args.no_reference)
     else:
       result = bench_speculative(args.target, args.draft, args.gamma, args.prompts,
-                                 args.new_tokens, reference=not args.no_reference)
+                                 args.new_tokens, reference=not args.no_reference,
+                                 repeats=args.repeats)
   except UserError as e:
     print(f"amd135m.bench: error: {e}", file=sys.stderr)
     return 2
@@ -347,8 +363,9 @@ def main(argv=None) -> int:
 
 def print_speculative(r: dict) -> None:
   s, n = r["speculative"], r["ngram"]
-  print(f"target-only {r['target_only']['tokens_per_second']:.1f} tokens/s; draft {r['draft']} "
-        f"cost ratio c = {r['draft_only']['cost_ratio']:.3f}")
+  shared = " (the target's own layers: its prompt cache reused)" if r["shares_target_layers"] else ""
+  print(f"target-only {r['target_only']['tokens_per_second']:.1f} tokens/s; draft {r['draft']}"
+        f"{shared} cost ratio c = {r['draft_only']['cost_ratio']:.3f}")
   print(f"speculative (gamma {r['gamma']}) {s['tokens_per_second']:.1f} tokens/s, acceptance "
         f"{s['acceptance_rate']:.3f} (AMD's figure {s['amd_acceptance']:.3f}), "
         f"{s['tokens_per_target_call']:.2f} tokens/target call, speedup {s['speedup']:.2f}x "

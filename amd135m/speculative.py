@@ -326,7 +326,13 @@ def speculative_generate(target_params, target_config: model_lib.ModelConfig, dr
   lens = jnp.asarray(request.lens, jnp.int32)
   first_logits, target_cache = sampling.prefill(target_params, target_config, tokens, lens,
                                                 cache_len=seq_width)
-  draft_state = _draft_init(draft, draft_params, tokens, lens, seq_width)
+  if isinstance(draft, ModelDraft) and shares_target_layers(draft.config, draft_params,
+                                                           target_config, target_params):
+    # The draft is the target's own first layers: its prompt cache is theirs, no second prefill.
+    n_layers = draft.config.n_layers
+    draft_state = target_cache.replace(k=target_cache.k[:n_layers], v=target_cache.v[:n_layers])
+  else:
+    draft_state = _draft_init(draft, draft_params, tokens, lens, seq_width)
   seq = jnp.pad(tokens, ((0, 0), (0, seq_width - prompt_len)))
   out = _loop(target_params, draft_params, target_config, draft, first_logits, target_cache,
               draft_state, seq, lens, jnp.int32(max_new_tokens), jnp.asarray(request.seeds),
@@ -350,6 +356,20 @@ def speculative_generate(target_params, target_config: model_lib.ModelConfig, dr
   totals.update(target_calls=int(out["iterations"]), row_target_calls=int(out["target_calls"].sum()),
                 new_tokens=int(out["new_tokens"].sum()))
   return SpeculativeResult(rows_tokens, stopped, rows_stats, totals)
+
+
+def shares_target_layers(draft_config: model_lib.ModelConfig, draft_params,
+                         target_config: model_lib.ModelConfig, target_params) -> bool:
+  """Whether a model draft is the target's own first layers (bench's `first:N` and `self`, the
+  self-speculative drafts of LayerSkip and Draft & Verify): the target's config but for n_layers,
+  and every draft weight the very array the target holds under the same name. Its prompt cache
+  is then the target's first layers' cache after the target's prefill."""
+  if (draft_config.n_layers > target_config.n_layers
+      or dataclasses.replace(draft_config, n_layers=target_config.n_layers) != target_config):
+    return False
+  target_leaves = dict(jax.tree_util.tree_leaves_with_path(target_params))
+  return all(target_leaves.get(path) is leaf
+             for path, leaf in jax.tree_util.tree_leaves_with_path(draft_params))
 
 
 @functools.partial(jax.jit, static_argnames=("draft", "cache_len"))

@@ -220,6 +220,54 @@ def test_verification_cost_times_both_forwards(target):
   assert cost["ratio"] == cost["verify_seconds"] / cost["step_seconds"]
 
 
+def test_benchmark_interleaves_methods_and_takes_medians(monkeypatch):
+  """bench speculative: a warm-up pass, then every prompt through every method in turn, per pass;
+  each prompt's time is the median over passes (one slow pass does not move it)."""
+  calls, clock = [], iter([0, 1, 0, 2, 0, 1, 0, 3, 0, 9, 0, 5, 0, 1, 0, 8, 0, 1, 0, 3])
+  monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+  runs = {name: (lambda p, name=name: calls.append((name, p)) or f"{name}{p}") for name in "ab"}
+  timed = bench._interleaved(runs, ["x", "y"], repeats=2)
+  pass_order = [("a", "x"), ("b", "x"), ("a", "y"), ("b", "y")]
+  assert calls == pass_order * 3  # the warm-up pass, then 2 timed passes
+  # a on x took 1 then 9 s, b on x 2 then 5, a on y 1 then 1, b on y 3 then 8: medians.
+  assert timed == {"a": ([5.0, 1.0], ["ax", "ay"]), "b": ([3.5, 5.5], ["bx", "by"])}
+
+
+def test_layer_drafts_reuse_the_target_prompt_cache(target, poor_draft, monkeypatch):
+  """A draft that is the target's own first layers (first:N, self) takes its prompt cache from the
+  target's prefill, equal to what its own prefill computes; any other draft runs its prefill."""
+  config, params = target
+  first, first_params = bench.load_draft("first:1", config, params)
+  copied = jax.tree.map(jnp.copy, first_params)
+  assert speculative.shares_target_layers(first, first_params, config, params)
+  assert speculative.shares_target_layers(config, params, config, params)
+  assert not speculative.shares_target_layers(first, copied, config, params)  # equal, not shared
+  assert not speculative.shares_target_layers(poor_draft[0], poor_draft[1], config, params)
+  assert not speculative.shares_target_layers(dataclasses.replace(first, norm_eps=1e-3),
+                                              first_params, config, params)
+
+  tokens, lens = jnp.asarray([[5, 9, 2, 7], [11, 3, 0, 0]]), jnp.asarray([4, 2])
+  _, target_cache = sampling.prefill(params, config, tokens, lens, cache_len=16)
+  own = speculative._draft_init(speculative.ModelDraft(first), first_params, tokens, lens, 16)
+  for i in range(2):  # each row's filled slots
+    np.testing.assert_allclose(target_cache.k[0][i, :lens[i]], own.k[0][i, :lens[i]],
+                               rtol=1e-5, atol=1e-6)  # two programs: f32 rounding
+    np.testing.assert_allclose(target_cache.v[0][i, :lens[i]], own.v[0][i, :lens[i]],
+                               rtol=1e-5, atol=1e-6)
+
+  draft = speculative.ModelDraft(first)
+  knobs = sampling.SamplingParams(0.8, 0, 1.0)
+  unshared = speculative.speculative_generate(params, config, draft, copied, PROMPTS, 24, gamma=3,
+                                              sampling_params=knobs, seed=[1, 2, 3])
+
+  def no_prefill(*args):
+    raise AssertionError("the draft ran its own prefill")
+  monkeypatch.setattr(speculative, "_draft_init", no_prefill)
+  shared = speculative.speculative_generate(params, config, draft, first_params, PROMPTS, 24,
+                                            gamma=3, sampling_params=knobs, seed=[1, 2, 3])
+  assert shared.tokens == unshared.tokens and shared.rows == unshared.rows
+
+
 # ---------------------------------------------------------------------------------------------
 # The real SmolLM2 as target.
 
