@@ -363,7 +363,8 @@ def main(argv=None) -> int:
 
 def print_speculative(r: dict) -> None:
   s, n = r["speculative"], r["ngram"]
-  shared = " (the target's own layers: its prompt cache reused)" if r["shares_target_layers"] else ""
+  shared = (" (the target's own layers: its prompt cache reused)"
+            if r["shares_target_layers"] else "")
   print(f"target-only {r['target_only']['tokens_per_second']:.1f} tokens/s; draft {r['draft']}"
         f"{shared} cost ratio c = {r['draft_only']['cost_ratio']:.3f}")
   print(f"speculative (gamma {r['gamma']}) {s['tokens_per_second']:.1f} tokens/s, acceptance "

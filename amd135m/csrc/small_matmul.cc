@@ -247,7 +247,8 @@ ffi::Error SmallMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   // leaves its chunk to the caller.)
   const int64_t threads = std::max<int64_t>(1, std::min(8u, std::thread::hardware_concurrency()));
   const int64_t block = transposed ? 4 : 16;
-  const int64_t per = std::max<int64_t>(block, (n + threads * block - 1) / (threads * block) * block);
+  const int64_t blocks_per_thread = (n + threads * block - 1) / (threads * block);
+  const int64_t per = std::max<int64_t>(block, blocks_per_thread * block);
   const int chunks = static_cast<int>((n + per - 1) / per);
   RunChunks(chunks, [=](int i) {
     kernel(xp, wp, op, k, n, i * per, std::min<int64_t>(n, (i + 1) * per));
