@@ -100,13 +100,18 @@ def argmax(x: jax.Array) -> jax.Array:
   return jnp.minimum(jnp.min(jnp.where(x == top, ids, x.shape[-1]), axis=-1), x.shape[-1] - 1)
 
 
+def _shaped(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
+  """softmax of the filtered logits: the distribution a sampled token is drawn from. [..., V]."""
+  return jax.nn.softmax(filter_logits(logits, temperature, top_k, top_p), axis=-1)
+
+
 def probabilities(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
   """The distribution tokens are drawn from: one-hot argmax when temperature is 0. [..., V]."""
   def greedy(logits):
     return jax.nn.one_hot(argmax(logits), logits.shape[-1], dtype=jnp.float32)
 
   def sampled(logits):
-    return jax.nn.softmax(filter_logits(logits, temperature, top_k, top_p), axis=-1)
+    return _shaped(logits, temperature, top_k, top_p)
 
   return jax.lax.cond(temperature > 0, sampled, greedy, logits)  # greedy skips the filters
 
@@ -143,7 +148,7 @@ def draw_with_probabilities(logits: jax.Array, keys: jax.Array, temperature, top
   `pick`, but a greedy step takes the argmax of the logits once and makes q its one-hot.
   logits [B, V]; returns tokens [B] int32 and q [B, V] f32."""
   def sampled(logits):
-    q = jax.nn.softmax(filter_logits(logits, temperature, top_k, top_p), axis=-1)
+    q = _shaped(logits, temperature, top_k, top_p)
     return draw(q, keys), q
 
   def greedy(logits):
@@ -156,7 +161,7 @@ def draw_with_probabilities(logits: jax.Array, keys: jax.Array, temperature, top
 def choose_tokens(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p) -> jax.Array:
   """One token per row. logits: [B, V] f32; keys: [B] PRNG keys. Returns [B] int32."""
   def sample(logits):
-    return draw(jax.nn.softmax(filter_logits(logits, temperature, top_k, top_p), axis=-1), keys)
+    return draw(_shaped(logits, temperature, top_k, top_p), keys)
 
   def greedy(logits):
     return argmax(logits)
