@@ -5,7 +5,6 @@
 """
 import dataclasses
 import importlib.util
-import os
 import pathlib
 import sys
 
@@ -13,6 +12,7 @@ import ml_collections
 
 from amd135m import model as model_lib
 from amd135m.errors import UserError
+from amd135m.paths import SMOLLM2_GGUF, cache_path  # noqa: F401 (configs read them here)
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -41,14 +41,6 @@ def _a(kind: type) -> str:
       kind, f"a {kind.__name__}")
 
 
-def cache_path(*parts: str) -> str:
-  """A path under the artifact cache ($AMD135M_CACHE, default ~/.cache/amd135m), where `make
-  models` and `make corpora` put the SmolLM2 GGUF and the prepared local corpora."""
-  root = os.environ.get("AMD135M_CACHE") or str(pathlib.Path.home() / ".cache" / "amd135m")
-  return str(pathlib.Path(root, *parts))
-
-
-SMOLLM2_GGUF = ("models", "SmolLM2-135M-Instruct.Q4_1.gguf")
 # The local corpora as training sources (BUILDER@DATA_DIR:PATTERN), prepared by `make corpora`.
 GUTENBERG = "local_text@{}:*.txt"
 PYTHON_STDLIB = "local_text@{}:*.py"

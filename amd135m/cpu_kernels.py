@@ -26,6 +26,8 @@ import warnings
 import jax
 import jax.numpy as jnp
 
+from amd135m import paths
+
 MAX_ROWS = 8
 _SOURCE = pathlib.Path(__file__).parent / "csrc" / "small_matmul.cc"
 _TARGET = "amd135m_small_matmul"
@@ -43,10 +45,9 @@ def _cpu_signature() -> str:
 
 
 def _compile() -> pathlib.Path:
-  from amd135m import config_lib  # here: config_lib imports the model, which imports this module
   source = _SOURCE.read_bytes()
   key = hashlib.sha256(source + jax.__version__.encode() + _cpu_signature().encode()).hexdigest()
-  target = pathlib.Path(config_lib.cache_path("kernels")) / f"small_matmul-{key[:16]}.so"
+  target = pathlib.Path(paths.cache_path("kernels")) / f"small_matmul-{key[:16]}.so"
   if target.exists():
     return target
   compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
@@ -56,8 +57,8 @@ def _compile() -> pathlib.Path:
   # Built beside the target and renamed into place, so concurrent processes never load half a file.
   with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
     built = pathlib.Path(tmp) / target.name
-    command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
-               "-I", jax.ffi.include_dir(), str(_SOURCE), "-o", str(built)]
+    command = [compiler, "-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared",
+               "-fPIC", "-I", jax.ffi.include_dir(), str(_SOURCE), "-o", str(built)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
       raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")

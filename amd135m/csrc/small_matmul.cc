@@ -35,90 +35,164 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// 16 floats; unaligned loads are allowed (aligned(4)). -march=native makes it one AVX-512 register
-// where the CPU has them, two AVX2 registers otherwise.
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
+// The native vector: 16 floats (one register) where the CPU has AVX-512, else 8 (one AVX2
+// register). Unaligned loads are allowed (aligned(4)). Every kernel below keeps its accumulators
+// within the 16 (AVX2) or 32 (AVX-512) registers: a v16 per row on an AVX2 machine took two
+// registers each, and 8 rows' accumulators spilled to the stack (an 8-row product of SmolLM2
+// cost 5 one-row products on a Zen 1 EPYC).
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+typedef float vec __attribute__((vector_size(kLanes * 4), aligned(4)));
 
 constexpr int kMaxRows = 8;
 
+inline vec Load(const float* p) { return *reinterpret_cast<const vec*>(p); }
+inline void Store(float* p, vec v) { *reinterpret_cast<vec*>(p) = v; }
+
+// Independent accumulators so that a few rows still fill the FMA pipes (a chain of FMAs waits on
+// each one's latency; two pipes of 4-5 cycles want 8-10 chains): CB vectors of columns per row,
+// M * CB accumulator registers, at most 14 of AVX2's 16 and 24 of AVX-512's 32.
+// Rows past a group of RG share the block's weight vectors from L1 (8 rows' 16 accumulators
+// would not fit AVX2's registers).
+template <int M>
+constexpr int ColumnVectors() {
+  constexpr int avx2[kMaxRows + 1] = {0, 8, 4, 3, 2, 2, 3, 2, 2};
+  constexpr int avx512[kMaxRows + 1] = {0, 8, 4, 4, 4, 3, 3, 2, 2};
+  return kLanes == 16 ? avx512[M] : avx2[M];
+}
+
+template <int M>
+constexpr int RowGroup() {
+  constexpr int avx2[kMaxRows + 1] = {0, 1, 2, 3, 4, 5, 3, 4, 4};
+  return kLanes == 16 ? M : avx2[M];
+}
+
 // out[:, n0:n1] = x @ W[:, n0:n1] for W stored [K, N] (the model's Linear kernels). The output
-// block is accumulated KB weight rows at a time: one load of each 16 weights serves all M rows.
+// block is accumulated KB weight rows at a time: one load of each weight vector serves all M rows.
+// Each output element is the sum over k in order, whatever M, the blocking or the thread split.
+// x[m, k] as a whole vector, loaded inside the loop that uses it: the barrier keeps the compiler
+// from hoisting all M * KB of them out of the column loop, where they no longer fit the
+// registers and every FMA would read one back from the stack.
+inline vec Broadcast(const float* p) {
+  vec b = vec{} + *p;
+  asm volatile("" : "+x"(b));
+  return b;
+}
+
+template <int M, int CB>
+int64_t MatmulNNColumns(const float* __restrict x, const float* __restrict w,
+                        float* __restrict out, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  constexpr int KB = 8;
+  constexpr int RG = RowGroup<M>();
+  constexpr int64_t width = CB * kLanes;
+  const int64_t end = n0 + (n1 - n0) / width * width;
+  for (int64_t k = 0; k + KB <= K; k += KB) {
+    const float* wk = w + k * N;
+    for (int64_t n = n0; n < end; n += width) {
+      // The next block's rows: the hardware prefetchers miss this strided pattern (a 5-row
+      // product ran 1.3x faster with it); every 64-byte line of the block.
+      if (k + 2 * KB <= K)
+        for (int j = 0; j < KB; ++j)
+          for (int64_t c = 0; c < width; c += 16) __builtin_prefetch(wk + (KB + j) * N + n + c);
+      for (int m0 = 0; m0 < M; m0 += RG) {
+        constexpr int G = RG;
+        vec acc[G][CB];
+        for (int g = 0; g < G && m0 + g < M; ++g)
+          for (int c = 0; c < CB; ++c) acc[g][c] = Load(out + (m0 + g) * N + n + c * kLanes);
+        for (int j = 0; j < KB; ++j) {
+          vec wv[CB];
+          for (int c = 0; c < CB; ++c) wv[c] = Load(wk + j * N + n + c * kLanes);
+          for (int g = 0; g < G && m0 + g < M; ++g) {
+            const vec a = Broadcast(x + (m0 + g) * K + k + j);
+            for (int c = 0; c < CB; ++c) acc[g][c] += a * wv[c];
+          }
+        }
+        for (int g = 0; g < G && m0 + g < M; ++g)
+          for (int c = 0; c < CB; ++c) Store(out + (m0 + g) * N + n + c * kLanes, acc[g][c]);
+      }
+    }
+  }
+  return end;
+}
+
 template <int M>
 void MatmulNN(const float* __restrict x, const float* __restrict w, float* __restrict out,
               int64_t K, int64_t N, int64_t n0, int64_t n1) {
   constexpr int KB = 8;
   for (int m = 0; m < M; ++m) std::fill(out + m * N + n0, out + m * N + n1, 0.f);
-  int64_t k = 0;
-  for (; k + KB <= K; k += KB) {
-    const float* wk = w + k * N;
-    float a[M][KB];
-    for (int m = 0; m < M; ++m)
-      for (int j = 0; j < KB; ++j) a[m][j] = x[m * K + k + j];
-    int64_t n = n0;
-    for (; n + 16 <= n1; n += 16) {
-      v16 acc[M];
-      for (int m = 0; m < M; ++m) acc[m] = *reinterpret_cast<const v16*>(out + m * N + n);
-      for (int j = 0; j < KB; ++j) {
-        // The next block's rows: the hardware prefetchers miss this strided pattern (a 5-row
-        // product ran 1.3x faster with it).
-        if (k + 2 * KB <= K) __builtin_prefetch(wk + (KB + j) * N + n);
-        v16 wv = *reinterpret_cast<const v16*>(wk + j * N + n);
-        for (int m = 0; m < M; ++m) acc[m] += a[m][j] * wv;
-      }
-      for (int m = 0; m < M; ++m) *reinterpret_cast<v16*>(out + m * N + n) = acc[m];
-    }
-    for (; n < n1; ++n)
+  const int64_t k_end = K / KB * KB;
+  int64_t n = MatmulNNColumns<M, ColumnVectors<M>()>(x, w, out, K, N, n0, n1);
+  if (ColumnVectors<M>() > 1) n = MatmulNNColumns<M, 1>(x, w, out, K, N, n, n1);
+  for (; n < n1; ++n)  // the last columns, one at a time, in the same order over k
+    for (int64_t k = 0; k < k_end; k += KB)
       for (int m = 0; m < M; ++m) {
         float s = out[m * N + n];
-        for (int j = 0; j < KB; ++j) s += a[m][j] * wk[j * N + n];
+        for (int j = 0; j < KB; ++j) s += x[m * K + k + j] * w[(k + j) * N + n];
         out[m * N + n] = s;
       }
-  }
-  for (; k < K; ++k)
+  for (int64_t k = k_end; k < K; ++k)
     for (int m = 0; m < M; ++m)
-      for (int64_t n = n0; n < n1; ++n) out[m * N + n] += x[m * K + k] * w[k * N + n];
+      for (int64_t c = n0; c < n1; ++c) out[m * N + c] += x[m * K + k] * w[k * N + c];
+}
+
+// The sum of a vector's lanes as a tree (lane i + lane i + half, ...): independent sums overlap,
+// where a chain of scalar adds waits on each one.
+inline float Sum(vec x) {
+  float lanes[kLanes];
+  __builtin_memcpy(lanes, &x, sizeof(x));
+  for (int half = kLanes / 2; half > 0; half /= 2)
+    for (int i = 0; i < half; ++i) lanes[i] += lanes[i + half];
+  return lanes[0];
 }
 
 // out[:, v0:v1] = x @ E[v0:v1, :]^T for E stored [V, K] (the tied embedding as output head): VB
-// weight rows at a time, each a contiguous dot product with every one of the M rows.
+// weight rows at a time, each a contiguous dot product with every one of the M rows, taken RG
+// rows at a time so that RG * VB accumulators and the VB weight vectors fit the registers (the
+// VB weight rows, a few KB, are read again from L1 for each group).
 template <int M>
 void MatmulNT(const float* __restrict x, const float* __restrict e, float* __restrict out,
               int64_t K, int64_t V, int64_t v0, int64_t v1) {
   constexpr int VB = 4;
-  const int64_t k16 = K / 16 * 16;
+  constexpr int RG = kLanes == 16 ? 4 : 2;
+  const int64_t kv = K / kLanes * kLanes;
+  // One element, in the blocked path's order: lane sums over whole vectors, then the tail.
+  auto dot = [&](int m, int64_t v) {
+    vec acc = {};
+    for (int64_t d = 0; d < kv; d += kLanes) acc += Load(x + m * K + d) * Load(e + v * K + d);
+    float s = Sum(acc);
+    for (int64_t d = kv; d < K; ++d) s += x[m * K + d] * e[v * K + d];
+    return s;
+  };
   int64_t v = v0;
   for (; v + VB <= v1; v += VB) {
-    v16 acc[M][VB] = {};
-    for (int64_t d = 0; d < k16; d += 16) {
-      v16 ev[VB];
-      for (int j = 0; j < VB; ++j) {
-        if (v + 2 * VB <= v1) __builtin_prefetch(e + (v + VB + j) * K + d);
-        ev[j] = *reinterpret_cast<const v16*>(e + (v + j) * K + d);
+    for (int j = 0; j < VB; ++j)
+      if (v + 2 * VB <= v1) __builtin_prefetch(e + (v + VB + j) * K);
+    for (int m0 = 0; m0 < M; m0 += RG) {
+      constexpr int G = RG;
+      const int rows = std::min(G, M - m0);
+      vec acc[G][VB] = {};
+      for (int64_t d = 0; d < kv; d += kLanes) {
+        vec ev[VB];
+        for (int j = 0; j < VB; ++j) ev[j] = Load(e + (v + j) * K + d);
+        for (int g = 0; g < G; ++g) {
+          if (g >= rows) break;
+          const vec xv = Load(x + (m0 + g) * K + d);
+          for (int j = 0; j < VB; ++j) acc[g][j] += xv * ev[j];
+        }
       }
-      for (int m = 0; m < M; ++m) {
-        v16 xv = *reinterpret_cast<const v16*>(x + m * K + d);
-        for (int j = 0; j < VB; ++j) acc[m][j] += xv * ev[j];
-      }
+      for (int g = 0; g < rows; ++g)
+        for (int j = 0; j < VB; ++j) {
+          float s = Sum(acc[g][j]);
+          for (int64_t d = kv; d < K; ++d) s += x[(m0 + g) * K + d] * e[(v + j) * K + d];
+          out[(m0 + g) * V + v + j] = s;
+        }
     }
-    for (int m = 0; m < M; ++m)
-      for (int j = 0; j < VB; ++j) {
-        float s = 0.f;
-        for (int i = 0; i < 16; ++i) s += acc[m][j][i];
-        for (int64_t d = k16; d < K; ++d) s += x[m * K + d] * e[(v + j) * K + d];
-        out[m * V + v + j] = s;
-      }
   }
   for (; v < v1; ++v)
-    for (int m = 0; m < M; ++m) {
-      // The same order as the blocked rows: 16 lane sums, then the tail.
-      float lanes[16] = {};
-      for (int64_t d = 0; d < k16; d += 16)
-        for (int i = 0; i < 16; ++i) lanes[i] += x[m * K + d + i] * e[v * K + d + i];
-      float s = 0.f;
-      for (int i = 0; i < 16; ++i) s += lanes[i];
-      for (int64_t d = k16; d < K; ++d) s += x[m * K + d] * e[v * K + d];
-      out[m * V + v] = s;
-    }
+    for (int m = 0; m < M; ++m) out[m * V + v] = dot(m, v);
 }
 
 // A job split into chunks that threads claim from a counter: whoever comes (the caller, a worker
@@ -246,7 +320,7 @@ ffi::Error SmallMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   // 5-token forward 10% slower; a helper that has not started when the caller's chunk is done
   // leaves its chunk to the caller.)
   const int64_t threads = std::max<int64_t>(1, std::min(8u, std::thread::hardware_concurrency()));
-  const int64_t block = transposed ? 4 : 16;
+  const int64_t block = transposed ? 4 : 8 * kLanes;
   const int64_t blocks_per_thread = (n + threads * block - 1) / (threads * block);
   const int64_t per = std::max<int64_t>(block, blocks_per_thread * block);
   const int chunks = static_cast<int>((n + per - 1) / per);
@@ -266,35 +340,25 @@ ffi::Error SmallMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 // values into the cache (in place: the cache buffers are aliased to the outputs) and attends each
 // query only to the slots up to its own position.
 
-typedef int i16 __attribute__((vector_size(64), aligned(4)));
-
-// The sum of the 16 lanes, lane i + lane i + 8, then + 4, + 2, + 1 (a tree: independent sums
-// overlap, where 15 scalar adds in a row wait on each other).
-inline float Sum(v16 x) {
-  x += __builtin_shuffle(x, i16{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-  x += __builtin_shuffle(x, i16{4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3});
-  x += __builtin_shuffle(x, i16{2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1});
-  x += __builtin_shuffle(x, i16{1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0});
-  return x[0];
-}
+typedef int ivec __attribute__((vector_size(kLanes * 4), aligned(4)));
 
 // exp for x <= 0 (scores minus their max), as Cephes' expf: 2^n * p(r), n = round(x / ln2),
 // |r| <= ln2 / 2; below -87 (exp < 2^-125, nothing next to the max's 1) it returns 2^-126.
-inline v16 Exp(v16 x) {
-  const v16 zero = {};
+inline vec Exp(vec x) {
+  const vec zero = {};
   x = x < zero - 87.0f ? zero - 87.0f : x;
-  const i16 n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, i16);  // x <= 0: rounds
-  const v16 nf = __builtin_convertvector(n, v16);
-  const v16 r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-  v16 p = zero + 1.9875691500e-4f;
+  const ivec n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, ivec);  // x <= 0: rounds
+  const vec nf = __builtin_convertvector(n, vec);
+  const vec r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  vec p = zero + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const i16 bits = (n + 127) << 23;
-  v16 scale;
+  const ivec bits = (n + 127) << 23;
+  vec scale;
   __builtin_memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
@@ -328,59 +392,63 @@ ffi::Error CachedAttention(ffi::Buffer<ffi::F32> q,
     const int64_t t = i % T, kh = (i / T) % K, b = i / (T * K);
     const int64_t last = std::min<int64_t>(static_cast<int64_t>(len[b]) + t, S - 1);
     if (last < 0) return;
-    const int64_t n_keys = last + 1, padded = (n_keys + 15) / 16 * 16;
+    const int64_t n_keys = last + 1, padded = (n_keys + kLanes - 1) / kLanes * kLanes;
     std::vector<float> scores(G * padded);
     const float* q0 = qp + ((b * T + t) * N + kh * G) * H;
     for (int64_t s = 0; s < n_keys; ++s) {
       const float* key = kc + ((b * S + s) * K + kh) * H;
       for (int64_t g = 0; g < G; ++g) {
-        v16 acc = {};
-        for (int64_t h = 0; h < H; h += 16)
-          acc += *reinterpret_cast<const v16*>(q0 + g * H + h) *
-                 *reinterpret_cast<const v16*>(key + h);
+        vec acc = {};
+        for (int64_t h = 0; h < H; h += kLanes)
+          acc += *reinterpret_cast<const vec*>(q0 + g * H + h) *
+                 *reinterpret_cast<const vec*>(key + h);
         scores[g * padded + s] = Sum(acc);
       }
     }
-    const v16 zero = {}, lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const vec zero = {};
+    vec lanes;
+    for (int l = 0; l < kLanes; ++l) lanes[l] = static_cast<float>(l);
     const float keys = static_cast<float>(n_keys);  // exact below 2^24 slots
     for (int64_t g = 0; g < G; ++g) {
       float* row = scores.data() + g * padded;
       // As XLA's softmax of q.k / sqrt(H): the max, exp(x - max), their sum, each over it. The
       // padding's slots (s >= n_keys) are left out of the max and get probability 0.
-      v16 top = zero - INFINITY;
-      for (int64_t s = 0; s < padded; s += 16) {
-        v16 x = *reinterpret_cast<v16*>(row + s) / root;
-        *reinterpret_cast<v16*>(row + s) = x;
+      vec top = zero - INFINITY;
+      for (int64_t s = 0; s < padded; s += kLanes) {
+        vec x = *reinterpret_cast<vec*>(row + s) / root;
+        *reinterpret_cast<vec*>(row + s) = x;
         top = (lanes + static_cast<float>(s) < keys && x > top) ? x : top;
       }
       float max = top[0];
-      for (int l = 1; l < 16; ++l) max = std::max(max, top[l]);
-      v16 sum = zero;
-      for (int64_t s = 0; s < padded; s += 16) {
-        v16 e = Exp(*reinterpret_cast<v16*>(row + s) - max);
+      for (int l = 1; l < kLanes; ++l) max = std::max(max, top[l]);
+      vec sum = zero;
+      for (int64_t s = 0; s < padded; s += kLanes) {
+        vec e = Exp(*reinterpret_cast<vec*>(row + s) - max);
         e = lanes + static_cast<float>(s) < keys ? e : zero;
-        *reinterpret_cast<v16*>(row + s) = e;
+        *reinterpret_cast<vec*>(row + s) = e;
         sum += e;
       }
       const float total = Sum(sum);
-      for (int64_t s = 0; s < padded; s += 16) *reinterpret_cast<v16*>(row + s) /= total;
+      for (int64_t s = 0; s < padded; s += kLanes) *reinterpret_cast<vec*>(row + s) /= total;
     }
-    // The weighted sum of values: each value row loaded once for up to 16 (head, 16-lane block)
-    // outputs, each with its own accumulator (one chain of FMAs would wait on its own latency).
-    const int64_t blocks = H / 16, outputs = G * blocks;
-    for (int64_t first = 0; first < outputs; first += 16) {
-      const int64_t count = std::min<int64_t>(16, outputs - first);
-      v16 acc[16] = {};
+    // The weighted sum of values: each value row loaded once for up to kAcc (head, lane block)
+    // outputs, each with its own accumulator (one chain of FMAs would wait on its own latency),
+    // as many as the registers hold.
+    constexpr int64_t kAcc = kLanes == 16 ? 16 : 12;
+    const int64_t blocks = H / kLanes, outputs = G * blocks;
+    for (int64_t first = 0; first < outputs; first += kAcc) {
+      const int64_t count = std::min<int64_t>(kAcc, outputs - first);
+      vec acc[kAcc] = {};
       for (int64_t s = 0; s < n_keys; ++s) {
         const float* value = vc + ((b * S + s) * K + kh) * H;
         for (int64_t j = 0; j < count; ++j) {
           const int64_t g = (first + j) / blocks, h = (first + j) % blocks;
-          acc[j] += scores[g * padded + s] * *reinterpret_cast<const v16*>(value + h * 16);
+          acc[j] += scores[g * padded + s] * *reinterpret_cast<const vec*>(value + h * kLanes);
         }
       }
       for (int64_t j = 0; j < count; ++j) {
         const int64_t g = (first + j) / blocks, h = (first + j) % blocks;
-        *reinterpret_cast<v16*>(op + ((b * T + t) * N + kh * G + g) * H + h * 16) = acc[j];
+        *reinterpret_cast<vec*>(op + ((b * T + t) * N + kh * G + g) * H + h * kLanes) = acc[j];
       }
     }
   });
