@@ -168,17 +168,12 @@ class Attention(nn.Module):
     v = constrain(v, ("act_batch", "act_seq", "act_kv_heads", None))
 
     if cache_kv is not None:
-      if not return_attention and _SHARDING.get() is None and cpu_kernels.attention_applies(
-          q, cache_kv[0], c.dtype):
-        # One call per layer on CPUs: the cache written in place, each query attending only to the
-        # slots up to its own position (the XLA form below as its reference and gradient).
-        out, k, v = cpu_kernels.cached_attention(
-            functools.partial(_cached_attention, dtype=c.dtype), q, k, v, *cache_kv, cache_length)
-      else:
+      if return_attention:
         out, k, v, probs = _cached_attention(q, k, v, *cache_kv, cache_length, c.dtype,
                                              return_probs=True)
-        if return_attention:
-          self.sow("intermediates", "attention", probs)                           # [B, N, T, S]
+        self.sow("intermediates", "attention", probs)                             # [B, N, T, S]
+      else:
+        out, k, v = attend_cached(q, k, v, *cache_kv, cache_length, c.dtype)
       out = out.reshape(b, t, c.n_heads * c.head_dim)
       return Linear(c, c.dim, ("heads", "embed"), name="o_proj")(out), (k, v)
     new_kv = (k, v)  # this forward's own keys and values (a prefill keeps them as its cache)
@@ -198,6 +193,17 @@ class Attention(nn.Module):
       return Linear(c, c.dim, ("heads", "embed"), name="o_proj")(out), new_kv
     out = _causal_attention(q, k, v, mask, c.dtype)                              # [B, T, N*H]
     return Linear(c, c.dim, ("heads", "embed"), name="o_proj")(out), new_kv
+
+
+def attend_cached(q, k, v, k_cache, v_cache, length, dtype):
+  """Attention of T new tokens per row to a cache that they are written into (see
+  `_cached_attention`): on CPUs, for f32 and 1-8 tokens, one kernel call per layer that writes the
+  cache in place and attends each query only to the slots up to its own position; else XLA's
+  form, which is also the kernel's reference and gradient. Returns (out, k_cache, v_cache)."""
+  if _SHARDING.get() is None and cpu_kernels.attention_applies(q, k_cache, dtype):
+    return cpu_kernels.cached_attention(functools.partial(_cached_attention, dtype=dtype),
+                                        q, k, v, k_cache, v_cache, length)
+  return _cached_attention(q, k, v, k_cache, v_cache, length, dtype)
 
 
 def _cached_attention(q, k, v, k_cache, v_cache, length, dtype, return_probs=False):
@@ -313,11 +319,15 @@ class Llama(nn.Module):
   def __call__(self, tokens: jax.Array, cache: Cache | None = None,
                return_attention: bool = False,
                logit_positions: jax.Array | None = None,
-               cache_len: int | None = None) -> tuple[jax.Array, Cache | None]:
+               cache_len: int | None = None,
+               hidden_layers: tuple[int, ...] = ()):
     """logit_positions: [B, K] indices into T; when given, logits are [B, K, V] at those positions
     only (a prefill needs one position per row, and the head is a fifth of a 135M model's FLOPs).
     cache_len (without a cache): also return a cache of cache_len positions holding these T
-    tokens' keys and values, as a prefill from position 0 would leave it."""
+    tokens' keys and values, as a prefill from position 0 would leave it.
+    hidden_layers: also return the residual stream at these depths, concatenated in this order
+    as [B, T, len(hidden_layers) * D] (Hugging Face's `hidden_states` numbering: 0 is the
+    embeddings, i the output of layer i, n_layers the last layer's, before the final norm)."""
     c = self.config
     b, t = tokens.shape
     embed = Embedding(c, name="embed_tokens")
@@ -329,15 +339,20 @@ class Llama(nn.Module):
     mask = key_positions[None, None, :] <= positions[:, :, None]                 # [B, T, S]
 
     new_k, new_v = [], []
+    hidden = {0: x}
     layer = _remat(DecoderLayer, c.remat) if cache is None else DecoderLayer
     for i in range(c.n_layers):  # unrolled: slicing stacked weights would copy them every step
       cache_kv = None if cache is None else (cache.k[i], cache.v[i])
       x, kv = layer(c, name=f"layers_{i}")(
           x, positions, mask, cache_kv, offsets, return_attention)
       x = constrain(x, ("act_batch", "act_seq", "act_embed"))
+      hidden[i + 1] = x
       if kv is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])
+    bad = [i for i in hidden_layers if i not in hidden]
+    if bad:
+      raise ValueError(f"hidden_layers {bad}: depths run from 0 (the embeddings) to {c.n_layers}")
     if logit_positions is not None:
       x = jnp.take_along_axis(x, logit_positions[:, :, None], axis=1)                # [B, K, D]
     x = RMSNorm(c, name="norm")(x)
@@ -355,6 +370,9 @@ class Llama(nn.Module):
                         jnp.full((b,), t, jnp.int32))
     else:
       new_cache = None
+    if hidden_layers:
+      features = jnp.concatenate([hidden[i].astype(jnp.float32) for i in hidden_layers], -1)
+      return logits, new_cache, features                                # [B, T, len * D]
     return logits, new_cache
 
 
@@ -396,15 +414,26 @@ def forward(params: dict, config: ModelConfig, tokens: jax.Array, cache: Cache |
   return Llama(config).apply({"params": params}, tokens, cache, False, logit_positions)
 
 
+def forward_with_hidden(params: dict, config: ModelConfig, tokens: jax.Array,
+                        cache: Cache | None, hidden_layers: tuple[int, ...],
+                        logit_positions: jax.Array | None = None):
+  """As `forward`, plus the residual stream at `hidden_layers` (see `Llama`): (logits, new
+  cache, hidden [B, T, len(hidden_layers) * D] f32). What a feature draft reads of its target."""
+  return Llama(config).apply({"params": params}, tokens, cache, False, logit_positions,
+                             hidden_layers=tuple(hidden_layers))
+
+
 def prefill(params: dict, config: ModelConfig, tokens: jax.Array, cache_len: int,
-            logit_positions: jax.Array | None = None) -> tuple[jax.Array, Cache]:
+            logit_positions: jax.Array | None = None, hidden_layers: tuple[int, ...] = ()):
   """A forward from position 0 without a cache that returns one: (logits, a cache of cache_len
-  positions whose first T hold these tokens' keys and values, length T per row). The causal
-  forward skips what a cached forward of T new tokens computes over the empty slots and masks
-  (a 512-token SmolLM2 prefill ran 1.2x faster here)."""
+  positions whose first T hold these tokens' keys and values, length T per row), and with
+  hidden_layers the residual stream there as a third output (see `Llama`). The causal forward
+  skips what a cached forward of T new tokens computes over the empty slots and masks (a
+  512-token SmolLM2 prefill ran 1.2x faster here)."""
   if cache_len < tokens.shape[1]:
     raise ValueError(f"cache_len {cache_len} < {tokens.shape[1]} tokens")
-  return Llama(config).apply({"params": params}, tokens, None, False, logit_positions, cache_len)
+  return Llama(config).apply({"params": params}, tokens, None, False, logit_positions, cache_len,
+                             tuple(hidden_layers))
 
 
 def forward_with_attention(params: dict, config: ModelConfig, tokens: jax.Array,

@@ -13,7 +13,8 @@ accepted run) is filled in for the cost of one wider forward. Rollback is moving
 """
 import dataclasses
 import functools
-from typing import Sequence
+import pathlib
+from typing import Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,23 +25,67 @@ from amd135m import sampling
 from amd135m.errors import UserError
 
 # ---------------------------------------------------------------------------------------------
-# Drafts: one interface, `init` before the loop and `propose` inside it.
+# Drafts: `start` before the loop (on the host), `propose` inside it.
+
+
+class Draft(Protocol):
+  """What speculative_generate asks of a draft (ModelDraft, NgramDraft, feature_draft.FeatureDraft).
+
+  A draft is a frozen, hashable dataclass (it is a static argument of the jitted loop); its
+  weights and other arrays travel separately as `params`. Its state is any pytree."""
+  forwards_per_token: int         # draft forwards per drafted token (0 for no model)
+  feature_layers: tuple[int, ...]  # the target's hidden-state depths it reads (() for none)
+
+  def check(self, target_config: model_lib.ModelConfig) -> None:
+    """A UserError (one line) if this draft cannot draft for that target."""
+
+  def start(self, params, tokens: jax.Array, prompt_lens: jax.Array, cache_len: int, *,
+            target_config: model_lib.ModelConfig, target_params, target_cache: model_lib.Cache,
+            features: jax.Array | None):
+    """The draft's state after the prompts (tokens [B, P], right-padded). The target's prefill
+    is done: its cache, and with feature_layers its hidden states [B, P, F] at every position."""
+
+  def propose(self, params, state, seq: jax.Array, seq_len: jax.Array, gamma: jax.Array,
+              max_gamma: int, keys: jax.Array, knobs: tuple, target_vocab: int,
+              features: jax.Array):
+    """Inside the loop: gamma (traced, <= max_gamma) proposals per row after the committed
+    seq[:, :seq_len], the distributions they came from, and the new state.
+
+    features [B, max_gamma + 1, F]: the target's hidden states at positions seq_len_prev - 1 + j
+    from the last verification (at the first round, slot 0 is the last prompt position's).
+    Returns tokens [B, max_gamma] int32, q [B, max_gamma, target_vocab] f32 (positions >= gamma
+    unused), and the state."""
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelDraft:
   """A (small) Llama with its own KV cache. Its vocabulary must be an id-prefix of the target's."""
   config: model_lib.ModelConfig
+  forwards_per_token: int = 1  # one draft forward per drafted token
+  feature_layers: tuple[int, ...] = ()
+
+  def check(self, target_config: model_lib.ModelConfig) -> None:
+    check_vocabularies(self.config.vocab_size, target_config.vocab_size)
+
+  def start(self, params, tokens, prompt_lens, cache_len: int, *, target_config=None,
+            target_params=None, target_cache=None, features=None):
+    """The draft cache after the prompts. A draft that is the target's own first layers takes
+    theirs from the target's prefill (see shares_target_layers); any other runs its own."""
+    if target_cache is not None and shares_target_layers(self.config, params, target_config,
+                                                         target_params):
+      n_layers = self.config.n_layers
+      return target_cache.replace(k=target_cache.k[:n_layers], v=target_cache.v[:n_layers])
+    return _draft_init(self, params, tokens, prompt_lens, cache_len)
 
   def init(self, params, tokens: jax.Array, prompt_lens: jax.Array, cache_len: int):
-    """The draft cache after the prompts. tokens: [B, P] (ids past the draft's vocabulary -> 0)."""
+    """The draft's own prefill. tokens: [B, P] (ids past the draft's vocabulary -> 0)."""
     tokens = jnp.where(tokens < self.config.vocab_size, tokens, 0)
     _, cache = model_lib.prefill(params, self.config, tokens, cache_len,
                                  logit_positions=(prompt_lens - 1)[:, None])
     return cache.replace(length=prompt_lens)
 
   def propose(self, params, cache, seq, seq_len, gamma, max_gamma: int, keys, knobs,
-              target_vocab: int):
+              target_vocab: int, features=None):
     """gamma (traced, <= max_gamma) proposals per row and the draft distributions they came from.
 
     Returns tokens [B, G] int32, q [B, G, V_target] f32 (zero mass past the draft's vocabulary;
@@ -76,20 +121,23 @@ class ModelDraft:
     q = jnp.concatenate([q_first[:, None], jnp.swapaxes(q_rest, 0, 1)], axis=1)
     return tokens, q, cache
 
-  forwards_per_token = 1  # one draft forward per drafted token
-
 
 @dataclasses.dataclass(frozen=True)
 class NgramDraft:
   """Prompt lookup: no model. Find the latest earlier occurrence of the sequence's last n tokens
   (n = max_ngram down to 1) and propose the tokens that followed it; q is one-hot on them."""
   max_ngram: int = 2
+  forwards_per_token: int = 0  # no model
+  feature_layers: tuple[int, ...] = ()
 
-  def init(self, params, tokens, prompt_lens, cache_len):
+  def check(self, target_config: model_lib.ModelConfig) -> None:
+    pass  # any target: it proposes the sequence's own tokens
+
+  def start(self, params, tokens, prompt_lens, cache_len: int, **target):
     return ()
 
   def propose(self, params, state, seq, seq_len, gamma, max_gamma: int, keys, knobs,
-              target_vocab: int):
+              target_vocab: int, features=None):
     batch, width = seq.shape
     positions = jnp.arange(width)
     # For each n, the start j of the latest match seq[j:j+n] == seq[L-n:L] with j + n < L.
@@ -112,8 +160,6 @@ class NgramDraft:
     q = jax.nn.one_hot(tokens, target_vocab, dtype=jnp.float32)
     return tokens, q, state
 
-  forwards_per_token = 0  # no model
-
 
 # ---------------------------------------------------------------------------------------------
 # The loop.
@@ -129,6 +175,7 @@ class _State:
   gamma: jax.Array         # scalar int32, the current draft length
   target_cache: model_lib.Cache
   draft_state: object
+  features: jax.Array      # [B, G+1, F] the target's hidden states from the last forward
   # Statistics per row: target forwards, drafted and accepted tokens, by draft position too.
   target_calls: jax.Array  # [B]
   drafted: jax.Array       # [B]
@@ -151,8 +198,8 @@ def _residual(p: jax.Array, q: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("target_config", "draft", "max_gamma", "adaptive",
                                              "seq_width"))
 def _loop(target_params, draft_params, target_config, draft, first_logits, target_cache,
-          draft_state, seq, prompt_lens, max_new_tokens, seeds, stop_ids, temperature, top_k,
-          top_p, gamma, max_gamma: int, adaptive: bool, seq_width: int):
+          draft_state, features, seq, prompt_lens, max_new_tokens, seeds, stop_ids, temperature,
+          top_k, top_p, gamma, max_gamma: int, adaptive: bool, seq_width: int):
   knobs = (temperature, top_k, top_p)
   batch = seq.shape[0]
   vocab = target_config.vocab_size
@@ -166,7 +213,7 @@ def _loop(target_params, draft_params, target_config, draft, first_logits, targe
   zeros = jnp.zeros((batch,), jnp.int32)
   zeros_at = jnp.zeros((batch, max_gamma), jnp.int32)
   state = _State(jnp.int32(0), seq, prompt_lens + 1, zeros + 1, done, gamma, target_cache,
-                 draft_state, zeros, zeros, zeros, zeros_at, zeros_at)
+                 draft_state, features, zeros, zeros, zeros, zeros_at, zeros_at)
 
   def cond(s: _State):
     return ~jnp.all(s.done)
@@ -178,12 +225,18 @@ def _loop(target_params, draft_params, target_config, draft, first_logits, targe
     accept_keys, residual_keys = vmap_fold(it_keys, 1), vmap_fold(it_keys, 2)
 
     proposals, q, draft_state = draft.propose(draft_params, s.draft_state, s.seq, s.seq_len,
-                                              s.gamma, max_gamma, draft_keys, knobs, vocab)
+                                              s.gamma, max_gamma, draft_keys, knobs, vocab,
+                                              s.features)
     # Target: the newest committed token and the proposals, at each row's own offset.
     newest = jnp.take_along_axis(s.seq, s.seq_len[:, None] - 1, axis=1)
     verify = jnp.concatenate([newest, proposals], axis=1)                        # [B, G+1]
     cache = s.target_cache.replace(length=s.seq_len - 1)
-    logits, cache = model_lib.forward(target_params, target_config, verify, cache)
+    if draft.feature_layers:  # the draft reads what this forward computes anyway
+      logits, cache, features = model_lib.forward_with_hidden(
+          target_params, target_config, verify, cache, draft.feature_layers)
+    else:
+      logits, cache = model_lib.forward(target_params, target_config, verify, cache)
+      features = s.features
     p = sampling.probabilities(logits, *knobs)                                   # [B, G+1, V]
 
     # Accept x ~ q with probability min(1, p(x)/q(x)): u * q(x) < p(x), u ~ U[0, 1).
@@ -229,14 +282,15 @@ def _loop(target_params, draft_params, target_config, draft, first_logits, targe
     else:
       gamma = s.gamma
     return _State(s.iteration + 1, seq, s.seq_len + produced, new_tokens, done, gamma,
-                  cache.replace(length=s.seq_len + n_accepted), draft_state,
+                  cache.replace(length=s.seq_len + n_accepted), draft_state, features,
                   s.target_calls + count, s.drafted + count * s.gamma,
                   s.accepted + count * n_accepted, accepted_at, drafted_at)
 
   final = jax.lax.while_loop(cond, body, state)
   return dict(seq=final.seq, new_tokens=final.new_tokens, target_calls=final.target_calls,
               drafted=final.drafted, accepted=final.accepted, accepted_at=final.accepted_at,
-              drafted_at=final.drafted_at, iterations=final.iteration)
+              drafted_at=final.drafted_at, iterations=final.iteration,
+              draft_state=final.draft_state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,6 +331,65 @@ def predicted_speedup(acceptance: float, gamma: int, cost_ratio: float,
   return tokens / (gamma * cost_ratio + verify_ratio)
 
 
+DRAFT_SPECS = "ngram | self | first:N | PATH (a model, or a feature-head workdir)"
+
+
+def load_draft(spec: str, target_config: model_lib.ModelConfig, target_params,
+               target_tokenizer=None, dtype=None) -> tuple[Draft, object]:
+  """(draft, its params) for a --draft value: what the CLI, bench, spec_eval, notebooks and the
+  reproduction all call.
+
+  ngram: prompt lookup (no model). self: the target drafting for itself (the upper bound).
+  first:N: the target's first N layers with its final norm and head (a draft made without
+  training). PATH: a feature-head workdir (amd135m.draft_head), checked against the target it was
+  trained for; or a model (Hugging Face directory, GGUF, training workdir) whose vocabulary is an
+  id-prefix of the target's (with both tokenizers at hand, compared id by id), its weights cast
+  to `dtype` if given."""
+  from amd135m import checkpoints, feature_draft  # noqa: PLC0415 (checkpoints pulls orbax)
+  from amd135m.checkpoints import head_io  # noqa: PLC0415
+  if spec == "ngram":
+    return NgramDraft(), None
+  if spec == "self":
+    return ModelDraft(target_config), target_params
+  if spec.startswith("first:"):
+    try:
+      n_layers = int(spec.split(":", 1)[1])
+    except ValueError:
+      raise UserError(f"--draft {spec}: N in first:N must be a whole number of layers, "
+                      "e.g. first:6") from None
+    if not 0 < n_layers <= target_config.n_layers:
+      raise UserError(f"--draft first:N needs 1 <= N <= {target_config.n_layers}")
+    params = {k: v for k, v in target_params.items()
+              if not k.startswith("layers_") or int(k.split("_")[1]) < n_layers}
+    return ModelDraft(dataclasses.replace(target_config, n_layers=n_layers)), params
+  path = pathlib.Path(spec).expanduser()
+  if not path.exists():
+    raise UserError(f"--draft {spec}: no such file or directory; give {DRAFT_SPECS}")
+  if head_io.is_head_workdir(path):
+    record, vocab, head = head_io.load_head_params(path)
+    target_print = head_io.fingerprint(target_config, target_params)
+    if record.target_fingerprint != target_print:
+      raise UserError(
+          f"--draft {spec} is a feature head trained for another target ({record.target_path}, "
+          f"fingerprint {record.target_fingerprint}; this target's is {target_print}): train one "
+          f"for this target with python -m amd135m.draft_head train --target ...")
+    config = feature_draft.HeadConfig(record.model_config(), record.feature_layers,
+                                      record.draft_vocab)
+    draft = feature_draft.FeatureDraft(config)
+    draft.check(target_config)
+    embedding = target_params["embed_tokens"]["embedding"]
+    return draft, {"head": jax.tree.map(jnp.asarray, head), "vocab": jnp.asarray(vocab),
+                   "embedding": embedding}
+  config, params = checkpoints.load_params(path, dtype)
+  draft_tokenizer = None
+  if target_tokenizer is not None:
+    from amd135m.tokenizer import load_tokenizer  # noqa: PLC0415
+    draft_tokenizer = load_tokenizer(path)
+  check_vocabularies(config.vocab_size, target_config.vocab_size, draft_tokenizer,
+                     target_tokenizer)
+  return ModelDraft(config), jax.tree.map(jnp.asarray, params)
+
+
 def check_vocabularies(draft_vocab: int, target_vocab: int, draft_tokenizer=None,
                        target_tokenizer=None) -> None:
   """The draft's ids must mean the target's: its vocabulary an id-prefix of the target's (AMD's
@@ -309,36 +422,37 @@ def speculative_generate(target_params, target_config: model_lib.ModelConfig, dr
   sampling_params.validate()
   if gamma < 1:
     raise UserError(f"gamma must be >= 1, got {gamma}")
-  if isinstance(draft, ModelDraft):
-    check_vocabularies(draft.config.vocab_size, target_config.vocab_size)
+  draft.check(target_config)
   max_gamma = max_gamma or (2 * gamma if adaptive else gamma)
   if max_gamma < gamma:
     raise UserError(f"max_gamma ({max_gamma}) must be at least gamma ({gamma})")
   request = sampling.prepare_request(target_config, prompts, max_new_tokens, seed, stop_ids)
-  if isinstance(draft, ModelDraft) and max(request.lens) + max_new_tokens > draft.config.max_seq_len:
+  draft_context = getattr(getattr(draft, "config", None), "max_seq_len", None)
+  if draft_context is not None and max(request.lens) + max_new_tokens > draft_context:
     raise UserError(f"prompt plus max_new_tokens exceeds the draft's context of "
-                    f"{draft.config.max_seq_len}: shorten one of them")
+                    f"{draft_context}: shorten one of them")
 
   batch, prompt_len = request.tokens.shape
   # Room for the budget plus one round's overshoot: a round may write gamma + 1 tokens past it.
   seq_width = prompt_len + sampling.bucket(max_new_tokens) + max_gamma + 1
   tokens = jnp.asarray(request.tokens)
   lens = jnp.asarray(request.lens, jnp.int32)
-  first_logits, target_cache = sampling.prefill(target_params, target_config, tokens, lens,
-                                                cache_len=seq_width)
-  if isinstance(draft, ModelDraft) and shares_target_layers(draft.config, draft_params,
-                                                           target_config, target_params):
-    # The draft is the target's own first layers: its prompt cache is theirs, no second prefill.
-    n_layers = draft.config.n_layers
-    draft_state = target_cache.replace(k=target_cache.k[:n_layers], v=target_cache.v[:n_layers])
-  else:
-    draft_state = _draft_init(draft, draft_params, tokens, lens, seq_width)
+  first_logits, target_cache, hidden = _prefill(target_params, target_config, tokens, lens,
+                                                seq_width, draft.feature_layers)
+  draft_state = draft.start(draft_params, tokens, lens, seq_width, target_config=target_config,
+                            target_params=target_params, target_cache=target_cache,
+                            features=hidden)
+  # The first round's news for a feature draft: the last prompt position's hidden state.
+  features = jnp.zeros((batch, max_gamma + 1, hidden.shape[-1]), jnp.float32)
+  features = features.at[:, 0].set(hidden[jnp.arange(batch), lens - 1])
   seq = jnp.pad(tokens, ((0, 0), (0, seq_width - prompt_len)))
   out = _loop(target_params, draft_params, target_config, draft, first_logits, target_cache,
-              draft_state, seq, lens, jnp.int32(max_new_tokens), jnp.asarray(request.seeds),
-              jnp.asarray(request.stops), jnp.float32(sampling_params.temperature),
-              jnp.int32(sampling_params.top_k), jnp.float32(sampling_params.top_p),
-              jnp.int32(gamma), max_gamma=max_gamma, adaptive=adaptive, seq_width=seq_width)
+              draft_state, features, seq, lens, jnp.int32(max_new_tokens),
+              jnp.asarray(request.seeds), jnp.asarray(request.stops),
+              jnp.float32(sampling_params.temperature), jnp.int32(sampling_params.top_k),
+              jnp.float32(sampling_params.top_p), jnp.int32(gamma), max_gamma=max_gamma,
+              adaptive=adaptive, seq_width=seq_width)
+  out.pop("draft_state")
   out = jax.tree.map(np.asarray, out)
   per_token = draft.forwards_per_token
   rows_tokens, rows_stats = [], []
@@ -375,3 +489,16 @@ def shares_target_layers(draft_config: model_lib.ModelConfig, draft_params,
 @functools.partial(jax.jit, static_argnames=("draft", "cache_len"))
 def _draft_init(draft, draft_params, tokens, lens, cache_len):
   return draft.init(draft_params, tokens, lens, cache_len)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "cache_len", "hidden_layers"))
+def _prefill(params, config, tokens, prompt_lens, cache_len: int, hidden_layers: tuple[int, ...]):
+  """sampling.prefill, plus the hidden states at every prompt position that a feature draft
+  reads ([B, P, F]; F = 0 for other drafts)."""
+  if not hidden_layers:
+    logits, cache = sampling.prefill(params, config, tokens, prompt_lens, cache_len=cache_len)
+    return logits, cache, jnp.zeros((*tokens.shape, 0), jnp.float32)
+  logits, cache, hidden = model_lib.prefill(params, config, tokens, cache_len,
+                                            logit_positions=(prompt_lens - 1)[:, None],
+                                            hidden_layers=hidden_layers)
+  return logits[:, 0], cache.replace(length=prompt_lens), hidden

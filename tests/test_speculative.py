@@ -237,7 +237,8 @@ def test_layer_drafts_reuse_the_target_prompt_cache(target, poor_draft, monkeypa
   """A draft that is the target's own first layers (first:N, self) takes its prompt cache from the
   target's prefill, equal to what its own prefill computes; any other draft runs its prefill."""
   config, params = target
-  first, first_params = bench.load_draft("first:1", config, params)
+  first_draft, first_params = speculative.load_draft("first:1", config, params)
+  first = first_draft.config
   copied = jax.tree.map(jnp.copy, first_params)
   assert speculative.shares_target_layers(first, first_params, config, params)
   assert speculative.shares_target_layers(config, params, config, params)
@@ -277,8 +278,7 @@ def test_smollm2_target_greedy_equals_target_only(smollm2, smollm2_gguf):
   prompts = [tokenizer.encode("def fibonacci(n):\n"), tokenizer.encode("The capital of France is")]
   expected = sampling.generate(params, config, prompts, 24, stop_ids=tokenizer.stop_ids).tokens
   # A draft built honestly from the target: its first 4 layers, final norm and tied head.
-  draft_config, draft_params = bench.load_draft("first:4", config, params)
-  draft = speculative.ModelDraft(draft_config)
+  draft, draft_params = speculative.load_draft("first:4", config, params)
   # Verification scores 5 positions per forward where target-only scores one, so rounding may
   # differ at a near-tie: compare each row up to its first step with a top-2 margin under 1e-3.
   cuts = []
