@@ -1,21 +1,21 @@
-"""The AMD-135M workflow at CPU scale, end to end (issue 6): pretrain a small Llama draft on
-Gutenberg -> fine-tune it on Python (the stdlib) -> optionally distil the target's own greedy
-completions of stdlib function headers into it -> let it draft for the real SmolLM2-135M on
-HumanEval prompts -> AMD's table (acceptance, speedup; greedy and sampling) and plots.
+"""The AMD-135M workflow at CPU scale, end to end: pretrain a small Llama draft on Gutenberg ->
+fine-tune it on Python (the stdlib) -> optionally distil the target's own greedy completions of
+stdlib function headers into it; train a feature head on the target's own hidden states
+(amd135m.draft_head: EAGLE-3-style, the drafts that can pay on a CPU) -> let the n-gram draft,
+the AMD-style draft and the head each draft for the real SmolLM2-135M on HumanEval prompts ->
+AMD's table per draft (acceptance, speedup; greedy and AMD's sampling), one comparison table and
+plots.
 
 Every stage writes under one output directory and is skipped when already complete (a training
 workdir with COMPLETE, a table on disk), so a rerun resumes where a crash stopped. No training
-text derives from HumanEval: the prompts for distillation are stdlib function headers.
+text derives from HumanEval: the prompts are stdlib function headers and Gutenberg passages.
 """
 import argparse
-import ast
 import dataclasses
 import json
 import pathlib
-import random
 import sys
 import time
-import warnings
 from typing import Callable
 
 from amd135m import config_lib
@@ -36,45 +36,27 @@ class Preset:
   new_tokens: int
   gammas: tuple[int, ...]
   overrides: tuple[str, ...] = ()  # applied to every training stage
+  head: dict = dataclasses.field(default_factory=dict)  # draft_head.train_head's budget
+  head_settings: dict = dataclasses.field(default_factory=dict)  # draft_head.Settings fields
 
 
 PRESETS = {
     # Seconds: the tests' end-to-end run from an empty output directory.
     "test": Preset(3, 3, 2, 8, 3, 1, 8, (2,),
                    ("batch_size=2", "data.seq_len=32", "eval_batches=1", "log_every=1",
-                    "devices=1")),
-    # make demo: a short variant of every step (minutes on a 2-core CPU; see README).
-    "demo": Preset(60, 60, 16, 48, 30, 2, 48, (2, 4),
-                   ("batch_size=8", "data.seq_len=128", "eval_every=30")),
+                    "devices=1"),
+                   head=dict(steps=3, prompts=16),
+                   head_settings=dict(seq_len=40, prompt_tokens=24, batch=4, unroll=2,
+                                      vocab=1024, eval_rows=4)),
+    # make demo: a short variant of every step (<= 15 minutes on a 2-core CPU; see README).
+    "demo": Preset(30, 30, 0, 0, 0, 2, 48, (3,),
+                   ("batch_size=8", "data.seq_len=128", "eval_every=30"),
+                   head=dict(minutes=5)),
     # make reproduce: a longer run (README: its table and runtime on this 2-core CPU).
     "full": Preset(250, 250, 96, 96, 120, 6, 96, (1, 2, 4),
-                   ("batch_size=8", "eval_every=50")),
+                   ("batch_size=8", "eval_every=50"),
+                   head=dict(minutes=45)),
 }
-
-
-def stdlib_headers(count: int, seed: int = 0) -> list[str]:
-  """`count` function headers (def line + docstring) from the local Python-stdlib corpus."""
-  root = pathlib.Path(config_lib.cache_path("corpora", "python_stdlib"))
-  if not root.is_dir():
-    raise UserError(f"{root} is missing: run `make corpora` first")
-  headers = []
-  for path in sorted(root.rglob("*.py")):
-    try:
-      source = path.read_text(encoding="utf-8")
-      with warnings.catch_warnings():  # old corpus files' invalid escapes: not the user's concern
-        warnings.simplefilter("ignore", (DeprecationWarning, SyntaxWarning))
-        tree = ast.parse(source)
-    except (SyntaxError, UnicodeDecodeError, ValueError):
-      continue
-    lines = source.splitlines()
-    for node in ast.walk(tree):
-      if isinstance(node, ast.FunctionDef) and node.col_offset == 0 and ast.get_docstring(node):
-        doc = node.body[0]
-        text = "\n".join(lines[node.lineno - 1:doc.end_lineno]) + "\n"
-        if 40 <= len(text) <= 600:
-          headers.append(text)
-  random.Random(seed).shuffle(headers)
-  return headers[:count]
 
 
 def _train(stage: str, workdir: pathlib.Path, steps: int, init_from: str, overrides, log,
@@ -100,7 +82,8 @@ def _distill_data(target_path: str, out: pathlib.Path, preset: Preset, log) -> s
     import jax  # noqa: PLC0415
     from amd135m import checkpoints, inference, sampling  # noqa: PLC0415
     from amd135m.tokenizer import load_tokenizer  # noqa: PLC0415
-    headers = stdlib_headers(preset.distill_prompts)
+    from amd135m.data import prompts  # noqa: PLC0415
+    headers = prompts.stdlib_headers(preset.distill_prompts)
     config, params = checkpoints.load_params(target_path)
     params = jax.tree.map(jnp.asarray, params)
     tokenizer = load_tokenizer(target_path)
@@ -181,27 +164,110 @@ def reproduce(out_dir, preset: str = "demo", target: str | None = None,
                                     str(draft), spec.overrides, log, distill_dir=data))
     draft = workdirs["distill"]
   plot_losses(workdirs, out / "loss_curves.png")
+  drafts = {"n-gram": "ngram", "AMD-style draft": str(draft)}
+  if spec.head:
+    head_dir = out / "head"
+    timed("head", lambda: _train_head(target, head_dir, spec, log))
+    drafts["feature head"] = str(head_dir)
 
   from amd135m import spec_eval  # noqa: PLC0415
-  saved = out / "table" / "spec_table.json"
-  if saved.exists():
-    rows = json.loads(saved.read_text())["rows"]
-    log(f"[table] measured earlier in {saved}, skipped (delete it to measure again)")
-  else:
-    from tqdm.auto import tqdm  # noqa: PLC0415
-    table, _ = timed("table", lambda: spec_eval.run(
-        target, str(draft), str(out / "table"), n_prompts=spec.prompts, gammas=spec.gammas,
-        max_new_tokens=spec.new_tokens, progress=tqdm))
-    rows = table.rows
+  rows = []
+  for name, draft_spec in drafts.items():
+    table_dir = out / "table" / _slug(name)
+    saved = table_dir / "spec_table.json"
+    if saved.exists():
+      measured = json.loads(saved.read_text())["rows"]
+      log(f"[table] {name}: measured earlier in {saved}, skipped (delete it to measure again)")
+    else:
+      from tqdm.auto import tqdm  # noqa: PLC0415
+      log(f"[table] {name} drafting for the target")
+      table, _ = timed(f"table {name}", lambda: spec_eval.run(
+          target, draft_spec, str(table_dir), n_prompts=spec.prompts, gammas=spec.gammas,
+          max_new_tokens=spec.new_tokens, progress=tqdm))
+      measured = table.rows
+    rows += [{"draft": name, **row} for row in measured]
+  plot_comparison(rows, out / "comparison.png")
   summary_path = out / "summary.json"
   previous = json.loads(summary_path.read_text())["seconds"] if summary_path.exists() else {}
   seconds = {**previous, **{k: v for k, v in seconds.items() if v >= 1.0 or k not in previous}}
-  summary = {"preset": preset, "target": target, "draft": str(draft), "seconds": seconds,
+  summary = {"preset": preset, "target": target, "drafts": drafts, "seconds": seconds,
              "total_seconds": round(sum(seconds.values()), 1), "rows": rows}
   summary_path.write_text(json.dumps(summary, indent=1) + "\n")
-  log(spec_eval.format_table(rows))
+  for name in drafts:
+    log(f"\n{name}:\n" + spec_eval.format_table([r for r in rows if r["draft"] == name],
+                                                 amd_reference=False))
+  log("\n" + format_comparison(rows))
   log(f"stages (s): {seconds}; total {summary['total_seconds']} s; outputs in {out}")
-  return {**summary, "table_dir": str(out / "table"), "loss_plot": str(out / "loss_curves.png")}
+  return {**summary, "table_dir": str(out / "table"), "loss_plot": str(out / "loss_curves.png"),
+          "comparison_plot": str(out / "comparison.png")}
+
+
+def _slug(name: str) -> str:
+  return name.lower().replace(" ", "_").replace("-", "_")
+
+
+def _train_head(target: str, head_dir: pathlib.Path, spec: Preset, log) -> None:
+  """The feature head (amd135m.draft_head) on the target's own continuations, in its budget."""
+  from amd135m import draft_head  # noqa: PLC0415
+  if (head_dir / draft_head.COMPLETE).exists():
+    log(f"[head] complete in {head_dir}, skipped")
+    return
+  settings = dataclasses.replace(draft_head.Settings(), **spec.head_settings)
+  resume = head_dir.exists() and any(head_dir.iterdir())
+  log(f"[head] training a feature head into {head_dir} ({spec.head})")
+  summary = draft_head.train_head(target, head_dir, settings=settings, resume=resume,
+                                  log=log, **spec.head)
+  last = summary["last"]
+  log(f"[head] {summary['rows']} rows collected in {summary['collect_seconds']} s, "
+      f"{summary['step']} steps in {summary['train_seconds']} s; held-out agreement "
+      f"{last.get('eval_agreement_0', float('nan')):.3f}, expected tokens per target call "
+      f"{last.get('eval_expected_tokens_per_call', float('nan')):.2f}")
+  if not summary["complete"]:
+    raise UserError(f"the head in {head_dir} did not finish: rerun to resume it")
+
+
+def format_comparison(rows: list[dict]) -> str:
+  """One line per (setting, draft) at its best gamma, after a target-only line per setting."""
+  from amd135m import spec_eval  # noqa: PLC0415
+  header = ["setting", "draft", "gamma", "tokens/s", "acceptance", "tok/call", "speedup",
+            "exact"]
+  lines = []
+  for setting in dict.fromkeys(r["setting"] for r in rows):
+    mine = [r for r in rows if r["setting"] == setting]
+    target_tps = sum(r["target_tokens_per_s"] for r in mine) / len(mine)
+    lines.append([setting, "target only", "-", f"{target_tps:.1f}", "-", "1.00", "1.00x", "-"])
+    for draft in dict.fromkeys(r["draft"] for r in mine):
+      best = max((r for r in mine if r["draft"] == draft), key=lambda r: r["speedup"])
+      lines.append([setting, draft, str(best["gamma"]), f"{best['speculative_tokens_per_s']:.1f}",
+                    f"{best['acceptance']:.3f}", f"{best['tokens_per_target_call']:.2f}",
+                    f"{best['speedup']:.2f}x", spec_eval._fmt(best["exact"], "")])
+  return (spec_eval._aligned(header, lines) + "\n(target-only tokens/s: the mean of its runs "
+          "beside each draft; speedup: over the target-only run beside it; AMD's CodeLlama-7b: "
+          "acceptance 0.65-0.74, 2.6-3.9x)")
+
+
+def plot_comparison(rows: list[dict], path: pathlib.Path) -> None:
+  """Speedup over target-only per draft (best gamma), one bar group per setting."""
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  settings = list(dict.fromkeys(r["setting"] for r in rows))
+  drafts = list(dict.fromkeys(r["draft"] for r in rows))
+  fig, ax = plt.subplots(figsize=(7, 4))
+  width = 0.8 / len(settings)
+  for i, setting in enumerate(settings):
+    best = [max((r["speedup"] for r in rows if r["draft"] == d and r["setting"] == setting),
+                default=0.0) for d in drafts]
+    bars = ax.bar([x + i * width for x in range(len(drafts))], best, width, label=setting)
+    ax.bar_label(bars, fmt="%.2fx", fontsize=8)
+  ax.axhline(1.0, color="grey", lw=0.8)
+  ax.set_xticks([x + width * (len(settings) - 1) / 2 for x in range(len(drafts))], drafts)
+  ax.set_ylabel("speedup over target-only (best gamma)")
+  ax.set_title("drafts for SmolLM2-135M on HumanEval prompts, this CPU")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 def main(argv=None) -> int:

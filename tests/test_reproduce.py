@@ -14,8 +14,11 @@ def test_shortened_reproduction_runs_end_to_end(tmp_path, smollm2_gguf):
   texts = [p.read_text() for p in sorted((out / "distill_raw").glob("*.txt"))]
   assert texts and all(t.startswith("def ") for t in texts)
   assert not any("HumanEval" in t for t in texts)
+  assert (out / "head" / "COMPLETE").exists()
   rows = summary["rows"]
   assert {r["setting"] for r in rows} == {"greedy", "sampling"}
+  assert [r["draft"] for r in rows] == [d for d in ("n-gram", "AMD-style draft", "feature head")
+                                        for _ in range(2)]
   for row in rows:
     assert 0.0 <= row["acceptance"] <= 1.0 and row["speedup"] > 0
   # Greedy speculative output equals target-only greedy output.
@@ -23,17 +26,23 @@ def test_shortened_reproduction_runs_end_to_end(tmp_path, smollm2_gguf):
   saved = json.loads((out / "summary.json").read_text())
   assert saved["rows"] == json.loads(json.dumps(rows))
   assert (out / "loss_curves.png").stat().st_size > 10_000
-  assert (out / "table" / "spec_table.csv").exists()
+  for name in ("n_gram", "amd_style_draft", "feature_head"):
+    assert (out / "table" / name / "spec_table.csv").exists(), name
+  assert (out / "comparison.png").stat().st_size > 10_000
+  comparison = lines[-2]  # the last table: one line per (setting, draft), target-only first
+  assert comparison.count("target only") == 2 and comparison.count("feature head") == 2
 
   # A rerun finds every stage complete and redoes nothing: no file of a stage or of the table is
   # rewritten (the summary and the loss plot are redrawn from them), and the rows carry over.
   def stamps():
     return {p: p.stat().st_mtime_ns for p in out.rglob("*")
-            if p.is_file() and p.name not in ("summary.json", "loss_curves.png")}
+            if p.is_file() and p.name not in ("summary.json", "loss_curves.png",
+                                              "comparison.png")}
   before = stamps()
   lines.clear()
   again = reproduce.reproduce(out, "test", str(smollm2_gguf), log=lines.append)
-  assert sum("skipped" in line for line in lines) == 4
+  # pretrain, code, distill, head, and the three drafts' tables
+  assert sum("skipped" in line for line in lines) == 7
   assert stamps() == before
   assert again["rows"] == saved["rows"]
 

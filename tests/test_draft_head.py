@@ -1,0 +1,171 @@
+"""Training a feature head (amd135m.draft_head): it learns, resumes bitwise, and refuses bad input."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from amd135m import checkpoints, draft_head, feature_draft, sampling, speculative
+from amd135m.checkpoints import head_io
+from amd135m.errors import UserError
+from amd135m.tokenizer import load_tokenizer
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Small enough for seconds on a 2-core CPU: 8 rows of 40 tokens per chunk.
+SMALL = draft_head.Settings(seq_len=40, prompt_tokens=24, collect_batch=8, batch=4, unroll=2,
+                            vocab=512, eval_rows=4, warmup_steps=2, lr=3e-3)
+
+
+@pytest.fixture(scope="module")
+def tiny_target(tmp_path_factory, smollm2_gguf):
+  """A random 2-layer Llama with SmolLM2's vocabulary and tokenizer, as a Hugging Face directory:
+  a target whose collection and training take seconds."""
+  import hf_reference as ref
+  hf = ref.tiny_hf_model(seed=7, init_std=0.05, vocab_size=49152, hidden_size=64,
+                         intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=True)
+  path = tmp_path_factory.mktemp("tiny_target")
+  checkpoints.save_hf(path, ref.our_config(hf), ref.our_params(hf),
+                      load_tokenizer(smollm2_gguf))
+  return path
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_target, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("head") / "head"
+  summary = draft_head.train_head(str(tiny_target), workdir, steps=30, prompts=24,
+                                  settings=SMALL, eval_every=10, progress=False)
+  return workdir, summary
+
+
+def _metrics(workdir):
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_lowers_the_loss_and_writes_a_usable_head(trained, tiny_target):
+  workdir, summary = trained
+  assert summary["complete"] and summary["step"] == 30 and summary["rows"] == 24
+  records = _metrics(workdir)
+  assert [r["step"] for r in records] == list(range(1, 31))
+  first, last = records[0], records[-1]
+  assert last["train_loss"] < 0.8 * first["train_loss"]
+  evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+  assert len(evals) == 3 and evals[-1] < evals[0]
+  for name in ("draft_head.json", "vocab.npy", "train_settings.json", "COMPLETE"):
+    assert (workdir / name).exists(), name
+  record = head_io.read_record(workdir)
+  assert record.draft_vocab == SMALL.vocab and len(head_io.read_vocab(workdir)) == SMALL.vocab
+
+  # A head workdir is a draft: greedy decode through it equals the target alone.
+  config, params = checkpoints.load_params(tiny_target)
+  params = jax.tree.map(jax.numpy.asarray, params)
+  draft, draft_params = speculative.load_draft(str(workdir), config, params)
+  assert isinstance(draft, feature_draft.FeatureDraft)
+  prompts = [[10, 20, 30, 40], [5, 6]]
+  expected = sampling.generate(params, config, prompts, 20).tokens
+  result = speculative.speculative_generate(params, config, draft, draft_params, prompts, 20,
+                                            gamma=3)
+  assert result.tokens == expected
+
+
+def test_the_head_refuses_another_target(trained, smollm2):
+  workdir, _ = trained
+  config, params = smollm2
+  with pytest.raises(UserError, match="trained for another target"):
+    speculative.load_draft(str(workdir), config, params)
+
+
+def _train_in_subprocess(target, workdir, *extra_code, steps=6):
+  code = (f"from amd135m import draft_head\n"
+          f"import dataclasses\n"
+          f"settings = dataclasses.replace(draft_head.Settings(), **{SMALL.__dict__!r})\n"
+          f"hooks = draft_head.Hooks({', '.join(extra_code)})\n"
+          f"draft_head.train_head({str(target)!r}, {str(workdir)!r}, steps={steps}, prompts=24,"
+          f" settings=settings, resume=True, checkpoint_every=2, progress=False, hooks=hooks)\n")
+  return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_target, tmp_path):
+  """Killed right after step 3 (its last checkpoint is step 2), rerun with --resume: the final
+  weights and the metrics of every step equal an uninterrupted run's, bitwise."""
+  whole, broken = tmp_path / "whole", tmp_path / "broken"
+  assert _train_in_subprocess(tiny_target, whole).returncode == 0
+  killed = _train_in_subprocess(tiny_target, broken, "kill_after_step=3")
+  assert killed.returncode == -9
+  assert head_io.finished_steps(broken) == [2]
+  resumed = _train_in_subprocess(tiny_target, broken)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  _, _, expected = head_io.load_head_params(whole)
+  _, _, got = head_io.load_head_params(broken)
+  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, b)
+  drop = lambda rs: [{k: v for k, v in r.items() if k != "step_seconds"} for r in rs]
+  assert drop(_metrics(broken)) == drop(_metrics(whole))
+
+
+def run_cli(*args):
+  proc = subprocess.run([sys.executable, "-m", "amd135m.draft_head", *map(str, args)], cwd=ROOT,
+                        capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                        timeout=300)
+  return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("case", ["missing target", "minutes 0", "vocab too large",
+                                  "unwritable workdir", "no budget", "existing head"])
+def test_bad_input_is_one_line(case, tiny_target, trained, tmp_path):
+  workdir = tmp_path / "w"
+  args = {"missing target": ["--target", tmp_path / "nope.gguf", "--workdir", workdir,
+                             "--steps", 1],
+          "minutes 0": ["--target", tiny_target, "--workdir", workdir, "--minutes", 0],
+          "vocab too large": ["--target", tiny_target, "--workdir", workdir, "--steps", 1,
+                              "--vocab", 60000],
+          "unwritable workdir": ["--target", tiny_target, "--workdir", "/proc/amd135m/w",
+                                 "--steps", 1],
+          "no budget": ["--target", tiny_target, "--workdir", workdir],
+          "existing head": ["--target", tiny_target, "--workdir", trained[0], "--steps", 1],
+          }[case]
+  code, out, err = run_cli("train", *args)
+  assert code == 2, (case, err)
+  assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+  expected = {"missing target": "no such file", "minutes 0": "--minutes must be",
+              "vocab too large": "larger than the target's vocabulary",
+              "unwritable workdir": "--workdir", "no budget": "one of the arguments",
+              "existing head": "--resume"}[case]
+  assert expected in err, err
+
+
+def _run_module(module, *args):
+  proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT,
+                        capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
+def test_a_head_workdir_is_a_draft_in_generate_bench_and_spec_eval(trained, tiny_target,
+                                                                    tmp_path):
+  workdir, _ = trained
+  plain = json.loads(_run_module("amd135m.generate", "--model", tiny_target, "--prompt",
+                                 "def add(a, b):", "--max-new-tokens", 12))
+  spec = json.loads(_run_module("amd135m.generate", "--model", tiny_target, "--prompt",
+                                "def add(a, b):", "--max-new-tokens", 12, "--draft", workdir,
+                                "--gamma", 3))
+  assert spec["completion"] == plain["completion"] and spec["target_calls"] >= 1
+
+  bench = json.loads(_run_module("amd135m.bench", "speculative", "--target", tiny_target,
+                                 "--draft", workdir, "--prompts", 2, "--new-tokens", 8,
+                                 "--repeats", 1, "--no-reference", "--json"))
+  assert bench["speculative"]["equals_target_only"] is True
+  assert bench["ngram"]["equals_target_only"] is True
+  assert bench["draft_round"]["cost_ratio"] > 0
+
+  _run_module("amd135m.spec_eval", "--target", tiny_target, "--draft", workdir, "--out",
+              tmp_path / "table", "--prompts", 1, "--gammas", 2, "--max-new-tokens", 8)
+  rows = json.loads((tmp_path / "table" / "spec_table.json").read_text())["rows"]
+  assert [r["setting"] for r in rows] == ["greedy", "sampling"]
+  assert rows[0]["exact"] is True
