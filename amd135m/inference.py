@@ -16,7 +16,7 @@ def generate_text(params, config: model_lib.ModelConfig, tokenizer, texts: Seque
                   adaptive_gamma: bool = False) -> list[dict]:
   """Encodes, generates as one batch, decodes; one record per text (the CLI's JSON lines).
 
-  With a draft (speculative.ModelDraft or NgramDraft), decodes speculatively and adds
+  With a draft (any speculative.Draft: speculative.load_draft), decodes speculatively and adds
   acceptance_rate, tokens_per_target_call and target_calls (each row's own) to the records.
   `seconds` is the wall time of the whole batch (prefill, decode, host transfers) less the time
   spent tracing and compiling (reported as `compile_seconds`), so tokens_per_second of a row is

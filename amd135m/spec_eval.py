@@ -82,16 +82,17 @@ class SpecTable:
   outputs: dict[str, list[list[int]]]      # "greedy/target", "greedy/gamma=4" -> tokens per prompt
 
 
-def speculative_table(target_params, target_config: ModelConfig, draft_params,
-                      draft_config: ModelConfig, tokenizer, prompts: Sequence[str], *,
+def speculative_table(target_params, target_config: ModelConfig, draft: speculative.Draft,
+                      draft_params, tokenizer, prompts: Sequence[str], *,
                       settings: Mapping[str, sampling.SamplingParams] | None = None,
                       gammas: Sequence[int] = (2, 4), max_new_tokens: int = 64,
                       adaptive: bool = False, stop_ids: Sequence[int] = (), seed: int = 0,
                       predicted: bool = True, progress: Progress | None = None) -> SpecTable:
   """One row per (setting, gamma): our speculative decode against our target-only decode.
 
+  draft: any speculative.Draft (speculative.load_draft makes one from a --draft value).
   Every prompt runs alone (batch 1). For each setting and prompt, in one pass: the target alone,
-  the draft alone (when `predicted`), then speculative decoding at each gamma, each timed after a
+  then speculative decoding at each gamma, each timed after a
   warm-up run of the same prompt-length bucket (compiles excluded, as in bench). Prompt i uses
   seed + i in every method.
 
@@ -102,7 +103,8 @@ def speculative_table(target_params, target_config: ModelConfig, draft_params,
     tokens_per_target_call: tokens the verification rounds produced / target forwards.
     target_tokens_per_s, speculative_tokens_per_s: new tokens / wall seconds, prefill included,
       summed over prompts; speedup: their ratio (AMD's throughput speedup).
-    cost_ratio: c, a draft-only token's time over a target-only token's; predicted_speedup:
+    cost_ratio: c, a draft round's time (bench.draft_round_cost, when `predicted`) per drafted
+      token over a target-only token's (prefill included, as the speedup); predicted_speedup:
       (1 - a^(gamma+1)) / ((1 - a)(gamma c + 1)) of Leviathan et al. (fixed gamma only).
     exact: for greedy settings, whether every speculative output equals the target-only one
       (None for sampling, whose outputs differ by design and only distributions agree).
@@ -122,15 +124,15 @@ def speculative_table(target_params, target_config: ModelConfig, draft_params,
     knobs.validate()
   if not prompts:
     raise UserError("no prompts given")
-  speculative.check_vocabularies(draft_config.vocab_size, target_config.vocab_size)
+  draft.check(target_config)
   progress = progress or (lambda it, **_: it)
   encoded = [tokenizer.encode(text) for text in prompts]
   sampling.prepare_request(target_config, encoded, max_new_tokens)  # one clear error, up front
-  if max(map(len, encoded)) + max_new_tokens > draft_config.max_seq_len:
+  draft_context = getattr(getattr(draft, "config", None), "max_seq_len", None)
+  if draft_context is not None and max(map(len, encoded)) + max_new_tokens > draft_context:
     raise UserError(f"the longest prompt ({max(map(len, encoded))} tokens) plus max_new_tokens "
                     f"({max_new_tokens}) exceeds the draft's context of "
-                    f"{draft_config.max_seq_len}: shorten one of them")
-  draft = speculative.ModelDraft(draft_config)
+                    f"{draft_context}: shorten one of them")
   stop_ids = list(stop_ids)
   warmed = set()  # (method, prompt bucket): compiled programs, shared by all settings
 
@@ -142,19 +144,19 @@ def speculative_table(target_params, target_config: ModelConfig, draft_params,
     out = fn()
     return out, time.perf_counter() - start
 
+  @functools.cache
+  def round_cost(gamma: int) -> float:
+    return bench.draft_round_cost(draft, draft_params, target_params, target_config, encoded[0],
+                                  gamma)
+
   rows, outputs = [], {}
   for name, knobs in settings.items():
-    target_runs, draft_runs, spec_runs = [], [], {g: [] for g in gammas}
+    target_runs, spec_runs = [], {g: [] for g in gammas}
     for i, ids in enumerate(progress(encoded, total=len(encoded), desc=name)):
       bucket = sampling.bucket(len(ids))
       target_runs.append(timed(("target", bucket), functools.partial(
           sampling.generate, target_params, target_config, [ids], max_new_tokens, knobs,
           seed + i, stop_ids)))
-      if predicted:  # no stop: a clean per-token cost; ids past the draft's vocabulary -> 0
-        draft_ids = [t if t < draft_config.vocab_size else 0 for t in ids]
-        draft_runs.append(timed(("draft", bucket), functools.partial(
-            sampling.generate, draft_params, draft_config, [draft_ids], max_new_tokens, knobs,
-            seed + i)))
       for gamma in gammas:
         spec_runs[gamma].append(timed(("speculative", gamma, bucket), functools.partial(
             speculative.speculative_generate, target_params, target_config, draft, draft_params,
@@ -163,11 +165,10 @@ def speculative_table(target_params, target_config: ModelConfig, draft_params,
     target_tokens = [out.tokens[0] for out, _ in target_runs]
     outputs[f"{name}/target"] = target_tokens
     target_tps = _tokens(target_tokens) / _seconds(target_runs)
-    cost_ratio = None
-    if predicted:
-      draft_per_token = _seconds(draft_runs) / _tokens(out.tokens[0] for out, _ in draft_runs)
-      cost_ratio = draft_per_token * target_tps
     for gamma in gammas:
+      cost_ratio = None
+      if predicted:
+        cost_ratio = round_cost(gamma) / gamma * target_tps
       results = [out for out, _ in spec_runs[gamma]]
       tokens = [r.tokens[0] for r in results]
       outputs[f"{name}/gamma={gamma}"] = tokens
@@ -243,8 +244,9 @@ def _aligned(header: list[str], lines: list[list[str]]) -> str:
   return "\n".join(text)
 
 
-def format_table(rows: Sequence[dict]) -> str:
-  """Our rows with AMD's reported range for the same setting beside each, then AMD's table."""
+def format_table(rows: Sequence[dict], amd_reference: bool = True) -> str:
+  """Our rows with AMD's reported range for the same setting beside each, then (amd_reference)
+  AMD's table."""
   ranges = amd_ranges()
   header = ["setting", "gamma", "accept", "AMD's fig.", "tok/call", "target tok/s", "spec tok/s",
             "speedup", "predicted", "exact", "AMD accept", "AMD speedup"]
@@ -260,14 +262,16 @@ def format_table(rows: Sequence[dict]) -> str:
         _fmt(r["exact"], ""),
         "-" if amd is None else "{:.2f}-{:.2f}".format(*amd["acceptance"]),
         "-" if amd is None else "{:.2f}-{:.2f}x".format(*amd["speedup"])])
+  ours = (f"{_aligned(header, lines)}\n\naccept: accepted / proposed draft tokens; AMD's fig.: "
+          "their script's (produced - target calls) / draft calls")
+  if not amd_reference:
+    return ours
   amd_header = ["target", "draft", "setting", "target pass@1", "spec pass@1", "acceptance",
                 "speedup"]
   amd_lines = [[r["target_device"], r["draft_device"], r["setting"],
                 f"{100 * r['target_pass_at_1']:.2f}%", f"{100 * r['speculative_pass_at_1']:.2f}%",
                 f"{r['acceptance']:.3f}", f"{r['speedup']:.2f}x"] for r in AMD_REFERENCE]
-  return (f"{_aligned(header, lines)}\n\naccept: accepted / proposed draft tokens; AMD's fig.: "
-          f"their script's (produced - target calls) / draft calls\n\nAMD's reported table "
-          f"({AMD_SOURCE}):\n{_aligned(amd_header, amd_lines)}")
+  return f"{ours}\n\nAMD's reported table ({AMD_SOURCE}):\n{_aligned(amd_header, amd_lines)}"
 
 
 def plot_table(rows: Sequence[dict], path: str | os.PathLike) -> None:
@@ -360,7 +364,8 @@ def run(target: str, draft: str, out_dir: str, *, paper: bool = False, n_prompts
         progress: Progress | None = None) -> tuple[SpecTable, dict]:
   """Loads the pair, measures the table on HumanEval, saves it under out_dir.
 
-  draft: a model path, or 'first:N' / 'self' (bench.load_draft: built from the target). With
+  draft: a --draft value for speculative.load_draft (a model, a feature head, first:N, self,
+  ngram). With
   paper=True the defaults become AMD's (module docstring); each can still be overridden.
   Returns the table and the paths written.
   """
@@ -379,8 +384,6 @@ def run(target: str, draft: str, out_dir: str, *, paper: bool = False, n_prompts
   if not 0 <= seed < 2**32:
     raise UserError(f"--seed must be 0 to 2**32 - 1, got {seed}")
   sampling_params.validate()
-  if draft.startswith("first:"):
-    bench.first_layers(draft)
   check_dir_creatable(out_dir, "--out")  # now, not after the measurement
   adaptive = paper if adaptive is None else adaptive
   stop_at_eos = paper if stop_at_eos is None else stop_at_eos
@@ -388,27 +391,22 @@ def run(target: str, draft: str, out_dir: str, *, paper: bool = False, n_prompts
   if unknown:
     raise UserError(f"unknown setting {unknown[0]!r}: choose greedy and/or sampling")
   task_ids, texts = humaneval_prompts(n_prompts, one_shot=paper)
-  draft_is_path = not (draft == "self" or draft.startswith("first:"))
-  if draft_is_path and not pathlib.Path(draft).expanduser().exists():
-    raise UserError(f"draft weights not found: {draft} does not exist (pass a Hugging Face model "
-                    "directory, a .gguf file, 'first:N' or 'self')")
+  if draft not in ("ngram", "self") and not draft.startswith("first:") and not (
+      pathlib.Path(draft).expanduser().exists()):
+    raise UserError(f"--draft {draft}: no such file or directory; give "
+                    f"{speculative.DRAFT_SPECS}")
 
   import jax  # noqa: PLC0415 (checks above stay fast)
   import jax.numpy as jnp  # noqa: PLC0415
   config, params = _load_model(target, "target", dtype)
   tokenizer = load_tokenizer(pathlib.Path(target).expanduser())
   params = jax.tree.map(jnp.asarray, params)
-  if draft_is_path:  # its own files: its tokenizer must agree with the target's id by id
-    draft_config, draft_params = _load_model(draft, "draft", dtype)
-    draft_params = jax.tree.map(jnp.asarray, draft_params)
-    speculative.check_vocabularies(draft_config.vocab_size, config.vocab_size,
-                                   load_tokenizer(pathlib.Path(draft).expanduser()), tokenizer)
-  else:
-    draft_config, draft_params = bench.load_draft(draft, config, params)
+  # A model draft's tokenizer must agree with the target's id by id; a head its fingerprint.
+  draft_model, draft_params = speculative.load_draft(draft, config, params, tokenizer, dtype)
   chosen = {name: knobs for name, knobs in default_settings(sampling_params).items()
             if name in settings}
   stop_ids = list(tokenizer.stop_ids) if stop_at_eos else []
-  table = speculative_table(params, config, draft_params, draft_config, tokenizer, texts,
+  table = speculative_table(params, config, draft_model, draft_params, tokenizer, texts,
                             settings=chosen, gammas=gammas, max_new_tokens=max_new_tokens,
                             adaptive=adaptive, stop_ids=stop_ids, seed=seed, progress=progress)
   setup = dict(target=str(target), draft=str(draft), paper=paper,
@@ -416,8 +414,11 @@ def run(target: str, draft: str, out_dir: str, *, paper: bool = False, n_prompts
                prompt_template=(ONE_SHOT_PREFIX + "{prompt}") if paper else "{prompt}",
                settings={k: dataclasses.asdict(v) for k, v in chosen.items()}, gammas=gammas,
                adaptive=adaptive, max_new_tokens=max_new_tokens, stop_ids=stop_ids, seed=seed,
-               target_vocab=config.vocab_size, draft_vocab=draft_config.vocab_size,
-               target_param_dtype=config.param_dtype, draft_param_dtype=draft_config.param_dtype)
+               target_vocab=config.vocab_size, target_param_dtype=config.param_dtype,
+               draft_kind=type(draft_model).__name__)
+  if isinstance(draft_model, speculative.ModelDraft):
+    setup.update(draft_vocab=draft_model.config.vocab_size,
+                 draft_param_dtype=draft_model.config.param_dtype)
   paths = save_table(table, out_dir, setup, decode=tokenizer.decode, task_ids=task_ids)
   return table, paths
 
@@ -425,7 +426,7 @@ def run(target: str, draft: str, out_dir: str, *, paper: bool = False, n_prompts
 def main(argv=None) -> int:
   parser = ArgumentParser(prog="amd135m.spec_eval", description=__doc__.splitlines()[0])
   parser.add_argument("--target", required=True, help="HF directory or .gguf of the target")
-  parser.add_argument("--draft", required=True, help="HF directory or .gguf, 'first:N' or 'self'")
+  parser.add_argument("--draft", required=True, help=speculative.DRAFT_SPECS)
   parser.add_argument("--out", required=True, help="directory for spec_table.{csv,json,png}")
   parser.add_argument("--paper", action="store_true",
                       help="AMD's setting: one-shot [PYTHON] prefix, 164 prompts, 512 tokens to "

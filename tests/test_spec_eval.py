@@ -49,8 +49,8 @@ def pair(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def table(pair):
-  return spec_eval.speculative_table(pair["target"], TARGET, pair["draft"], DRAFT,
-                                     pair["tokenizer"], PROMPTS, gammas=(1, 3),
+  return spec_eval.speculative_table(pair["target"], TARGET, speculative.ModelDraft(DRAFT),
+                                     pair["draft"], pair["tokenizer"], PROMPTS, gammas=(1, 3),
                                      max_new_tokens=MAX_NEW)
 
 
@@ -83,8 +83,8 @@ def test_greedy_outputs_equal_plain_target_decoding(pair, table):
 
 
 def test_draft_equal_to_target_accepts_every_token(pair):
-  table = spec_eval.speculative_table(pair["target"], TARGET, pair["target"], TARGET,
-                                      pair["tokenizer"], PROMPTS, gammas=(3,),
+  table = spec_eval.speculative_table(pair["target"], TARGET, speculative.ModelDraft(TARGET),
+                                      pair["target"], pair["tokenizer"], PROMPTS, gammas=(3,),
                                       max_new_tokens=MAX_NEW, predicted=False)
   greedy, sampled = table.rows
   assert greedy["acceptance"] == 1.0 and greedy["exact"] is True
@@ -107,8 +107,8 @@ def test_exact_column_fails_when_outputs_differ(pair, monkeypatch):
     return result
 
   monkeypatch.setattr(speculative, "speculative_generate", off_by_one)
-  table = spec_eval.speculative_table(pair["target"], TARGET, pair["draft"], DRAFT,
-                                      pair["tokenizer"], PROMPTS[:1], gammas=(1,),
+  table = spec_eval.speculative_table(pair["target"], TARGET, speculative.ModelDraft(DRAFT),
+                                      pair["draft"], pair["tokenizer"], PROMPTS[:1], gammas=(1,),
                                       max_new_tokens=MAX_NEW, predicted=False,
                                       settings={"greedy": sampling.SamplingParams()})
   assert table.rows[0]["exact"] is False
