@@ -119,7 +119,8 @@ def _check_one_line_error(returncode: int, stdout: str, stderr: str, expected: s
   assert stdout == ""
   assert stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
   assert stderr.startswith("amd135m.convert: error: ") and expected in stderr, stderr
-  assert not output.exists() and not output.with_name(output.name + ".partial").exists()
+  assert not output.exists()
+  assert not output.parent.exists() or not list(output.parent.glob(f".{output.name}.staging-*"))
 
 
 EXPECTED_ERRORS = {"missing": "no such file or directory", "truncated gguf": "truncated",
@@ -157,7 +158,7 @@ def test_cli_converts_smollm2_gguf_to_a_transformers_directory(smollm2_gguf, tmp
                        "--dtype", "bfloat16"]) == 0
   summary = capsys.readouterr().out.strip().splitlines()
   assert len(summary) == 1 and "272 tensors, 134.5M params, bfloat16" in summary[0]
-  assert not out.with_name("smollm2.partial").exists()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2"]  # no staging left behind
 
   model = transformers.LlamaForCausalLM.from_pretrained(out)
   assert model.dtype == torch.bfloat16 and model.config.tie_word_embeddings
@@ -195,3 +196,21 @@ def test_interrupted_convert_leaves_nothing(tmp_path):
   (tmp_path / "empty").mkdir()  # an empty directory is fine to fill
   convert_checkpoint(source, tmp_path / "empty")
   assert (tmp_path / "empty" / "model.safetensors").exists()
+
+
+def test_convert_never_touches_a_path_the_user_did_not_name(tmp_path):
+  # `<output>.partial` used to be the staging path, removed before every run: a user's own
+  # folder of that name lost its files. Staging is now a fresh mkdtemp directory.
+  source = tmp_path / "src"
+  save_hf(source, TINY, {name: np.zeros(shape, np.float32)
+                         for name, shape in hf_shapes(TINY).items()})
+  mine = tmp_path / "out.partial"
+  mine.mkdir()
+  (mine / "n.txt").write_text("x")
+  run = subprocess.run([*CLI, "--input", str(source), "--output", str(tmp_path / "out")],
+                       cwd=ROOT, capture_output=True, text=True)
+  assert run.returncode == 0, run.stderr
+  assert (mine / "n.txt").read_text() == "x" and [p.name for p in mine.iterdir()] == ["n.txt"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.partial", "src"]
+  # The output has the umask's mode, like any directory the user makes, not mkdtemp's 0700.
+  assert (tmp_path / "out").stat().st_mode & 0o777 == (tmp_path / "src").stat().st_mode & 0o777

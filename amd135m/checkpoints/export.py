@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -156,8 +157,9 @@ def convert_checkpoint(input_path: str | os.PathLike, output_dir: str | os.PathL
                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> ConvertSummary:
   """HF directory or GGUF -> HF directory, streamed; the output appears whole or not at all.
 
-  Everything is written to `<output_dir>.partial` and renamed at the end, so an interrupted or
-  failed conversion never leaves a half-written model under the requested name.
+  Everything is written to a fresh `.<name>.staging-*` directory beside the output (mkdtemp, so
+  never a path a user may own) and renamed at the end, so an interrupted or failed conversion
+  never leaves a half-written model under the requested name, nor touches anything else.
   """
   start = time.perf_counter()
   input_path, output_dir = pathlib.Path(input_path), pathlib.Path(output_dir)
@@ -165,22 +167,24 @@ def convert_checkpoint(input_path: str | os.PathLike, output_dir: str | os.PathL
   if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
     raise UserError(f"{output_dir}: already exists; remove it or choose another --output")
   tokenizer, tokenizer_note = _load_tokenizer(input_path)
-  partial = output_dir.with_name(output_dir.name + ".partial")
-  shutil.rmtree(partial, ignore_errors=True)  # left by an earlier interrupted run
+  parent = output_dir.absolute().parent
   try:
-    partial.mkdir(parents=True)
+    parent.mkdir(parents=True, exist_ok=True)
+    staging_root = pathlib.Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.staging-",
+                                                 dir=parent))
   except OSError as e:
     raise UserError(f"--output {output_dir}: cannot create it ({e.strerror}); "
                     "choose a writable path") from None
+  # A plain mkdir inside it, so the output gets the user's umask rather than mkdtemp's 0700.
+  staging = staging_root / output_dir.name
   try:
-    saved = save_hf(partial, tensors.config, tensors, tokenizer=tokenizer, dtype=dtype,
+    saved = save_hf(staging, tensors.config, tensors, tokenizer=tokenizer, dtype=dtype,
                     max_shard_bytes=max_shard_bytes, progress=progress)
     if output_dir.exists():
       output_dir.rmdir()  # empty, checked above; rename cannot replace a directory
-    partial.rename(output_dir)
-  except BaseException:
-    shutil.rmtree(partial, ignore_errors=True)
-    raise
+    staging.rename(output_dir)
+  finally:
+    shutil.rmtree(staging_root, ignore_errors=True)  # ours alone: mkdtemp made it for this run
   saved = dataclasses.replace(saved, directory=output_dir)
   return ConvertSummary(tensors.source, saved, tokenizer_note, time.perf_counter() - start)
 
