@@ -31,8 +31,22 @@ def parse_args(argv):
   return parser.parse_args(argv)
 
 
+def _check_text(prompt: str, where: str) -> str:
+  """A prompt the tokenizer can take: Python hands non-UTF-8 argv bytes over as lone surrogates
+  (and JSON may spell one, "\\ud800"), which the tokenizer rejects with a TypeError."""
+  try:
+    prompt.encode("utf-8")
+  except UnicodeEncodeError as e:
+    char = ord(prompt[e.start])
+    what = (f"byte 0x{char - 0xdc00:02x}" if 0xdc80 <= char <= 0xdcff
+            else f"lone surrogate U+{char:04X}")
+    raise UserError(f"{where}: not UTF-8 text ({what} at character {e.start}); pass the prompt "
+                    "as UTF-8") from None
+  return prompt
+
+
 def read_prompts(args) -> list[str]:
-  prompts = list(args.prompt)
+  prompts = [_check_text(prompt, f"--prompt #{i}") for i, prompt in enumerate(args.prompt, 1)]
   if args.prompts_file:
     name = args.prompts_file
     try:
@@ -48,7 +62,7 @@ def read_prompts(args) -> list[str]:
           # A non-string prompt would otherwise fail deep inside the tokenizer with a TypeError.
           if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
             raise UserError(f"{name}:{number}: expected an object with a string 'prompt'")
-          prompts.append(record["prompt"])
+          prompts.append(_check_text(record["prompt"], f"{name}:{number}"))
     except OSError as e:
       raise UserError(f"cannot read --prompts-file: {e.strerror}: {name}") from e
     except UnicodeDecodeError as e:

@@ -159,6 +159,13 @@ def _prompts_file(content: bytes):
   return build
 
 
+def _non_utf8_prompt(tmp_path, request):
+  # Bytes that are not UTF-8 reach Python's argv as lone surrogates (PEP 383); subprocess
+  # encodes them back to the raw byte 0xe9, as a Latin-1 terminal would send it.
+  return ["--model", request.getfixturevalue("smollm2_gguf"), "--prompt", "ok", "--prompt",
+          os.fsdecode(b"caf\xe9")]
+
+
 def _no_prompt(tmp_path, request):
   return ["--model", request.getfixturevalue("smollm2_gguf")]
 
@@ -193,6 +200,9 @@ def vocab64_dir(tmp_path_factory, tokenizer):
     (_prompts_file(b'{"prompt": "ok"}\n["a list"]\n'), "prompts.jsonl:2: expected an object"),
     (_prompts_file(b'{"prompt": 5}\n'), "prompts.jsonl:1: expected an object"),
     (_prompts_file(b'{"prompt": "caf\xe9"}\n'), "not UTF-8"),
+    (_non_utf8_prompt, "--prompt #2: not UTF-8 text (byte 0xe9 at character 3)"),
+    (_prompts_file(b'{"prompt": "ok"}\n{"prompt": "\\ud800"}\n'),
+     "prompts.jsonl:2: not UTF-8 text (lone surrogate U+D800"),
     (_no_prompt, "no prompt given"),
     (_prompts_file(b"\n"), "holds no prompt"),
     (_flags("--seed", "-1"), "--seed -1 is out of range"),
@@ -204,8 +214,9 @@ def vocab64_dir(tmp_path_factory, tokenizer):
     (_flags("--draft", "ngram", "--gamma", "0"), "--gamma must be >= 1"),
 ], ids=["missing", "garbage", "truncated-header", "truncated-tensors", "mistral", "past-context",
         "empty-prompt", "foreign-vocab", "bad-json-line", "non-object-line", "non-string-prompt",
-        "non-utf8-file", "no-prompt", "empty-prompts-file", "negative-seed", "seed-too-big",
-        "infinite-temperature", "top-p", "no-new-tokens", "gamma-without-draft", "gamma-0"])
+        "non-utf8-file", "non-utf8-prompt", "lone-surrogate-in-file", "no-prompt",
+        "empty-prompts-file", "negative-seed", "seed-too-big", "infinite-temperature", "top-p",
+        "no-new-tokens", "gamma-without-draft", "gamma-0"])
 def test_bad_input_is_one_line_error(build, message, tmp_path, request):
   code, out, err = run_cli(*build(tmp_path, request), timeout=60)
   assert "Traceback" not in err, err
