@@ -16,29 +16,48 @@ from amd135m.paths import SMOLLM2_GGUF, cache_path  # noqa: F401 (configs read t
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-  """'key=value,flag' -> ConfigDict; values take the type of their default, a bare flag is True."""
+  """'key=value,flag' -> ConfigDict; each value is parsed by its default's type, as --config.KEY
+  values are, and a bare key is allowed only for a bool (it means true)."""
   parsed = ml_collections.ConfigDict(defaults)
   for item in filter(None, (arg or "").split(",")):
-    key, _, value = item.partition("=")
+    key, sep, value = item.partition("=")
     if key not in defaults:
       raise UserError(f"unknown config argument {key!r}: valid ones are {sorted(defaults)}")
-    kind = type(defaults[key])
-    if not value:
-      parsed[key] = True
-    elif kind is bool:
-      parsed[key] = value.lower() in ("1", "true", "yes")
-    else:
-      try:
-        parsed[key] = kind(value)
-      except ValueError:
-        raise UserError(f"config argument {key}={value}: expected {_a(kind)}") from None
+    if not sep and not isinstance(defaults[key], bool):
+      # 'steps' alone once became True, and so one training step.
+      raise UserError(f"config argument {key}: expected {_a(type(defaults[key]))}; "
+                      f"write {key}=VALUE")
+    parsed[key] = _typed(defaults[key], value, f"config argument {key}") if sep else True
   return parsed
+
+
+BOOLS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
 
 
 def _a(kind: type) -> str:
   """'an int', 'a float', 'a string': the type a value must have, as a user reads it."""
-  return {int: "an int", float: "a float", bool: "true or false", str: "a string"}.get(
-      kind, f"a {kind.__name__}")
+  return {int: "an int", float: "a float", str: "a string",
+          bool: f"one of {', '.join(BOOLS)} (any case)"}.get(kind, f"a {kind.__name__}")
+
+
+def _typed(current, value: str, what: str):
+  """`value` parsed as the type of `current`, or a UserError naming `what` and the type: a typo
+  ('ture') is refused rather than read as false."""
+  try:
+    if isinstance(current, bool):
+      return BOOLS[value.lower()]
+    if isinstance(current, int):
+      try:
+        return int(value)
+      except ValueError:  # '1e6' steps is a whole number; '2.5' is not
+        if float(value).is_integer():
+          return int(float(value))
+        raise
+    if isinstance(current, float):
+      return float(value)
+  except (KeyError, ValueError):
+    raise UserError(f"{what}={value}: expected {_a(type(current))}") from None
+  return value
 
 
 # The local corpora as training sources (BUILDER@DATA_DIR:PATTERN), prepared by `make corpora`.
@@ -121,22 +140,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
     if not isinstance(node, ml_collections.ConfigDict) or leaf not in node or isinstance(
         node[leaf], ml_collections.ConfigDict):
       raise UserError(f"unknown config key {key!r}: valid keys are {', '.join(keys(config))}")
-    node[leaf] = _typed(node[leaf], value, key)
-
-
-def _typed(current, value: str, key: str):
-  try:
-    if isinstance(current, bool):
-      if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-        raise ValueError
-      return value.lower() in ("1", "true", "yes")
-    if isinstance(current, int):
-      return int(float(value)) if float(value).is_integer() else int(value)
-    if isinstance(current, float):
-      return float(value)
-  except ValueError:
-    raise UserError(f"--config.{key}={value}: expected {_a(type(current))}") from None
-  return value
+    node[leaf] = _typed(node[leaf], value, f"--config.{key}")
 
 
 def keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

@@ -51,9 +51,37 @@ def test_override_type_errors_name_the_flag_and_type():
   config = config_lib.load(str(CONFIGS[0].parent / "tiny.py"))
   for item, message in [("batch_size=x", "--config.batch_size=x: expected an int"),
                         ("lr=fast", "--config.lr=fast: expected a float"),
-                        ("data.shuffle=maybe", "--config.data.shuffle=maybe: expected true or")]:
-    with pytest.raises(UserError, match=message):
+                        ("data.shuffle=maybe", "--config.data.shuffle=maybe: expected one of true, "
+                         "false, 1, 0, yes, no (any case)")]:
+    with pytest.raises(UserError, match=re.escape(message)):
       config_lib.apply_overrides(config, [item])
+
+
+DRAFT = CONFIGS[0].parent / "draft.py"
+
+
+@pytest.mark.parametrize("arg, message", [
+    # A bare argument used to become True whatever its type: `steps` trained one step.
+    ("steps", "config argument steps: expected an int; write steps=VALUE"),
+    ("stage", "config argument stage: expected a string; write stage=VALUE"),
+    ("steps=2.5", "config argument steps=2.5: expected an int"),
+    # A lenient bool read every unknown word as false: runlocal=ture ran the full config.
+    ("runlocal=ture", "config argument runlocal=ture: expected one of true, false, 1, 0, yes, no"),
+    ("runlocal=", "config argument runlocal=: expected one of"),
+])
+def test_config_arguments_are_parsed_by_their_declared_type(arg, message):
+  with pytest.raises(UserError, match=re.escape(message)):
+    config_lib.load(f"{DRAFT}:{arg}")
+
+
+def test_config_arguments_that_fit_their_type():
+  parsed = config_lib.parse_arg("steps=1e3,runlocal,on=No,lr=3,name=", steps=0, runlocal=False,
+                                on=True, lr=0.1, name="x")
+  assert parsed.to_dict() == dict(steps=1000, runlocal=True, on=False, lr=3.0, name="")
+  assert type(parsed.lr) is float
+  # A 20-digit int survives whole (a detour through float would round it).
+  assert config_lib.parse_arg("seed=12345678901234567891", seed=0).seed == 12345678901234567891
+  assert config_lib.load(f"{DRAFT}:steps=7,runlocal=YES").total_steps == 7
 
 
 @pytest.mark.parametrize("override, message", [
