@@ -11,6 +11,7 @@ import sys
 import ml_collections
 
 from amd135m import model as model_lib
+from amd135m.data import splits
 from amd135m.errors import UserError
 from amd135m.paths import SMOLLM2_GGUF, cache_path  # noqa: F401 (configs read them here)
 
@@ -93,7 +94,7 @@ def base_config(model: dict) -> ml_collections.ConfigDict:
   # `python -m amd135m.data prepare`); weights: comma-separated mixture weights, '' = equal.
   config.data = ml_collections.ConfigDict(dict(
       sources="synthetic", weights="", seq_len=256, separator_id=-1, shuffle=True,
-      num_epochs=0, eval_fraction=0.02, worker_count=0))
+      num_epochs=0, eval_fraction=splits.DEFAULT_EVAL_FRACTION, worker_count=0))
 
   config.batch_size = 8
   config.grad_accum = 1        # micro-batches per step (lax.scan), normalised by token count

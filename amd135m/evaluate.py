@@ -27,9 +27,9 @@ def parse_args(argv):
                  help="BUILDER@DATA_DIR[:PATTERN], e.g. "
                  "local_text@~/.cache/amd135m/data/gutenberg_shakespeare:*.txt")
   p.add_argument("--split", choices=perplexity.SPLITS, default="heldout")
-  p.add_argument("--eval-fraction", type=float, default=0.02,
-                 help="share of documents held out (must match training)")
-  p.add_argument("--split-seed", type=int, default=0, help="holdout seed (must match training)")
+  p.add_argument("--eval-fraction", type=float,
+                 help="share of documents training held out (default: a training workdir's "
+                      "own, else the configs' default 0.02)")
   p.add_argument("--seq-len", type=int, help="window length (default min(2048, model context))")
   p.add_argument("--max-tokens", type=int, help="stop after about this many scored tokens")
   p.add_argument("--batch-size", type=int, default=1, help="windows per forward")
@@ -67,7 +67,7 @@ def run_command(args) -> tuple[dict, str]:
   """(result, table) of the chosen subcommand."""
   if args.command == "perplexity":
     result = perplexity.run(args.model, args.dataset, args.split, args.eval_fraction,
-                            args.split_seed, seq_len=args.seq_len, max_tokens=args.max_tokens,
+                            seq_len=args.seq_len, max_tokens=args.max_tokens,
                             batch_size=args.batch_size)
     return result, perplexity.table(result)
   if args.command == "humaneval":

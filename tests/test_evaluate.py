@@ -12,9 +12,10 @@ import torch
 
 import hf_reference as ref
 from amd135m import evaluate as evaluate_cli
-from amd135m import sampling, tokenizer as tokenizer_lib
+from amd135m import config_lib, sampling, tokenizer as tokenizer_lib
 from amd135m.data import builders, packing, splits, tokenized
 from amd135m.evaluation import execution, humaneval, models, multiple_choice, perplexity, scoring
+from amd135m.training import data as data_lib
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "evaluate"
 
@@ -220,9 +221,9 @@ def tiny_dataset(tmp_path_factory):
 
 def test_heldout_split_is_the_training_holdout(tiny_dataset):
   spec = f"local_text@{tiny_dataset}:*.txt"
-  held = perplexity.load_documents(spec, "heldout", eval_fraction=0.1, seed=3)
+  held = perplexity.load_documents(spec, "heldout", eval_fraction=0.1)
   source = builders.load("local_text", tiny_dataset, patterns=["*.txt"])
-  _, expected = splits.holdout(source, 0.1, 3)
+  _, expected = splits.holdout(source, 0.1)
   assert len(held) == 6
   assert [held[i]["id"] for i in range(len(held))] == [expected[i]["id"] for i in range(6)]
   assert len(perplexity.load_documents(spec, "all")) == 60
@@ -239,7 +240,7 @@ def test_perplexity_cli(tiny, tiny_dataset, tmp_path, capsys):
   assert code == 0
   result = json.loads(out)
   expected = perplexity.evaluate(models.load_model(tmp_path / "model"),
-                                 perplexity.load_documents(spec, "heldout", 0.1, 0), seq_len=32,
+                                 perplexity.load_documents(spec, "heldout", 0.1), seq_len=32,
                                  progress=False)
   assert result["documents"] == 6 and result["tokens"] == expected["tokens"] > 0
   assert result["nll"] == pytest.approx(expected["nll"], rel=1e-5)
@@ -247,6 +248,50 @@ def test_perplexity_cli(tiny, tiny_dataset, tmp_path, capsys):
                             "--split", "all", "--seq-len", "32", "--max-tokens", "64"])
   table = capsys.readouterr().out
   assert code == 0 and "| perplexity |" in table and "| windows x seq_len | 2 x 32 |" in table
+
+
+def _training_workdir(path: pathlib.Path, spec: str, eval_fraction: float):
+  """What a training run leaves for evaluate to read its split from: the loop's config.json
+  (weights stand in: the model is patched, the split is checked before it loads)."""
+  config = config_lib.base_config({})
+  config.data.update(sources=spec, eval_fraction=eval_fraction)
+  (path / "checkpoints").mkdir(parents=True)
+  (path / "model_config.json").write_text("{}")
+  (path / "config.json").write_text(config.to_json(indent=1) + "\n")
+  return config
+
+
+def test_perplexity_of_a_workdir_holds_out_what_its_training_held_out(tiny, tiny_dataset,
+                                                                      tmp_path, monkeypatch):
+  model, _ = tiny
+  spec = f"local_text@{tiny_dataset}:*.txt"
+  config = _training_workdir(tmp_path / "workdir", spec, eval_fraction=0.1)
+  monkeypatch.setattr(models, "load_model", lambda path: model)
+  # No --eval-fraction: the workdir's 0.1 (6 of 60 documents), not the default 0.02 (1).
+  result = perplexity.run(tmp_path / "workdir", spec, seq_len=32)
+  assert result["eval_fraction"] == 0.1 and result["documents"] == 6
+  trained = data_lib.open_sources(config.data, model.tokenizer, model.config.vocab_size, seed=7)
+  evaluated = perplexity.load_documents(spec, "heldout", result["eval_fraction"])
+  np.testing.assert_array_equal(evaluated.indices, trained.eval[0].indices)
+  assert not set(evaluated.indices) & set(trained.train[0].indices)
+
+
+def test_a_split_that_contradicts_the_workdir_is_one_line(tiny_dataset, tmp_path, capsys):
+  spec = f"local_text@{tiny_dataset}:*.txt"
+  _training_workdir(tmp_path / "workdir", spec, eval_fraction=0.1)
+  code = evaluate_cli.main(["perplexity", "--model", str(tmp_path / "workdir"), "--dataset",
+                            spec, "--eval-fraction", "0.2"])
+  err = capsys.readouterr().err
+  assert code == 2 and len(err.strip().splitlines()) == 1, err
+  assert err.startswith("amd135m.evaluate: error: --eval-fraction 0.2 contradicts the training "
+                        "workdir") and "data.eval_fraction=0.1" in err, err
+  # The seed was only ever 0 in training, so any other scored trained-on documents: gone.
+  with pytest.raises(SystemExit) as exit_info:
+    evaluate_cli.main(["perplexity", "--model", str(tmp_path / "workdir"), "--dataset", spec,
+                       "--split-seed", "3"])
+  err = capsys.readouterr().err
+  assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+  assert "unrecognized arguments: --split-seed 3" in err and "Traceback" not in err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,7 +433,7 @@ def bad_rows(tmp_path_factory):
      "would all be the same"),
     (["humaneval", "--model", "{bad}/absent.gguf", "--temperature", "nan"], "temperature must be"),
     (["perplexity", "--model", "{bad}/absent.gguf", "--dataset", "local_text@{bad}:*.txt",
-      "--split-seed", "-1"], "--split-seed must be"),
+      "--eval-fraction", "1.5"], "--eval-fraction must be in (0, 1), got 1.5"),
     (["multiple-choice", "--task", "piqa", "--data", "{fixtures}/piqa.jsonl", "--model",
       "{bad}/absent.gguf", "--batch-size", "0"], "--batch-size must be"),
 ])

@@ -1,9 +1,14 @@
 """A held-out split of a prepared source, by documents, the same for training and evaluation."""
+import json
+import pathlib
 from typing import Any
 
 import numpy as np
 
 from amd135m.errors import UserError
+
+# config.data.eval_fraction's default, and evaluate's for a model that is not a training workdir.
+DEFAULT_EVAL_FRACTION = 0.02
 
 
 class Subset:
@@ -34,3 +39,17 @@ def holdout(source: Any, eval_fraction: float, seed: int = 0) -> tuple[Subset, S
                     "or add documents")
   order = np.random.default_rng([seed, 0x686F6C64]).permutation(n)
   return Subset(source, np.sort(order[n_eval:])), Subset(source, np.sort(order[:n_eval]))
+
+
+def training_eval_fraction(path) -> float | None:
+  """The data.eval_fraction a training workdir held out with (its config.json, which the loop
+  writes at every start), or None when `path` is not a training workdir. The seed is always
+  holdout's default, so this fraction alone says which documents training never saw."""
+  config = pathlib.Path(path) / "config.json"
+  if not (pathlib.Path(path) / "model_config.json").is_file() or not config.is_file():
+    return None
+  try:
+    return float(json.loads(config.read_text())["data"]["eval_fraction"])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise UserError(f"{config}: cannot read data.eval_fraction ({type(e).__name__}: {e}); "
+                    "this training workdir's config.json is damaged") from None

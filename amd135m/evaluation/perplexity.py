@@ -4,8 +4,10 @@ Documents are tokenised without BOS/EOS and packed as training packs them (data/
 `sep, doc_0, sep, doc_1, ...` cut into disjoint windows of seq_len + 1 tokens, the separator from
 `tokenized.separator_id`; each window scores its seq_len next-token predictions and the final
 partial window is dropped. The result is the token-weighted mean NLL (nats) over all scored
-tokens and its exponential. The held-out split is `splits.holdout(source, eval_fraction, seed)`,
-the documents the training loop keeps out of training with the same fraction and seed.
+tokens and its exponential. The held-out split is `splits.holdout(source, eval_fraction)`, the
+documents the training loop keeps out of training: for a training workdir its own recorded
+eval_fraction, for any other model --eval-fraction (default the configs' default). The seed is
+holdout's one fixed seed, as in training: another would score documents the model trained on.
 """
 import math
 import os
@@ -43,8 +45,8 @@ def parse_dataset(spec: str) -> tuple[str, pathlib.Path, list[str] | None]:
   return builder, data_dir, [p for p in patterns.split(",") if p] or None
 
 
-def load_documents(spec: str, split: str = "heldout", eval_fraction: float = 0.02,
-                   seed: int = 0):
+def load_documents(spec: str, split: str = "heldout",
+                   eval_fraction: float = splits.DEFAULT_EVAL_FRACTION):
   """The documents of `spec` in `split`: all of them, or the held-out ones."""
   if split not in SPLITS:
     raise UserError(f"unknown split {split!r}: choose one of {list(SPLITS)}")
@@ -52,7 +54,7 @@ def load_documents(spec: str, split: str = "heldout", eval_fraction: float = 0.0
   source = builders.load(builder, data_dir, patterns=patterns)
   if split == "all":
     return source
-  return splits.holdout(source, eval_fraction, seed)[1]
+  return splits.holdout(source, eval_fraction)[1]
 
 
 def evaluate(model: models.Model, documents, seq_len: int | None = None,
@@ -113,19 +115,33 @@ def evaluate(model: models.Model, documents, seq_len: int | None = None,
               seconds=time.perf_counter() - start)
 
 
+def heldout_fraction(model_path: str | os.PathLike, eval_fraction: float | None) -> float:
+  """The fraction training held out: a training workdir's own, which a different --eval-fraction
+  contradicts (the documents beyond its held-out part were trained on); else the one given."""
+  if eval_fraction is not None and not 0 < eval_fraction < 1:
+    raise UserError(f"--eval-fraction must be in (0, 1), got {eval_fraction}")
+  recorded = splits.training_eval_fraction(model_path)
+  if recorded is None:
+    return splits.DEFAULT_EVAL_FRACTION if eval_fraction is None else eval_fraction
+  if eval_fraction is not None and eval_fraction != recorded:
+    raise UserError(f"--eval-fraction {eval_fraction} contradicts the training workdir "
+                    f"{model_path}, which held out data.eval_fraction={recorded}: drop "
+                    "--eval-fraction (the workdir's is used), or pass --split all")
+  return recorded
+
+
 def run(model_path: str | os.PathLike, dataset: str, split: str = "heldout",
-        eval_fraction: float = 0.02, seed: int = 0, **kwargs) -> dict:
-  """`evaluate` on the model at model_path over a dataset spec (what the CLI runs)."""
-  if not 0 <= seed < 2**32:
-    raise UserError(f"--split-seed must be 0 to 2**32 - 1 (the seed training split with), "
-                    f"got {seed}")
+        eval_fraction: float | None = None, **kwargs) -> dict:
+  """`evaluate` on the model at model_path over a dataset spec (what the CLI runs).
+  eval_fraction None: the training workdir's, or the default for any other model."""
   check_counts(max_tokens=kwargs.get("max_tokens"), batch_size=kwargs.get("batch_size"))
-  documents = load_documents(dataset, split, eval_fraction, seed)  # checked before the model
+  if split == "heldout":
+    eval_fraction = heldout_fraction(model_path, eval_fraction)
+  documents = load_documents(dataset, split, eval_fraction)  # checked before the model
   model = models.load_model(model_path)
   result = evaluate(model, documents, **kwargs)
   result.update(model=str(model_path), dataset=dataset, split=split,
-                eval_fraction=eval_fraction if split == "heldout" else None,
-                split_seed=seed if split == "heldout" else None)
+                eval_fraction=eval_fraction if split == "heldout" else None)
   return result
 
 

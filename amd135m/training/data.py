@@ -97,7 +97,7 @@ def open_sources(data_config, tokenizer, vocab_size: int, seed: int) -> Sources:
       # The token store `prepare --tokenizer` wrote, else tokenised as read (tfds imported here).
       documents = load_documents(builder, data_dir, tokenizer, patterns=pattern)
       name = f"{builder}@{pathlib.Path(data_dir).name}"
-    train_part, eval_part = splits.holdout(documents, data_config.eval_fraction, seed=0)
+    train_part, eval_part = splits.holdout(documents, data_config.eval_fraction)
     names.append(name)
     train.append(train_part)
     held_out.append(eval_part)
