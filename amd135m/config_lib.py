@@ -5,6 +5,7 @@
 """
 import dataclasses
 import importlib.util
+import os
 import pathlib
 import sys
 
@@ -158,22 +159,23 @@ def keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
 def load(spec: str) -> ml_collections.ConfigDict:
   """Loads 'path/to/file.py[:arg]' by path and returns get_config(arg)."""
   path, _, arg = spec.partition(":")
-  file = pathlib.Path(path)
-  if not file.is_file():
-    raise UserError(f"config file {path} not found: pass a path such as configs/tiny.py")
-  if file.suffix != ".py":
-    raise UserError(f"config file {path} is not a .py file: pass an experiment config such as "
-                    "configs/tiny.py (weights to start from go in --config.init_from)")
-  get_config = getattr(_import(file), "get_config", None)
+  get_config = getattr(import_file(path), "get_config", None)
   if not callable(get_config):
     raise UserError(f"config file {path} defines no get_config(arg): write one that returns "
                     "config_lib.base_config(...), as configs/tiny.py does")
   return get_config(arg or None)
 
 
-def _import(file: pathlib.Path):
-  """Imports a config file by path; its folder is importable meanwhile, so one config may build
-  on another (configs/amd_llama_135m_code.py extends amd_llama_135m.py)."""
+def import_file(path: str | os.PathLike):
+  """Imports a config file by path, for `load` and for sweep.py (its `sweep(add)`); the file's
+  folder is importable meanwhile, so one config may build on another
+  (configs/amd_llama_135m_code.py extends amd_llama_135m.py)."""
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise UserError(f"config file {path} not found: pass a path such as configs/tiny.py")
+  if file.suffix != ".py":
+    raise UserError(f"config file {path} is not a .py file: pass an experiment config such as "
+                    "configs/tiny.py (weights to start from go in --config.init_from)")
   module_spec = importlib.util.spec_from_file_location(f"_config_{file.stem}", file)
   module = importlib.util.module_from_spec(module_spec)
   sys.path.insert(0, str(file.parent.absolute()))

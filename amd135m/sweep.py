@@ -20,7 +20,6 @@ import datetime
 import difflib
 import fcntl
 import hashlib
-import importlib.util
 import json
 import math
 import pathlib
@@ -92,15 +91,6 @@ def trial_name(index: int, overrides: dict) -> str:
   return f"{index:03d}_{text}"
 
 
-def _import_config_file(path: pathlib.Path):
-  if not path.is_file():
-    raise UserError(f"config file {path} not found: pass a path such as configs/tiny.py")
-  module_spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module
-
-
 def _config_keys(config: ml_collections.ConfigDict, prefix="") -> list[str]:
   """Every leaf key, dotted: ['lr', 'optimizer.b2', ...]."""
   keys = []
@@ -134,9 +124,11 @@ def _check_override(config: ml_collections.ConfigDict, key: str, value, trial: s
 def load_sweep(spec: str) -> Sweep:
   """Imports 'F.py[:arg]', collects the trials its sweep(add) declares and checks every key
   and value against get_config(arg), so nothing is launched for a sweep with a typo."""
+  # train's own loading (a config may import a sibling); imported here, as it imports jax.
+  from amd135m import config_lib  # noqa: PLC0415
   path, colon, arg = spec.partition(":")
   file = pathlib.Path(path).resolve()
-  module = _import_config_file(file)
+  module = config_lib.import_file(file)
   if not callable(getattr(module, "sweep", None)):
     raise UserError(f"{path} declares no sweep: define `def sweep(add)` beside get_config that "
                     f"calls add(key=value, ...) once per trial")
@@ -147,7 +139,7 @@ def load_sweep(spec: str) -> Sweep:
   trials = []
   for index, overrides in enumerate(overrides_list):
     name = trial_name(index, overrides)
-    config = module.get_config(arg or None)  # afresh per trial: overrides must not leak
+    config = config_lib.load(f"{file}{colon}{arg}")  # afresh per trial: no override leaks
     for key, value in overrides.items():
       _check_override(config, key, value, name)
     trials.append(Trial(name, overrides))

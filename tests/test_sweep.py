@@ -333,6 +333,31 @@ def test_workdir_of_another_config_is_refused(tmp_path, fake, capsys):
   assert code == 2 and "holds a sweep of" in err and fake.calls() == []
 
 
+def test_a_config_that_imports_its_sibling_loads_as_train_loads_it(tmp_path, fake, capsys):
+  """configs/amd_llama_135m_code.py imports amd_llama_135m.py: a sweep beside such a config
+  once failed with ModuleNotFoundError, where `train` loaded it (config_lib.load)."""
+  (tmp_path / "sibling_base.py").write_text(CONFIG)
+  child = tmp_path / "child.py"
+  child.write_text(textwrap.dedent('''
+      import sibling_base
+      from amd135m import config_lib
+
+      def get_config(arg=None):
+        config = sibling_base.get_config()
+        config.total_steps = config_lib.parse_arg(arg, steps=4).steps
+        return config
+      ''') + GRID)
+  sweep = sweep_lib.load_sweep(f"{child}:steps=2")
+  assert [t.overrides for t in sweep.trials][-1] == {"lr": 0.2, "warmup_steps": 2}
+  code, out, err = run(f"{child}:steps=2", tmp_path / "sweep", capsys=capsys)
+  assert code == 0, err
+  assert len(fake.calls()) == 4
+  # And its arguments are parsed as train parses them: a bare int is refused in one line.
+  code, out, err = run(f"{child}:steps", tmp_path / "sweep2", capsys=capsys)
+  assert code == 2 and len(err.splitlines()) == 1, err
+  assert "config argument steps: expected an int" in err and len(fake.calls()) == 4
+
+
 def test_tiny_example_sweep_resolves():
   tiny = ROOT / "configs" / "tiny.py"
   sweep = sweep_lib.load_sweep(f"{tiny}:runlocal")
