@@ -3,6 +3,7 @@ PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 SMOLLM2 := $(shell $(PY) tools/fetch_test_models.py --print-path 2>/dev/null)
+CACHE := $(or $(AMD135M_CACHE),$(HOME)/.cache/amd135m)
 
 .PHONY: install models corpora test demo reproduce bench clean
 
@@ -29,21 +30,27 @@ test: models corpora
 	$(PYTHON) -m pytest tests -q --durations=20
 
 # The main job on embedded defaults: SmolLM2-135M generates; then the AMD-135M workflow in
-# miniature: a draft pretrained on Gutenberg, fine-tuned on the Python stdlib and on the
-# target's own completions, drafting for SmolLM2 on HumanEval prompts (AMD's table and plots).
+# miniature: a draft pretrained on Gutenberg and fine-tuned on the Python stdlib, and a feature
+# head trained on SmolLM2's own hidden states, each (and the n-gram draft) drafting for SmolLM2
+# on HumanEval prompts; ends on one table: tokens/s, acceptance, tokens per call, speedup.
 demo: models corpora
 	$(PYTHON) -m amd135m.generate --model $(SMOLLM2) --max-new-tokens 64 \
 	  --prompt "Write a Python function that checks whether a number is prime." \
 	  --prompt "The three largest cities in France are"
 	$(PYTHON) experiments/reproduce.py --preset demo
 
-# The longer run that trains the best draft this CPU affords (README: table and runtime).
+# The longer run that trains the best drafts this CPU affords (README: table and runtime).
 reproduce: models corpora
 	$(PYTHON) experiments/reproduce.py --preset full
 
 bench: models
 	$(PYTHON) -m amd135m.bench decode --model $(SMOLLM2) --json
 	$(PYTHON) -m amd135m.bench speculative --target $(SMOLLM2) --draft first:6 --gamma 4 --json
+	# The feature head of `make reproduce` (or of `make demo`), if one has been trained.
+	for head in $(CACHE)/reproduce/full/head $(CACHE)/reproduce/demo/head; do \
+	  if [ -f $$head/COMPLETE ]; then \
+	    $(PYTHON) -m amd135m.bench speculative --target $(SMOLLM2) --draft $$head --gamma 3 \
+	      --no-reference --json; break; fi; done
 	$(PYTHON) -m amd135m.bench train --config configs/amd_llama_135m.py --batch 2 --seq-len 512 --steps 4 --json
 	$(PYTHON) -m amd135m.bench train --config configs/tiny.py --batch 8 --seq-len 256 --steps 10 --json
 	$(PYTHON) -m amd135m.bench data --json

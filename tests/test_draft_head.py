@@ -151,10 +151,10 @@ def test_a_head_workdir_is_a_draft_in_generate_bench_and_spec_eval(trained, tiny
                                                                     tmp_path):
   workdir, _ = trained
   plain = json.loads(_run_module("amd135m.generate", "--model", tiny_target, "--prompt",
-                                 "def add(a, b):", "--max-new-tokens", 12))
+                                 "def add(a, b):", "--max-new-tokens", 12, "--json"))
   spec = json.loads(_run_module("amd135m.generate", "--model", tiny_target, "--prompt",
                                 "def add(a, b):", "--max-new-tokens", 12, "--draft", workdir,
-                                "--gamma", 3))
+                                "--gamma", 3, "--json"))
   assert spec["completion"] == plain["completion"] and spec["target_calls"] >= 1
 
   bench = json.loads(_run_module("amd135m.bench", "speculative", "--target", tiny_target,
