@@ -3,7 +3,9 @@ processes, every config's runlocal variant, and learning on the real Gutenberg c
 import json
 import os
 import pathlib
+import re
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -13,7 +15,7 @@ import pytest
 
 from amd135m import checkpoints, config_lib
 from amd135m.checkpoints import orbax_io
-from amd135m.training import data as data_lib, loop
+from amd135m.training import data as data_lib, loop, workdir_lock
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--config", "configs/tiny.py", "--config.batch_size=4", "--config.data.seq_len=32",
@@ -57,8 +59,53 @@ def test_kill_9_mid_run_then_rerun_equals_an_uninterrupted_run(uninterrupted, tm
   killed = _train(tmp_path, env={loop._KILL_AFTER_STEP: "6"})
   assert killed.returncode == -9
   assert max(_train_losses(tmp_path)) == 6  # it died between checkpoints 4 and 8
-  assert _train(tmp_path).returncode == 0
+  rerun = _train(tmp_path)
+  assert rerun.returncode == 0, rerun.stderr[-2000:]
+  # The dead trainer's lock file is taken over, in one line naming it.
+  assert "amd135m.train: taking over " in rerun.stderr
+  assert "which is no longer running" in rerun.stderr
   _assert_same_run(tmp_path, uninterrupted)
+
+
+def test_a_second_trainer_in_a_held_workdir_is_refused_naming_the_holder(tmp_path):
+  """Two trainers in one workdir would interleave checkpoints and metrics.jsonl records: the
+  second stops before writing anything, naming the first (here this test's process)."""
+  with workdir_lock.WorkdirLock(tmp_path, "amd135m.train"):
+    run = _train(tmp_path)
+  assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+  line = run.stderr.strip()
+  assert len(line.splitlines()) == 1, line
+  assert line.startswith(f"amd135m.train: error: --workdir {tmp_path} is in use by another "
+                         f"amd135m.train (pid {os.getpid()} on host {socket.gethostname()} "), line
+  assert line.endswith("wait for it to end or stop it, or choose another --workdir"), line
+  assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_workdir_lock_names_a_live_holder_and_takes_over_from_a_dead_one(tmp_path):
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time; from amd135m.training import workdir_lock; "
+       "lock = workdir_lock.WorkdirLock(sys.argv[1], 'amd135m.train').__enter__(); "
+       "print('held', flush=True); time.sleep(60)", str(tmp_path)],
+      stdout=subprocess.PIPE, text=True, cwd=ROOT)
+  try:
+    assert holder.stdout.readline() == "held\n"
+    assert workdir_lock.holder(tmp_path)["pid"] == holder.pid
+    with pytest.raises(loop.UserError, match=re.escape(
+        f"--workdir {tmp_path} is in use by another amd135m.train (pid {holder.pid} on host ")):
+      with workdir_lock.WorkdirLock(tmp_path, "amd135m.train"):
+        pass
+  finally:
+    holder.kill()
+    holder.wait()
+  assert workdir_lock.holder(tmp_path) is None  # the kernel dropped the dead holder's flock
+  notices = []
+  with workdir_lock.WorkdirLock(tmp_path, "amd135m.train", notice=notices.append):
+    assert workdir_lock.holder(tmp_path)["pid"] == os.getpid()
+  assert len(notices) == 1 and f"left by pid {holder.pid} on host " in notices[0], notices
+  # A clean release leaves nothing to report to the next holder.
+  with workdir_lock.WorkdirLock(tmp_path, "amd135m.train", notice=notices.append):
+    pass
+  assert len(notices) == 1 and workdir_lock.holder(tmp_path) is None
 
 
 def test_kill_9_during_a_save_never_restores_the_half_written_step(uninterrupted, tmp_path):

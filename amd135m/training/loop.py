@@ -5,6 +5,7 @@ Every checkpoint holds the train state, the data iterator state and the config, 
 same command continues at exactly the next batch. SIGTERM (preemption) saves the current step on
 every host and returns normally.
 """
+import contextlib
 import dataclasses
 import math
 import os
@@ -20,7 +21,7 @@ import numpy as np
 from amd135m import checkpoints, config_lib, metrics as metrics_lib, optim, provenance, sharding
 from amd135m.checkpoints import orbax_io
 from amd135m.errors import UserError, make_dir
-from amd135m.training import data as data_lib, step as step_lib
+from amd135m.training import data as data_lib, step as step_lib, workdir_lock
 
 # Test seams (kill -9 mid-run, kill -9 during a save, SIGTERM, NaN weights entering a step),
 # triggered at a step, not by timing.
@@ -166,9 +167,33 @@ def _any_process(flag: bool) -> bool:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                        progress: bool = True) -> Result:
-  """Trains per `config` in `workdir`, resuming whatever the workdir already holds."""
+  """Trains per `config` in `workdir`, resuming whatever the workdir already holds. One trainer
+  per workdir: a second one is refused in one line that names the first."""
   config = resolve(config)
   workdir = pathlib.Path(workdir).expanduser().absolute()
+  with _hold(workdir):
+    return _train(config, workdir, progress)
+
+
+@contextlib.contextmanager
+def _hold(workdir: pathlib.Path):
+  """Process 0 creates the workdir and holds its lock for the run; every process learns whether
+  it could, so that a refused multi-process run stops everywhere instead of hanging."""
+  with contextlib.ExitStack() as stack:
+    error = None
+    if jax.process_index() == 0:
+      try:
+        make_dir(workdir, "--workdir")
+        stack.enter_context(workdir_lock.WorkdirLock(workdir, "amd135m.train"))
+      except UserError as e:
+        error = e
+    if _any_process(error is not None):
+      raise error or UserError(f"--workdir {workdir}: process 0 could not take it (its error "
+                               "names the reason)")
+    yield
+
+
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: bool) -> Result:
   lead = jax.process_index() == 0
   model_config = config_lib.model_config(config.model)
   tokenizer = _tokenizer(config)
@@ -185,8 +210,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     raise UserError(f"--config.batch_size {config.batch_size} does not split over "
                     f"{jax.process_count()} processes: use a multiple of {jax.process_count()}")
 
-  if lead:
-    make_dir(workdir, "--workdir")
   ckpt = orbax_io.TrainCheckpoints(workdir, keep=config.keep_checkpoints,
                                    async_save=config.async_checkpoint)
   latest = ckpt.latest_step()
