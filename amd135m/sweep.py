@@ -10,11 +10,14 @@ Each trial is one `python -m amd135m.train` run in DIR/NNN_key=value,... with it
 log.txt. A trial is finished only once the sweep writes its FINISHED marker, after the trainer
 exited 0 (its final checkpoint saved); rerunning the same command skips finished trials and
 reruns the others, which resume from their last checkpoint. A crashing trial is reported and the
-others go on. DIR/results.csv (overrides, final metrics, status) and DIR/curves.png (plus
-DIR/heatmap.png for a 2-D grid) summarise the sweep. --slurm writes DIR/sweep.sbatch, one trial
-per array task, instead of running; --collect only rewrites the summary from what DIR holds.
+others go on. Trainers die with the sweep (SIGTERM: they save), kill -9 of the sweep included, and
+a rerun waits for any trainer still holding a trial's workdir before starting that trial again.
+DIR/results.csv (overrides, final metrics, status) and DIR/curves.png (plus DIR/heatmap.png for a
+2-D grid) summarise the sweep. --slurm writes DIR/sweep.sbatch, one trial per array task, instead
+of running; --collect only rewrites the summary from what DIR holds.
 """
 import csv
+import ctypes
 import dataclasses
 import datetime
 import difflib
@@ -22,6 +25,7 @@ import fcntl
 import hashlib
 import json
 import math
+import os
 import pathlib
 import re
 import shlex
@@ -34,6 +38,7 @@ from typing import Callable
 import ml_collections
 
 from amd135m.errors import ArgumentParser, UserError, make_dir
+from amd135m.training import workdir_lock
 
 # What one trial runs, before its flags; tests substitute a fake trainer script.
 TRAINER = (sys.executable, "-m", "amd135m.train")
@@ -229,6 +234,7 @@ def _run_trials(sweep, pending, workdir, parallel, trainer, log) -> dict[str, Tr
   results = {}
   queue = list(pending)
   running = {}  # Popen -> (trial, log file, start time)
+  waiting = set()  # trials whose workdir a trainer of an earlier sweep still holds
   previous_handler = None
   try:
     # A SIGTERM to the sweep (kill, a cancelled job) stops it like Ctrl-C: no orphaned trainers.
@@ -238,7 +244,10 @@ def _run_trials(sweep, pending, workdir, parallel, trainer, log) -> dict[str, Tr
   try:
     while queue or running:
       while queue and len(running) < parallel:
-        trial = queue.pop(0)
+        trial = next((t for t in queue if not _held(workdir / t.name, t, waiting, log)), None)
+        if trial is None:
+          break
+        queue.remove(trial)
         trial_dir = workdir / trial.name
         trial_dir.mkdir(exist_ok=True)
         (trial_dir / FAILED).unlink(missing_ok=True)
@@ -248,7 +257,7 @@ def _run_trials(sweep, pending, workdir, parallel, trainer, log) -> dict[str, Tr
         log_file.write(f"==> {stamp} {shlex.join(command)}\n")
         log_file.flush()
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL)
+                                   stdin=subprocess.DEVNULL, preexec_fn=_die_with(os.getpid()))
         running[process] = (trial, log_file, time.monotonic())
         log(f"started {trial.name}")
       time.sleep(0.05)
@@ -273,6 +282,35 @@ def _run_trials(sweep, pending, workdir, parallel, trainer, log) -> dict[str, Tr
 
 def _raise_interrupt(signum, frame):
   raise KeyboardInterrupt
+
+
+def _held(trial_dir: pathlib.Path, trial: Trial, waiting: set, log) -> bool:
+  """Whether a live trainer (left by a sweep that was killed) still holds the trial's workdir: a
+  second one there would be refused, and the trial counted failed. Says so once per trial."""
+  holder = workdir_lock.holder(trial_dir)
+  if holder is not None and trial.name not in waiting:
+    waiting.add(trial.name)
+    log(f"waiting for {trial.name}: a trainer of an earlier run ({workdir_lock.describe(holder)}) "
+        "still holds it")
+  return holder is not None
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with(parent_pid: int):
+  """A preexec_fn by which the trainer gets SIGTERM (saves, exits) when the sweep dies, kill -9
+  included, instead of training on unwatched beside the trainer a rerun would start; None off
+  Linux, where a rerun still waits for such a trainer (_held)."""
+  if not sys.platform.startswith("linux"):
+    return None
+  prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+
+  def set_death_signal():
+    prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # the sweep died before prctl: the signal would never come
+      os.kill(os.getpid(), signal.SIGTERM)
+  return set_death_signal
 
 
 def _record_exit(trial_dir, trial, code, seconds, log) -> TrialResult:

@@ -28,9 +28,21 @@ args = sys.argv[1:]
 workdir = pathlib.Path(args[args.index("--workdir") + 1])
 config = args[args.index("--config") + 1]
 overrides = dict(a[len("--config."):].split("=", 1) for a in args if a.startswith("--config."))
+from amd135m.errors import UserError
+from amd135m.training import workdir_lock
+try:  # as amd135m.train: one trainer per workdir
+  lock = workdir_lock.WorkdirLock(workdir, "fake trainer").__enter__()
+except UserError as e:
+  print("error:", e, file=sys.stderr)
+  sys.exit(2)
 with open(os.environ["FAKE_CALLS"], "a") as calls:
-  calls.write(json.dumps({"trial": workdir.name, "config": config}) + "\n")
+  calls.write(json.dumps({"trial": workdir.name, "config": config, "pid": os.getpid()}) + "\n")
 print("fake trainer starts", overrides, flush=True)
+step_seconds = float(os.environ.get("FAKE_STEP_SECONDS", 0))
+preempted = []
+if step_seconds:  # as amd135m.train: SIGTERM ends the run after the current step's checkpoint
+  import signal
+  signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
 running = os.environ.get("FAKE_RUNNING")
 if running:  # record the most trials seen alive at once, waiting (<= 10 s) for a partner
   state = pathlib.Path(running)
@@ -71,6 +83,12 @@ with open(workdir / "metrics.jsonl", "a") as metrics:
     checkpoint.write_text(json.dumps({"step": step}))
     if os.environ.get("FAKE_KILL") == workdir.name and step == 2:
       sys.exit(-9 % 256)  # as if killed mid-run, after the step-2 checkpoint
+    deadline = time.time() + step_seconds
+    while time.time() < deadline and not preempted:
+      time.sleep(0.02)
+    if preempted:
+      print("preempted at step", step, flush=True)
+      sys.exit(0)  # saved, not COMPLETE
 (workdir / "COMPLETE").write_text(str(step))  # as amd135m.train: all steps done, saved
 print("done", flush=True)
 '''
@@ -242,6 +260,77 @@ def test_interrupted_sweep_stops_its_trainers_and_marks_nothing(tmp_path, fake, 
   monkeypatch.delenv("FAKE_HANG")
   results = sweep_lib.run_sweep(str(config), workdir, log=lambda line: None)
   assert [r.status for r in results] == ["finished"] * 4 and len(fake.calls()) == 6
+
+
+def _alive(pid: int) -> bool:
+  """Running (not exited, not a zombie waiting for a parent that is gone)."""
+  try:
+    return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the death signal is Linux's")
+def test_kill_9_of_the_sweep_stops_its_trainers_and_the_rerun_ends_with_every_result(
+    tmp_path, fake, monkeypatch):
+  """Trainers left running by a killed sweep trained on beside the ones its rerun started, in the
+  same trial folders. Now they get SIGTERM with their sweep's death, save and exit; the rerun
+  resumes every trial once, and each curve has each step once."""
+  config = write_config(tmp_path, GRID.replace("add(lr=lr,", "add(total_steps=8, lr=lr,"))
+  workdir = tmp_path / "sweep"
+  code = (f"import sys; from amd135m import sweep; sweep.TRAINER = (sys.executable, "
+          f"{str(fake.path)!r}); sys.exit(sweep.main(sys.argv[1:]))")
+  monkeypatch.setenv("FAKE_STEP_SECONDS", "0.5")  # a trial takes 4 s
+  driver = subprocess.Popen([sys.executable, "-c", code, "--config", str(config), "--workdir",
+                             str(workdir), "--parallel", "2"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+  names = ["000_total_steps=8,lr=0.1,warmup_steps=0", "001_total_steps=8,lr=0.1,warmup_steps=2"]
+  metrics = [workdir / name / "metrics.jsonl" for name in names]
+  deadline = time.time() + 60
+  while not all(m.exists() and m.read_text() for m in metrics):  # both trainers are at step 1
+    assert time.time() < deadline and driver.poll() is None
+    time.sleep(0.02)
+  driver.kill()
+  driver.wait()
+  pids = [json.loads(line)["pid"] for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+  assert len(pids) == 2
+  deadline = time.time() + 2  # one step and an exit; unwatched, they would train 3 s more
+  while any(_alive(pid) for pid in pids):
+    assert time.time() < deadline, "the trainers outlived their sweep"
+    time.sleep(0.02)
+  assert not list(workdir.glob("*/COMPLETE"))
+
+  monkeypatch.delenv("FAKE_STEP_SECONDS")
+  results = sweep_lib.run_sweep(str(config), workdir, parallel=2, log=lambda line: None)
+  assert [r.status for r in results] == ["finished"] * 4
+  assert sorted(fake.calls()) == sorted(names + [r.name for r in results])
+  for row in read_csv(workdir):
+    steps = [json.loads(line)["step"] for line in
+             (workdir / row["trial"] / "metrics.jsonl").read_text().splitlines()
+             if "train_loss" in line]
+    assert steps == list(range(1, 9)), (row["trial"], steps)
+    assert float(row["train_loss"]) == pytest.approx(10 - 8 * float(row["lr"]))
+
+
+def test_rerun_waits_for_a_trainer_that_still_holds_its_trial(tmp_path, fake):
+  """A trainer a killed sweep left (off Linux, or one started by hand) still holds trial 000: the
+  rerun runs the others and starts 000 once it is free, not a second trainer beside it."""
+  config, workdir = write_config(tmp_path), tmp_path / "sweep"
+  held = workdir / "000_lr=0.1,warmup_steps=0"
+  held.mkdir(parents=True)
+  leftover = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time; from amd135m.training import workdir_lock; "
+       "lock = workdir_lock.WorkdirLock(sys.argv[1], 'amd135m.train').__enter__(); "
+       "print('held', flush=True); time.sleep(1.5)", str(held)], stdout=subprocess.PIPE,
+      text=True)
+  assert leftover.stdout.readline() == "held\n"
+  lines = []
+  results = sweep_lib.run_sweep(str(config), workdir, log=lines.append)
+  assert leftover.wait() == 0
+  assert [r.status for r in results] == ["finished"] * 4, lines
+  assert f"waiting for {held.name}: a trainer of an earlier run (pid {leftover.pid} on host " in (
+      "\n".join(lines))
+  assert sorted(fake.calls()) == [r.name for r in results]
 
 
 def test_parallel_runs_that_many_at_once(tmp_path, fake, monkeypatch):
