@@ -118,6 +118,28 @@ def test_kill_9_during_a_save_never_restores_the_half_written_step(uninterrupted
   _assert_same_run(tmp_path, uninterrupted)
 
 
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_continues_from_the_one_before(
+    uninterrupted, tmp_path):
+  """Bytes flipped in step 12 (once restored silently, then "loss is nan"): the rerun warns in
+  one line naming the step, keeps it as 12.damaged, redoes 9..12 from step 8, bitwise."""
+  workdir = shutil.copytree(uninterrupted, tmp_path / "workdir")
+  step_dir = workdir / "checkpoints" / "12"
+  assert (step_dir / orbax_io.CHECKSUM_FILE).is_file()
+  data = max((step_dir / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
+  flipped = bytearray(data.read_bytes())
+  flipped[len(flipped) // 2] ^= 0xFF
+  data.write_bytes(bytes(flipped))
+  rerun = _train(workdir)
+  assert rerun.returncode == 0, rerun.stderr[-2000:]
+  assert rerun.stderr.strip().splitlines() == [
+      f"amd135m.train: warning: checkpoint step 12 is damaged "
+      f"(state/{data.relative_to(step_dir / 'state').as_posix()} differs from its checksum); set "
+      f"it aside as {workdir / 'checkpoints' / '12.damaged'} and resuming from the newest intact "
+      "step"]
+  assert (workdir / "checkpoints" / "12.damaged").is_dir()
+  _assert_same_run(workdir, uninterrupted)
+
+
 def test_sigterm_saves_the_current_step_and_exits_0(tmp_path):
   done = _train(tmp_path, "--config.checkpoint_every=100", env={loop._SIGTERM_AFTER_STEP: "5"})
   assert done.returncode == 0, done.stderr[-2000:]

@@ -4,12 +4,23 @@ A workdir holds `model_config.json`, the tokenizer's Hugging Face files, `config
 training config), `metrics.jsonl` and `checkpoints/<step>/{state,data,meta}`. Orbax writes each
 step into a temporary directory and renames it when complete (on every host), so a step that
 `all_steps()` lists is whole: a save killed half-way is never restored.
+
+Whole is not intact: a disk, a copy or a person can later truncate, zero, flip or remove its
+files. Once a save is complete, `<step>/sha256.json` records a digest of each of its files; a
+restore checks them and falls back to the newest intact step, setting the damaged one aside as
+`<step>.damaged` (never deleted). Steps saved before checksums existed still restore: for them,
+a restore that fails or gives non-finite weights is the sign of damage.
 """
+import contextlib
 import dataclasses
+import gc
+import hashlib
 import json
 import logging
+import os
 import pathlib
-from typing import Any
+import sys
+from typing import Any, Callable
 
 import numpy as np
 
@@ -18,6 +29,8 @@ from amd135m.model_config import ModelConfig
 
 MODEL_CONFIG_FILE = "model_config.json"
 CHECKPOINT_DIR = "checkpoints"
+CHECKSUM_FILE = "sha256.json"  # in each step's directory, written once its save is complete
+DAMAGED = ".damaged"  # suffix of a step set aside
 
 
 def is_workdir(path) -> bool:
@@ -52,17 +65,101 @@ def model_differences(workdir, config: ModelConfig) -> dict[str, tuple[Any, Any]
           if name in saved and name not in RUN_ONLY_FIELDS and saved[name] != value}
 
 
+def _digests(step_dir: pathlib.Path) -> dict[str, str]:
+  """{path under the step: sha256} of every file of a step, its checksum file aside."""
+  digests = {}
+  for path in sorted(step_dir.rglob("*")):
+    name = path.relative_to(step_dir).as_posix()
+    if path.is_file() and not name.startswith(CHECKSUM_FILE):
+      with open(path, "rb") as f:
+        digests[name] = hashlib.file_digest(f, "sha256").hexdigest()
+  return digests
+
+
+def seal(step_dir) -> None:
+  """Writes the step's checksum file (atomically: a reader sees all of it or none)."""
+  step_dir = pathlib.Path(step_dir)
+  tmp = step_dir / (CHECKSUM_FILE + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump({"sha256": _digests(step_dir)}, f, indent=1)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, step_dir / CHECKSUM_FILE)
+
+
+# The files a step's restore reads first, all but the manifest JSON: for steps without checksums.
+_STEP_INDEX_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt",
+                     "data/metadata", "meta/metadata")
+
+
+def damage(step_dir) -> str | None:
+  """What is wrong with a step's files, or None. Checked against its checksum file; a step saved
+  without one (before checksums, or killed between its save and the checksums) is checked for
+  the index files a restore reads first (a missing or empty one gives orbax's tracebacks): the
+  soundness of its data shows only when it restores."""
+  step_dir = pathlib.Path(step_dir)
+  if not (step_dir / CHECKSUM_FILE).exists():
+    for name in _STEP_INDEX_FILES:
+      path = step_dir / name
+      if not path.is_file():
+        return f"{name} is missing"
+      try:
+        if path.suffix != ".ocdbt":
+          json.loads(path.read_text())
+        elif not path.stat().st_size:
+          raise ValueError
+      except (OSError, ValueError):
+        return f"{name} is unreadable"
+    return None
+  try:
+    expected = json.loads((step_dir / CHECKSUM_FILE).read_text())["sha256"]
+  except (OSError, ValueError, KeyError, TypeError):
+    expected = None
+  if not isinstance(expected, dict):
+    return f"its {CHECKSUM_FILE} is unreadable"
+  actual = _digests(step_dir)
+  for name, digest in expected.items():
+    if name not in actual:
+      return f"{name} is missing"
+    if actual[name] != digest:
+      return f"{name} differs from its checksum"
+  return None
+
+
+@contextlib.contextmanager
+def _quiet_unraisable():
+  """A failed orbax restore abandons coroutines whose cleanup prints tracebacks ("Exception
+  ignored in ...") after the error was handled: they are collected here, silently."""
+  previous = sys.unraisablehook
+  sys.unraisablehook = lambda unraisable: None
+  try:
+    yield
+  finally:
+    gc.collect()
+    sys.unraisablehook = previous
+
+
 class TrainCheckpoints:
-  """An orbax CheckpointManager for {state, data iterator state, meta}; async, keeps `keep`."""
+  """An orbax CheckpointManager for {state, data iterator state, meta}; async, keeps `keep`.
+  Process 0 writes each step's checksums once its save is complete."""
 
   def __init__(self, workdir, keep: int = 3, async_save: bool = True):
+    import jax
     import orbax.checkpoint as ocp
     self._ocp = ocp
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it touches
-    self.manager = ocp.CheckpointManager(
-        pathlib.Path(workdir).absolute() / CHECKPOINT_DIR,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=async_save))
+    absl_logger = logging.getLogger("absl")
+    self.directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+    # Orbax logs an ERROR for a step whose metadata it cannot parse as it lists the steps;
+    # restore_newest names such a step in its own words.
+    absl_logger.setLevel(logging.CRITICAL)
+    try:
+      self.manager = ocp.CheckpointManager(
+          self.directory, options=ocp.CheckpointManagerOptions(
+              max_to_keep=keep, create=True, enable_async_checkpointing=async_save))
+    finally:
+      absl_logger.setLevel(logging.WARNING)  # orbax logs every file it touches
+    self._lead = jax.process_index() == 0
+    self._unsealed = []  # steps saved (or saving) whose checksums are not written yet
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -70,9 +167,17 @@ class TrainCheckpoints:
   def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
     """Starts saving (returns before the write completes when async); waits for the last save."""
     args = self._ocp.args
+    self.wait()  # the previous step is complete and sealed before this one starts
     self.manager.save(step, args=args.Composite(state=args.StandardSave(state),
                                                 data=args.JsonSave(data_state),
                                                 meta=args.JsonSave(meta)), force=True)
+    self._unsealed.append(step)
+    self.poll()
+
+  def poll(self) -> None:
+    """Seals the saved steps if no save is under way (cheap: call it every step)."""
+    if self._lead and self._unsealed and not self.manager.is_saving_in_progress():
+      self.wait()
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
     """(state placed as abstract_state's shardings say, data iterator state, meta)."""
@@ -82,10 +187,72 @@ class TrainCheckpoints:
         meta=args.JsonRestore()))
     return restored["state"], restored["data"], restored["meta"]
 
+  def restore_newest(self, abstract_state: Any, check: Callable[[Any], str | None],
+                     warn: Callable[[str], None], agree: Callable[[bool], bool] = bool
+                     ) -> tuple[int, Any, dict, dict] | None:
+    """(step, state, data iterator state, meta) of the newest intact step; None if there is none.
+
+    A step whose files differ from its checksums is set aside at once, with one `warn` line. A
+    step that fails to restore (or whose state `check` names a problem with) is set aside only
+    once an older step restores: when none does, the cause is more likely this run's settings
+    than the files, and a UserError says so. agree(flag) is True if any process's flag is."""
+    failed = []  # (step, problem) of steps that did not restore, newest first
+    set_aside = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      problem = damage(self.directory / str(step))
+      if agree(problem is not None):
+        self._set_aside(step, problem or "damaged as another process sees it", warn)
+        set_aside.append(step)
+        continue
+      try:
+        with _quiet_unraisable():
+          state, data_state, meta = self.restore(step, abstract_state)
+        problem = check(state)
+      except Exception as e:  # noqa: BLE001  tensorstore, orbax and JSON each raise their own
+        detail = (str(e).splitlines() or [""])[0][:120].rstrip(" :.")
+        problem = f"it does not restore: {type(e).__name__}: {detail}"
+      if agree(problem is not None):
+        failed.append((step, problem or "it does not restore on another process"))
+        continue
+      for bad_step, bad_problem in failed:
+        self._set_aside(bad_step, bad_problem, warn)
+      return step, state, data_state, meta
+    if failed:
+      step, problem = failed[0]
+      raise UserError(f"no checkpoint in {self.directory} restores; the newest, step {step}: "
+                      f"{problem}. If model or optimizer settings changed since it was saved, "
+                      "use the ones it was saved with or a new --workdir")
+    if set_aside:
+      raise UserError(f"every checkpoint in {self.directory} is damaged (set aside as "
+                      f"<step>{DAMAGED}): rerun to start from the beginning, or put back an "
+                      "intact copy of a step")
+    return None
+
+  def _set_aside(self, step: int, problem: str, warn: Callable[[str], None]) -> None:
+    """Renames a damaged step to <step>.damaged (orbax ignores the name), for a person to look
+    at, and tells them which step and why."""
+    source = self.directory / str(step)
+    target = self.directory / f"{step}{DAMAGED}"
+    index = 1
+    while target.exists():
+      index += 1
+      target = self.directory / f"{step}{DAMAGED}.{index}"
+    if self._lead:
+      source.rename(target)
+      warn(f"checkpoint step {step} is damaged ({problem}); set it aside as {target} and "
+           "resuming from the newest intact step")
+    self.manager.reload()
+
   def wait(self) -> None:
+    """Waits for the save under way, then writes the checksums of every saved step."""
     self.manager.wait_until_finished()
+    steps, self._unsealed = self._unsealed, []
+    for step in steps:
+      if self._lead and (self.directory / str(step)).is_dir():  # orbax may have dropped it
+        seal(self.directory / str(step))
 
   def close(self) -> None:
+    self.wait()
     self.manager.close()
 
 
@@ -97,11 +264,19 @@ def load_workdir_params(workdir, step: int | None = None) -> tuple[ModelConfig, 
   if not is_workdir(workdir):
     raise UserError(f"{workdir} is not a training workdir (no {MODEL_CONFIG_FILE} and "
                     f"{CHECKPOINT_DIR}/): pass the --workdir of a training run")
-  steps = sorted(int(p.name) for p in (workdir / CHECKPOINT_DIR).iterdir()
-                 if p.name.isdigit() and (p / "state").is_dir())
-  if not steps:
-    raise UserError(f"{workdir} has no finished checkpoint yet: train longer or wait for a save")
-  step = steps[-1] if step is None else step
+  steps = sorted((int(p.name) for p in (workdir / CHECKPOINT_DIR).iterdir()
+                  if p.name.isdigit() and (p / "state").is_dir()), reverse=True)
+  if step is None:  # the newest intact step; a trainer's next run sets damaged ones aside
+    for step in steps:
+      problem = damage(workdir / CHECKPOINT_DIR / str(step))
+      if problem is None:
+        break
+      print(f"warning: checkpoint step {step} of {workdir} is damaged ({problem}); reading an "
+            "older step", file=sys.stderr)
+    else:
+      raise UserError(f"{workdir} has no finished checkpoint yet: train longer or wait for a save"
+                      if not steps else f"every checkpoint of {workdir} is damaged (see the "
+                      "warnings above): rerun its training, which sets them aside")
   path = workdir / CHECKPOINT_DIR / str(step) / "state"
   from absl import logging as absl_logging
   # Reading one item of the step, orbax warns that the step's metadata file is not in the item's

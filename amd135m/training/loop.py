@@ -11,6 +11,7 @@ import math
 import os
 import pathlib
 import signal
+import sys
 import time
 
 import jax
@@ -229,7 +230,11 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: b
     abstract = jax.tree.map(lambda s, a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             compiled.state_shardings,
                             jax.eval_shape(compiled.init, jax.random.key(config.seed)))
-    state, data_state, _ = ckpt.restore(latest, abstract)
+    try:  # the newest intact step; damaged ones are set aside with a warning each
+      _, state, data_state, _ = ckpt.restore_newest(abstract, _non_finite, _warn, _any_process)
+    except BaseException:
+      ckpt.close()
+      raise
     loader.set_state(data_state)
   else:
     state = compiled.init(jax.random.key(config.seed))
@@ -328,6 +333,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: b
       if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
         last_metrics = check(*pending)
         save(step)
+      ckpt.poll()  # a finished async save gets its checksums
       if hooks[_KILL_AFTER_STEP] == step:
         os.kill(os.getpid(), signal.SIGKILL)
       if stop:
@@ -350,6 +356,22 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: b
     ckpt.close()
   return Result(step=step, last_metrics=last_metrics, eval_metrics=eval_metrics,
                 preempted=bool(preempted))
+
+
+def _warn(line: str) -> None:
+  print(f"amd135m.train: warning: {line}", file=sys.stderr, flush=True)
+
+
+def _non_finite(state) -> str | None:
+  """Names a restored leaf holding NaN or infinity: the loop never saves one, so in a step saved
+  without checksums it means flipped bytes (else the run goes on to "loss is nan")."""
+  floats = [(path, leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(state)
+            if jnp.issubdtype(leaf.dtype, jnp.floating)]
+  finite = jax.jit(lambda leaves: jnp.stack([jnp.isfinite(x).all() for x in leaves]))(
+      [leaf for _, leaf in floats])
+  bad = [jax.tree_util.keystr(path) for (path, _), ok in zip(floats, np.asarray(finite))
+         if not ok]
+  return f"{bad[0]} holds NaN or infinity" if bad else None
 
 
 def evaluate(compiled, params, eval_data: list[dict]) -> dict:

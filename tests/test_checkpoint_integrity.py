@@ -1,0 +1,150 @@
+"""A damaged newest checkpoint never blocks a workdir: each way of damaging its files is found
+(checksums, or for steps saved without them the restore itself), the step is set aside as
+<step>.damaged with one warning naming it, and the newest intact step restores."""
+import json
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from amd135m.checkpoints import orbax_io
+from amd135m.errors import UserError
+from amd135m.training import loop
+
+SHARDING = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def _state(step: int) -> dict:
+  weights = jnp.arange(64 * 256, dtype=jnp.float32).reshape(64, 256) / 1000 + step
+  return {"params": {"w": jax.device_put(weights, SHARDING)},
+          "step": jax.device_put(jnp.int32(step), SHARDING)}
+
+
+ABSTRACT = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=SHARDING),
+                        _state(0))
+
+
+def _save_steps(workdir, steps=(1, 2)):
+  ckpt = orbax_io.TrainCheckpoints(workdir)
+  for step in steps:
+    ckpt.save(step, _state(step), {"position": step}, {"note": "test"})
+  ckpt.close()
+  return pathlib.Path(workdir) / orbax_io.CHECKPOINT_DIR
+
+
+def _restore_newest(workdir, abstract=ABSTRACT):
+  warnings = []
+  ckpt = orbax_io.TrainCheckpoints(workdir)
+  try:
+    return ckpt.restore_newest(abstract, loop._non_finite, warnings.append), warnings
+  finally:
+    ckpt.close()
+
+
+def _largest_data_file(step_dir: pathlib.Path) -> pathlib.Path:
+  return max((step_dir / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
+
+
+def _flip(path: pathlib.Path):
+  data = bytearray(path.read_bytes())
+  middle = len(data) // 2
+  data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
+  path.write_bytes(bytes(data))
+
+
+DAMAGES = {
+    "truncated data file": lambda d: _largest_data_file(d).write_bytes(
+        _largest_data_file(d).read_bytes()[:100]),
+    "removed manifest": lambda d: (d / "state" / "manifest.ocdbt").unlink(),
+    "removed state": lambda d: shutil.rmtree(d / "state"),
+    "emptied step metadata": lambda d: (d / "_CHECKPOINT_METADATA").write_text(""),
+    "emptied state metadata": lambda d: (d / "state" / "_METADATA").write_text(""),
+    "zeroed data files": lambda d: [p.write_bytes(bytes(p.stat().st_size))
+                                    for p in (d / "state").rglob("d/*")],
+}
+
+
+@pytest.mark.parametrize("sealed", [True, False], ids=["checksummed", "saved_before_checksums"])
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_newest_step_is_set_aside_and_the_previous_one_restores(tmp_path, damage,
+                                                                          sealed):
+  directory = _save_steps(tmp_path)
+  assert (directory / "2" / orbax_io.CHECKSUM_FILE).is_file()  # written once the save completed
+  if not sealed:  # as checkpoints written before this change
+    for step in (1, 2):
+      (directory / str(step) / orbax_io.CHECKSUM_FILE).unlink()
+  DAMAGES[damage](directory / "2")
+
+  (step, state, data_state, meta), warnings = _restore_newest(tmp_path)
+  assert step == 1 and data_state == {"position": 1} and meta == {"note": "test"}
+  np.testing.assert_array_equal(state["params"]["w"], _state(1)["params"]["w"])
+  assert len(warnings) == 1 and warnings[0].startswith("checkpoint step 2 is damaged ("), warnings
+  assert f"set it aside as {directory / '2.damaged'} " in warnings[0], warnings
+  assert sorted(p.name for p in directory.iterdir()) == ["1", "2.damaged"]
+  # The next run finds nothing to warn about.
+  assert _restore_newest(tmp_path)[0][0] == 1 and _restore_newest(tmp_path)[1] == []
+
+
+def test_flipped_bytes_are_caught_by_the_checksum_not_by_a_nan_loss(tmp_path):
+  directory = _save_steps(tmp_path)
+  _flip(_largest_data_file(directory / "2"))
+  (step, _, _, _), warnings = _restore_newest(tmp_path)
+  assert step == 1
+  assert "differs from its checksum" in warnings[0], warnings
+
+
+def test_non_finite_weights_in_a_step_without_checksums_are_damage(tmp_path):
+  """Bytes flipped into NaN in a step saved before checksums: found by the restored values."""
+  ckpt = orbax_io.TrainCheckpoints(tmp_path)
+  ckpt.save(1, _state(1), {}, {})
+  broken = _state(2)
+  broken["params"]["w"] = broken["params"]["w"].at[3, 5].set(jnp.nan)
+  ckpt.save(2, broken, {}, {})
+  ckpt.close()
+  (tmp_path / "checkpoints" / "2" / orbax_io.CHECKSUM_FILE).unlink()
+  (step, _, _, _), warnings = _restore_newest(tmp_path)
+  assert step == 1
+  assert warnings == [f"checkpoint step 2 is damaged (['params']['w'] holds NaN or infinity); "
+                      f"set it aside as {tmp_path / 'checkpoints' / '2.damaged'} and resuming "
+                      "from the newest intact step"]
+
+
+def test_steps_saved_before_checksums_restore(tmp_path):
+  directory = _save_steps(tmp_path)
+  for step in (1, 2):
+    (directory / str(step) / orbax_io.CHECKSUM_FILE).unlink()
+  (step, state, _, _), warnings = _restore_newest(tmp_path)
+  assert step == 2 and warnings == []
+  np.testing.assert_array_equal(state["params"]["w"], _state(2)["params"]["w"])
+
+
+def test_no_step_restoring_sets_nothing_aside_and_says_why(tmp_path):
+  """Every step failing the same way is this run's settings (here another shape), not damage:
+  nothing is moved, and the error says what to do."""
+  directory = _save_steps(tmp_path)
+  other = jax.tree.map(lambda a: a, ABSTRACT)
+  other["params"]["w"] = jax.ShapeDtypeStruct((64, 128), jnp.float32, sharding=SHARDING)
+  with pytest.raises(UserError, match=r"^no checkpoint in .* restores; the newest, step 2: it "
+                     r"does not restore: .* If model or optimizer settings changed"):
+    _restore_newest(tmp_path, other)
+  assert sorted(p.name for p in directory.iterdir()) == ["1", "2"]
+
+
+def test_every_step_damaged_is_one_error_after_setting_them_aside(tmp_path):
+  directory = _save_steps(tmp_path)
+  for step in (1, 2):
+    _flip(_largest_data_file(directory / str(step)))
+  with pytest.raises(UserError, match="is damaged .*rerun to start from the beginning"):
+    _restore_newest(tmp_path)
+  assert sorted(p.name for p in directory.iterdir()) == ["1.damaged", "2.damaged"]
+
+
+def test_the_checksum_file_lists_every_file_of_the_step(tmp_path):
+  directory = _save_steps(tmp_path, steps=(1,))
+  listed = json.loads((directory / "1" / orbax_io.CHECKSUM_FILE).read_text())["sha256"]
+  on_disk = {p.relative_to(directory / "1").as_posix() for p in (directory / "1").rglob("*")
+             if p.is_file() and p.name != orbax_io.CHECKSUM_FILE}
+  assert set(listed) == on_disk and "state/manifest.ocdbt" in on_disk
