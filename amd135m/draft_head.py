@@ -48,15 +48,18 @@ COMPLETE = "COMPLETE"
 class Settings:
   """How a head is collected for and trained; saved in the workdir and fixed once written."""
   layers: str = "eagle3"       # 'eagle3' (low, middle, high), 'last', or depths 'I,J,K'
-  vocab: int = 8192            # K, the head's output ids
+  vocab: int = 4096            # K, the head's output ids (docs/RESULTS.md: 4096 or 8192)
   seq_len: int = 256           # tokens per collected row (prompt + the target's continuation)
   prompt_tokens: int = 96      # prompts are cut to at most this many tokens
   collect_batch: int = 8       # rows the target continues at once
   top_k: int = 8               # of the target's next-token distribution kept per position
   code_every: int = 4          # of every N prompts, N - 1 are stdlib headers, one Gutenberg
+  generate_every: int = 1      # of every N chunks, one is the target's own continuations of
+                               # short prompts, the rest whole stdlib functions / Gutenberg
+                               # passages read as they are (a prefill: ~5x cheaper a position)
   batch: int = 8               # rows per training step
-  unroll: int = 3              # draft steps trained per position (training-time test)
-  lr: float = 1e-3
+  unroll: int = 2              # draft steps trained per position (training-time test)
+  lr: float = 3e-3
   warmup_steps: int = 20
   weight_decay: float = 0.0
   clip: float = 0.5
@@ -67,7 +70,7 @@ class Settings:
 
   def check(self, target_vocab: int) -> None:
     for name in ("vocab", "seq_len", "prompt_tokens", "collect_batch", "top_k", "batch",
-                 "unroll", "eval_rows"):
+                 "unroll", "eval_rows", "generate_every"):
       if getattr(self, name) < 1:
         raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
     if self.vocab > target_vocab:
@@ -161,9 +164,12 @@ def _collect(params, config: model_lib.ModelConfig, tokens, lens, layers: tuple[
 
 
 def collect_rows(params, config, prompts: list[list[int]], layers, settings: Settings) -> dict:
-  """Runs the target on one batch of token prompts; returns numpy rows of seq_len positions:
-  tokens [B, S], features [B, S, F], top_ids [B, S, k], top_logp [B, S, k], prompt_lens [B]."""
-  s, width = settings.seq_len, settings.prompt_tokens
+  """Runs the target on one batch of token prompts (at most seq_len tokens; shorter ones are
+  continued greedily); returns numpy rows of seq_len positions: tokens [B, S], features
+  [B, S, F], top_ids [B, S, k], top_logp [B, S, k], prompt_lens [B]."""
+  # Two widths only (each one compilation): short prompts padded to prompt_tokens, or seq_len.
+  s = settings.seq_len
+  width = settings.prompt_tokens if max(map(len, prompts)) <= settings.prompt_tokens else s
   tokens = np.zeros((len(prompts), width), np.int32)
   for row, prompt in enumerate(prompts):
     tokens[row, :len(prompt)] = prompt
@@ -208,10 +214,29 @@ def collect(params, config, tokenizer, workdir: pathlib.Path, layers, settings: 
   from amd135m.data import prompts as prompts_lib  # noqa: PLC0415 (reads the corpora)
   from tqdm.auto import tqdm  # noqa: PLC0415
   (workdir / DATA_DIR).mkdir(exist_ok=True)
-  texts = prompts_lib.mixed_prompts(max_chunks * settings.collect_batch * 2, settings.seed,
-                                    settings.code_every)
+  every, rows = settings.generate_every, settings.collect_batch
+  n_generated = -(-max_chunks // every)
+  texts = prompts_lib.mixed_prompts(n_generated * rows * 2, settings.seed, settings.code_every)
   encoded = _encode_prompts(tokenizer, texts, settings.prompt_tokens)
-  max_chunks = min(max_chunks, len(encoded) // settings.collect_batch)
+  windows = []
+  if every > 1:  # long texts, cut to exactly seq_len tokens: the target only reads them
+    n_corpus = (max_chunks - n_generated) * rows
+    code = prompts_lib.stdlib_functions(n_corpus * 2, settings.seed)
+    prose = prompts_lib.gutenberg_passages(n_corpus // settings.code_every + 1, settings.seed,
+                                           words=(600, 800))
+    windows = [w for w in _encode_prompts(
+        tokenizer, prompts_lib.interleave(code, prose, settings.code_every), settings.seq_len)
+        if len(w) == settings.seq_len]
+
+  def batch_of(index: int) -> list[list[int]] | None:
+    if index % every == 0:
+      source, start = encoded, index // every * rows
+    else:
+      source, start = windows, (index - index // every - 1) * rows
+    return source[start:start + rows] if start + rows <= len(source) else None
+
+  while max_chunks and batch_of(max_chunks - 1) is None:  # a corpus ran out
+    max_chunks -= 1
   done = sum(1 for i in range(max_chunks) if _chunk_path(workdir, i).exists())
   bar = tqdm(total=max_chunks, initial=done, desc="collect", unit="chunk", file=sys.stderr,
              dynamic_ncols=True)
@@ -222,8 +247,7 @@ def collect(params, config, tokenizer, workdir: pathlib.Path, layers, settings: 
         continue
       if deadline is not None and time.time() > deadline:
         break
-      batch = encoded[index * settings.collect_batch:(index + 1) * settings.collect_batch]
-      _write_atomic_npz(path, collect_rows(params, config, batch, layers, settings))
+      _write_atomic_npz(path, collect_rows(params, config, batch_of(index), layers, settings))
       bar.update(1)
   finally:
     bar.close()
@@ -611,13 +635,17 @@ def main(argv=None) -> int:
   train.add_argument("--lr", type=float, default=defaults.lr)
   train.add_argument("--seq-len", type=int, default=defaults.seq_len)
   train.add_argument("--batch", type=int, default=defaults.batch)
+  train.add_argument("--generate-every", type=int, default=defaults.generate_every,
+                     help="of every N collected chunks one is the target's own continuations, "
+                          "the others corpus text it reads (cheaper)")
   train.add_argument("--seed", type=int, default=defaults.seed)
   train.add_argument("--resume", action="store_true", help="continue the head in --workdir")
   train.add_argument("--json", action="store_true", help="print the summary as JSON")
   args = parser.parse_args(argv)
   settings = dataclasses.replace(defaults, vocab=args.vocab, layers=args.layers,
                                  unroll=args.unroll, lr=args.lr, seq_len=args.seq_len,
-                                 batch=args.batch, seed=args.seed)
+                                 batch=args.batch, seed=args.seed,
+                                 generate_every=args.generate_every)
   try:
     summary = train_head(args.target, args.workdir, minutes=args.minutes, steps=args.steps,
                          prompts=args.prompts, settings=settings, resume=args.resume)

@@ -169,3 +169,27 @@ def test_a_head_workdir_is_a_draft_in_generate_bench_and_spec_eval(trained, tiny
   rows = json.loads((tmp_path / "table" / "spec_table.json").read_text())["rows"]
   assert [r["setting"] for r in rows] == ["greedy", "sampling"]
   assert rows[0]["exact"] is True
+
+
+def test_corpus_chunks_read_whole_functions_as_they_are(tiny_target, tmp_path):
+  """generate_every=2: chunk 0 is the target's continuations of short prompts, chunk 1 a prefill
+  of stdlib functions cut to seq_len tokens: its tokens are the text's own, and the top-k at each
+  position is the target's distribution after that prefix."""
+  from amd135m.data import prompts as prompts_lib
+  config, params = checkpoints.load_params(tiny_target)
+  params = jax.tree.map(jax.numpy.asarray, params)
+  tokenizer = load_tokenizer(tiny_target)
+  settings = draft_head.Settings(**{**SMALL.__dict__, "generate_every": 2})
+  chunks = draft_head.collect(params, config, tokenizer, tmp_path, (1, 2), settings, 2, None)
+  assert chunks == 2
+  generated = dict(np.load(tmp_path / "data" / "chunk-00000.npz"))
+  corpus = dict(np.load(tmp_path / "data" / "chunk-00001.npz"))
+  assert (generated["prompt_lens"] < settings.seq_len).all()
+  assert (corpus["prompt_lens"] == settings.seq_len).all()
+  code = prompts_lib.stdlib_functions(4, settings.seed)
+  first = tokenizer.encode(code[0])[:settings.seq_len]
+  assert corpus["tokens"][0].tolist() == first
+  # The target's own first choice after the whole window equals a plain forward's.
+  from amd135m import model as model_lib
+  logits, _ = model_lib.forward(params, config, jax.numpy.asarray([first]))
+  assert corpus["top_ids"][0, :, 0].tolist() == np.argmax(logits[0], -1).tolist()

@@ -48,6 +48,32 @@ def stdlib_headers(count: int, seed: int = 0) -> list[str]:
   return headers[:count]
 
 
+def stdlib_functions(count: int, seed: int = 0, min_chars: int = 1000) -> list[str]:
+  """`count` whole functions (def line to the end of the body, at least `min_chars` characters;
+  methods dedented) from the local Python stdlib corpus, files in a seeded order: code for a
+  target to read as it is, where stdlib_headers asks it to write the body."""
+  files = sorted(_corpus("python_stdlib").rglob("*.py"))
+  random.Random(seed).shuffle(files)
+  functions = []
+  for path in files:
+    if len(functions) >= count:
+      break
+    try:
+      source = path.read_text(encoding="utf-8")
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore", (DeprecationWarning, SyntaxWarning))
+        tree = ast.parse(source)
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+      continue
+    lines = source.splitlines()
+    for node in ast.walk(tree):
+      if isinstance(node, ast.FunctionDef):
+        text = textwrap.dedent("\n".join(lines[node.lineno - 1:node.end_lineno])) + "\n"
+        if len(text) >= min_chars and text.startswith("def "):
+          functions.append(text)
+  return functions[:count]
+
+
 def gutenberg_passages(count: int, seed: int = 0, words: tuple[int, int] = (30, 90)) -> list[str]:
   """`count` passages of a few dozen words from the local Gutenberg (Shakespeare) texts, each
   cut at a line start, shuffled by `seed`."""
@@ -72,14 +98,19 @@ def mixed_prompts(count: int, seed: int = 0, code_every: int = 4) -> list[str]:
   """`count` prompts: of every `code_every`, all but the last are stdlib headers and the last a
   Gutenberg passage (code_every 4: three quarters code). A longer list extends a shorter one."""
   n_text = count // code_every
-  code = iter(stdlib_headers(count - n_text, seed))
-  text = iter(gutenberg_passages(n_text, seed))
-  prompts = []
-  for i in range(count):
-    prompt = next(text, None) if i % code_every == code_every - 1 else next(code, None)
-    if prompt is None:  # one corpus ran out: the other fills in
-      prompt = next(code, None) or next(text, None)
-    if prompt is None:
+  return interleave(stdlib_headers(count - n_text, seed), gutenberg_passages(n_text, seed),
+                    code_every)[:count]
+
+
+def interleave(code: list[str], text: list[str], code_every: int) -> list[str]:
+  """Of every `code_every` items all but the last from `code`, the last from `text`; when one
+  list runs out the other fills in."""
+  code_it, text_it, out = iter(code), iter(text), []
+  for i in range(len(code) + len(text)):
+    item = next(text_it, None) if i % code_every == code_every - 1 else next(code_it, None)
+    if item is None:
+      item = next(code_it, None) or next(text_it, None)
+    if item is None:
       break
-    prompts.append(prompt)
-  return prompts
+    out.append(item)
+  return out
