@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 SMOLLM2 := $(shell $(PY) tools/fetch_test_models.py --print-path 2>/dev/null)
 CACHE := $(or $(AMD135M_CACHE),$(HOME)/.cache/amd135m)
 
-.PHONY: install models corpora test demo reproduce bench clean
+.PHONY: install models corpora test test-fast demo reproduce bench clean
 
 # torch first, pinned: that takes the CPU wheel; letting transformers pull torch brings a CUDA build.
 $(VENV)/.installed: setup.py
@@ -28,6 +28,10 @@ corpora: install
 
 test: models corpora
 	$(PYTHON) -m pytest tests -q --durations=20
+
+# The development loop: everything but the tests marked slow (a few minutes).
+test-fast: models corpora
+	$(PYTHON) -m pytest tests -q -m "not slow" --durations=10
 
 # The main job on embedded defaults: SmolLM2-135M generates; then the AMD-135M workflow in
 # miniature: a draft pretrained on Gutenberg and fine-tuned on the Python stdlib, and a feature

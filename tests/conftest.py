@@ -22,6 +22,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 import fetch_test_models  # noqa: E402
 
 
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: minutes of end-to-end work (training runs, subprocess CLIs, the real "
+      "model's speculative loops); `make test-fast` skips them")
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> pathlib.Path:
   path = fetch_test_models.smollm2_path()
