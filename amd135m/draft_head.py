@@ -461,9 +461,13 @@ def train_head(target: str, workdir, *, minutes: float | None = None, steps: int
   collect_seconds = time.time() - collect_start
   data = load_data(workdir)
   n_rows = data["tokens"].shape[0]
-  if n_rows <= settings.eval_rows:
-    raise UserError(f"only {n_rows} rows were collected, not more than the {settings.eval_rows} "
-                    "held out: give the job more --minutes (or more --prompts)")
+  if n_rows < 2:
+    raise UserError(f"only {n_rows} row was collected in the time given: give the job more "
+                    "--minutes (or more --prompts)")
+  if n_rows <= settings.eval_rows:  # a short budget: hold out a quarter instead
+    log(f"[collect] only {n_rows} rows: holding out {max(1, n_rows // 4)} instead of "
+        f"{settings.eval_rows}")
+    settings = dataclasses.replace(settings, eval_rows=max(1, n_rows // 4))
 
   # 2. Vocabulary (fixed once chosen: a resumed run keeps it).
   vocab_path = workdir / head_io.VOCAB_FILE
