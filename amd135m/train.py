@@ -8,6 +8,7 @@ memory from XLA's analysis, without data or training.
 """
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -61,15 +62,40 @@ def _without(argv: list[str], flag: str) -> list[str]:
 
 
 def launch_local(argv: list[str], processes: int) -> int:
-  """Runs this command as `processes` local processes; the first failure's code is returned."""
+  """Runs this command as `processes` local processes; the first failure's code is returned.
+  A SIGTERM to this launcher goes on to every process (each saves and exits)."""
   port = _free_port()
   children = []
+  signal.signal(signal.SIGTERM, lambda *_: [child.terminate() for child in children])
   for index in range(processes):
     command = [sys.executable, "-m", "amd135m.train", *argv, "--coordinator",
                f"127.0.0.1:{port}", "--num_processes", str(processes), "--process_id", str(index)]
     children.append(subprocess.Popen(command, env={**os.environ, "JAX_PLATFORMS": "cpu"}))
   codes = [child.wait() for child in children]
   return next((code for code in codes if code), 0)
+
+
+# Test seam: SIGTERM right after main() installs its handler, before anything else is done.
+_SIGTERM_AT_START = "AMD135M_TEST_SIGTERM_AT_START"
+
+
+def _record_sigterm() -> list:
+  """From the first line of main: a SIGTERM (a scheduler's preemption) is recorded in the list,
+  not a silent exit 143 while imports, data or compiles are still loading; the loop sees it."""
+  preempted = []
+  try:
+    signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+  except ValueError:
+    pass  # main() called from a thread: signals stay as they are
+  if os.environ.get(_SIGTERM_AT_START):
+    os.kill(os.getpid(), signal.SIGTERM)
+  return preempted
+
+
+def _stopped_early() -> int:
+  print("amd135m.train: SIGTERM before training started: exiting; nothing was written (rerun "
+        "the same command to train)")
+  return 0  # as a preempted run: a sweep or scheduler reruns it
 
 
 def check_args(args) -> None:
@@ -102,6 +128,7 @@ def init_distributed(args) -> None:
 
 
 def main(argv=None) -> int:
+  preempted = _record_sigterm()
   argv = sys.argv[1:] if argv is None else list(argv)
   args, overrides = parse_args(argv)
   from amd135m import config_lib
@@ -114,6 +141,8 @@ def main(argv=None) -> int:
   except UserError as e:
     print(f"amd135m.train: error: {e}", file=sys.stderr)
     return 2
+  if preempted:
+    return _stopped_early()
   if args.local_processes:
     return launch_local(_without(argv, "--local_processes"), args.local_processes)
 
@@ -131,12 +160,15 @@ def main(argv=None) -> int:
   init_distributed(args)
 
   from amd135m.training import loop
+  if preempted and (args.dry_run or jax.process_count() == 1):  # else the loop stops them all
+    return _stopped_early()
   try:
     if args.dry_run:
       report = loop.dry_run(config)
       print(loop.format_dry_run(report))
       return 0
-    result = loop.train_and_evaluate(config, args.workdir, progress=not args.no_progress)
+    result = loop.train_and_evaluate(config, args.workdir, progress=not args.no_progress,
+                                     preempted=preempted)
   except UserError as e:
     print(f"amd135m.train: error: {e}", file=sys.stderr)
     return 2
@@ -144,7 +176,8 @@ def main(argv=None) -> int:
     summary = ", ".join(f"{k} {v:.4g}" for k, v in {**result.last_metrics,
                                                      **result.eval_metrics}.items()
                         if isinstance(v, float))
-    print(f"{'preempted' if result.preempted else 'finished'} at step {result.step}: {summary}")
+    print(f"{'preempted' if result.preempted else 'finished'} at step {result.step}"
+          + (f": {summary}" if summary else ""))
   return 0
 
 

@@ -1,8 +1,11 @@
 """A damaged newest checkpoint never blocks a workdir: each way of damaging its files is found
 (checksums, or for steps saved without them the restore itself), the step is set aside as
 <step>.damaged with one warning naming it, and the newest intact step restores."""
+import collections
+import errno
 import json
 import pathlib
+import re
 import shutil
 
 import jax
@@ -148,3 +151,51 @@ def test_the_checksum_file_lists_every_file_of_the_step(tmp_path):
   on_disk = {p.relative_to(directory / "1").as_posix() for p in (directory / "1").rglob("*")
              if p.is_file() and p.name != orbax_io.CHECKSUM_FILE}
   assert set(listed) == on_disk and "state/manifest.ocdbt" in on_disk
+
+
+def test_a_full_disk_before_a_save_writes_nothing_and_names_the_last_good_step(tmp_path,
+                                                                              monkeypatch):
+  ckpt = orbax_io.TrainCheckpoints(tmp_path)
+  ckpt.save(1, _state(1), {"position": 1}, {})
+  usage = collections.namedtuple("usage", "total used free")
+  monkeypatch.setattr(orbax_io.shutil, "disk_usage", lambda path: usage(2**30, 2**30, 0))
+  with pytest.raises(orbax_io.DiskFull) as error:
+    ckpt.save(2, _state(2), {"position": 2}, {})
+  ckpt.close()
+  assert re.fullmatch(
+      re.escape(f"no space left on device at {tmp_path / 'checkpoints'}; step 2 not written (")
+      + r"\d+\.\d MiB needed, 0\.0 MiB free" + re.escape(
+          "); the last good checkpoint is step 1: free some space (or move --workdir to a larger "
+          "disk) and rerun"), str(error.value)), str(error.value)
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
+
+
+def test_a_full_disk_during_a_save_leaves_nothing_half_written(tmp_path, monkeypatch):
+  """The write fails in orbax's background thread (here: the data item's JSON): the step's
+  temporary directory is removed, never listed, and the last good step restores."""
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+  handler = ocp.handlers.JsonCheckpointHandler
+  write = handler._save_fn
+
+  async def disk_full_at_step_2(self, item, directory):
+    if item == {"position": 2}:
+      raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+    return await write(self, item, directory)
+  monkeypatch.setattr(handler, "_save_fn", disk_full_at_step_2)
+  ckpt = orbax_io.TrainCheckpoints(tmp_path)
+  ckpt.save(1, _state(1), {"position": 1}, {})
+  with pytest.raises(orbax_io.DiskFull) as error:
+    ckpt.save(2, _state(2), {"position": 2}, {})
+    ckpt.wait()  # async: the failure shows when the save is waited for
+  ckpt.close()
+  assert str(error.value) == (
+      f"no space left on device at {tmp_path / 'checkpoints'}; step 2 not written; the last good "
+      "checkpoint is step 1: free some space (or move --workdir to a larger disk) and rerun")
+  assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()] == ["1"]
+  monkeypatch.undo()
+  assert _restore_newest(tmp_path)[0][0] == 1
+  # The trainer's next run (it holds the workdir) removes the half-written step.
+  ckpt = orbax_io.TrainCheckpoints(tmp_path, cleanup=True)
+  ckpt.save(3, _state(3), {"position": 3}, {})
+  ckpt.close()
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "3"]

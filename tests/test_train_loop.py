@@ -1,5 +1,6 @@
 """The training loop as users run it: resume after kill -9 (also mid-save), SIGTERM, several
 processes, every config's runlocal variant, and learning on the real Gutenberg corpus."""
+import errno
 import json
 import os
 import pathlib
@@ -147,6 +148,59 @@ def test_sigterm_saves_the_current_step_and_exits_0(tmp_path):
   assert checkpoints.orbax_io.TrainCheckpoints(tmp_path).latest_step() == 5
 
 
+@pytest.mark.parametrize("hook, line", [
+    ("AMD135M_TEST_SIGTERM_AT_START", "amd135m.train: SIGTERM before training started: exiting; "
+                                      "nothing was written (rerun the same command to train)"),
+    (loop._SIGTERM_BEFORE_HANDLER, "preempted before step 1: nothing new to save, exiting")])
+def test_sigterm_before_the_loop_takes_over_exits_0_in_a_line(tmp_path, hook, line):
+  """A scheduler's SIGTERM while the trainer still imports, loads or compiles was a silent exit
+  143; now main() records it first thing and the run stops cleanly, as a preempted one does."""
+  run = _train(tmp_path / "w", env={hook: "1"})
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert line in run.stdout.splitlines(), run.stdout
+  assert "Traceback" not in run.stderr
+  assert not (tmp_path / "w" / loop.COMPLETE).exists()
+  assert not (tmp_path / "w" / "checkpoints").exists() or not any(
+      (tmp_path / "w" / "checkpoints").iterdir())
+
+
+def test_a_relative_workdir_path_reads_as_the_absolute_one(uninterrupted, monkeypatch):
+  """`--model runs/w` (generate, evaluate) and `--input runs/w` (convert) gave orbax's
+  "'StepMetadata' object is not subscriptable"."""
+  run = subprocess.run([sys.executable, "-m", "amd135m.convert", "--input", uninterrupted.name,
+                        "--output", "converted"], cwd=uninterrupted.parent, capture_output=True,
+                       text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert (uninterrupted.parent / "converted" / "config.json").is_file()
+  monkeypatch.chdir(uninterrupted.parent)
+  for a, b in zip(jax.tree.leaves(checkpoints.load_params(uninterrupted.name)[1]),
+                  _final_params(uninterrupted), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_read_only_workdir_is_one_line(tmp_path):
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  if os.geteuid():
+    workdir.chmod(0o555)
+    prefix = []
+  else:  # root writes through permissions: a read-only bind mount, in a namespace of its own
+    prefix = ["unshare", "-rm", "sh", "-c", f'mount --bind -o ro "{workdir}" "{workdir}" && '
+              'exec "$@"', "sh"]
+    if subprocess.run([*prefix, "true"], capture_output=True).returncode:
+      pytest.skip("running as root, and no mount namespace to make a read-only directory")
+  command = [*prefix, sys.executable, "-m", "amd135m.train", *TINY, "--workdir", str(workdir),
+             "--devices", "1"]
+  run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  workdir.chmod(0o755)
+  assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+  reason = "Read-only file system" if prefix else "Permission denied"
+  assert run.stderr.strip() == (
+      f"amd135m.train: error: --workdir {workdir} is not writable (creating .lock in it: "
+      f"{reason}): choose a writable directory")
+
+
 def test_four_processes_see_the_same_batches_and_losses_as_one(uninterrupted, tmp_path):
   single, multi = tmp_path / "single", tmp_path / "multi"
   hashes = ["--config.debug_batch_hashes=true", "--config.total_steps=10"]
@@ -171,7 +225,8 @@ def test_four_processes_see_the_same_batches_and_losses_as_one(uninterrupted, tm
 def test_bad_config_keys_and_values_are_one_line_errors(tmp_path):
   for flag, message in [("--config.lrr=1", "unknown config key 'lrr': valid keys are "),
                         ("--config.batch_size=x", "--config.batch_size=x: expected an int"),
-                        ("--config.data.sources=nowhere", "data source 'nowhere'")]:
+                        ("--config.data.sources=nowhere", "data source 'nowhere'"),
+                        ("--config.lr=nan", "--config.lr must be a finite number, got nan")]:
     run = _train(tmp_path, flag)
     assert run.returncode == 2
     assert run.stderr.startswith("amd135m.train: error: ") and message in run.stderr
@@ -197,6 +252,19 @@ def _tiny(*overrides):
     ("seed=4294967296", "--config.seed 4294967296 is out of range"),
     ("distill.weight=1.5", "--config.distill.weight must be in [0, 1]"),
     ("distill.temperature=0", "--config.distill.temperature must be > 0"),
+    # Once "loss is nan" after a compile, or a run that silently never learns.
+    ("lr=nan", "--config.lr must be a finite number, got nan"),
+    ("lr=inf", "--config.lr must be a finite number, got inf"),
+    ("lr=-0.001", "--config.lr must be >= 0, got -0.001"),
+    ("end_lr=-1", "--config.end_lr must be >= 0, got -1.0"),
+    ("warmup_steps=-5", "--config.warmup_steps must be >= 0, got -5"),
+    ("total_tokens=-1", "--config.total_tokens must be >= 0, got -1"),
+    ("b1=1.0", "--config.b1 must be in [0, 1), got 1.0"),
+    ("b2=nan", "--config.b2 must be a finite number, got nan"),
+    ("eps=0", "--config.eps must be > 0, got 0.0"),
+    ("weight_decay=-0.1", "--config.weight_decay must be >= 0, got -0.1"),
+    ("grad_clip=inf", "--config.grad_clip must be a finite number, got inf"),
+    ("distill.temperature=inf", "--config.distill.temperature must be a finite number"),
 ])
 def test_resolve_refuses_bad_settings_naming_the_flag(override, message):
   with pytest.raises(loop.UserError) as error:
@@ -292,6 +360,30 @@ def test_weights_that_overflow_in_the_first_step_are_never_saved(tmp_path):
                            r"before it: lower --config.lr"):
     loop.train_and_evaluate(config, tmp_path, progress=False)
   assert orbax_io.TrainCheckpoints(tmp_path).latest_step() is None
+
+
+def test_a_full_disk_during_a_save_stops_in_one_error_naming_the_last_good_step(
+    tmp_path, monkeypatch):
+  """Step 8's save runs out of space while orbax writes it in the background: the run stops with
+  the step and the last good one named, and only steps that were written whole remain."""
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+  handler = ocp.handlers.JsonCheckpointHandler
+  write = handler._save_fn
+
+  async def disk_full_at_step_8(self, item, directory):
+    if "/8.orbax-checkpoint-tmp" in str(directory):
+      raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+    return await write(self, item, directory)
+  monkeypatch.setattr(handler, "_save_fn", disk_full_at_step_8)
+  config = _tiny("batch_size=4", "data.seq_len=32", "total_steps=12", "checkpoint_every=4",
+                 "devices=1")
+  with pytest.raises(orbax_io.DiskFull) as error:
+    loop.train_and_evaluate(config, tmp_path, progress=False)
+  assert str(error.value) == (
+      f"no space left on device at {tmp_path / 'checkpoints'}; step 8 not written; the last good "
+      "checkpoint is step 4: free some space (or move --workdir to a larger disk) and rerun")
+  assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()] == ["4"]
+  assert orbax_io.TrainCheckpoints(tmp_path).latest_step() == 4
 
 
 def test_distillation_from_a_teacher_trains_and_refuses_a_smaller_vocabulary(tmp_path):

@@ -13,12 +13,14 @@ a restore that fails or gives non-finite weights is the sign of damage.
 """
 import contextlib
 import dataclasses
+import errno
 import gc
 import hashlib
 import json
 import logging
 import os
 import pathlib
+import shutil
 import sys
 from typing import Any, Callable
 
@@ -26,6 +28,29 @@ import numpy as np
 
 from amd135m.errors import UserError
 from amd135m.model_config import ModelConfig
+
+class DiskFull(UserError):
+  """A save ran out of space: the step is not written, earlier ones are intact."""
+
+
+def _out_of_space(error: BaseException | None) -> bool:
+  """ENOSPC / EDQUOT as Python raises it, or as tensorstore words it inside a ValueError."""
+  while error is not None:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    if any(words in str(error) for words in ("No space left on device", "Disk quota exceeded",
+                                             "RESOURCE_EXHAUSTED: Error writing")):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _not_out_of_space(record: logging.LogRecord) -> bool:
+  """A logging filter: orbax's threads and asyncio log each failed write of a full disk with its
+  traceback (dozens); DiskFull says it once."""
+  return not (_out_of_space(record.exc_info[1] if record.exc_info else None)
+              or _out_of_space(Exception(record.getMessage())))
+
 
 MODEL_CONFIG_FILE = "model_config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -74,6 +99,10 @@ def _digests(step_dir: pathlib.Path) -> dict[str, str]:
       with open(path, "rb") as f:
         digests[name] = hashlib.file_digest(f, "sha256").hexdigest()
   return digests
+
+
+def _size(directory: pathlib.Path) -> int:
+  return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
 
 
 def seal(step_dir) -> None:
@@ -128,14 +157,17 @@ def damage(step_dir) -> str | None:
 
 @contextlib.contextmanager
 def _quiet_unraisable():
-  """A failed orbax restore abandons coroutines whose cleanup prints tracebacks ("Exception
-  ignored in ...") after the error was handled: they are collected here, silently."""
+  """A failed orbax restore or save abandons coroutines whose cleanup prints tracebacks
+  ("Exception ignored in ...") long after the error was handled: they are collected here,
+  silently."""
   previous = sys.unraisablehook
   sys.unraisablehook = lambda unraisable: None
   try:
     yield
-  finally:
+  except BaseException:
     gc.collect()
+    raise
+  finally:
     sys.unraisablehook = previous
 
 
@@ -143,11 +175,16 @@ class TrainCheckpoints:
   """An orbax CheckpointManager for {state, data iterator state, meta}; async, keeps `keep`.
   Process 0 writes each step's checksums once its save is complete."""
 
-  def __init__(self, workdir, keep: int = 3, async_save: bool = True):
+  def __init__(self, workdir, keep: int = 3, async_save: bool = True, cleanup: bool = False):
+    """cleanup: remove what saves that were killed or ran out of space left (never listed as
+    steps); only for a caller that holds the workdir's lock, as no other save can be under way."""
     import jax
     import orbax.checkpoint as ocp
     self._ocp = ocp
     absl_logger = logging.getLogger("absl")
+    for logger in (absl_logger, logging.getLogger("asyncio")):
+      if _not_out_of_space not in logger.filters:
+        logger.addFilter(_not_out_of_space)
     self.directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
     # Orbax logs an ERROR for a step whose metadata it cannot parse as it lists the steps;
     # restore_newest names such a step in its own words.
@@ -155,7 +192,8 @@ class TrainCheckpoints:
     try:
       self.manager = ocp.CheckpointManager(
           self.directory, options=ocp.CheckpointManagerOptions(
-              max_to_keep=keep, create=True, enable_async_checkpointing=async_save))
+              max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+              cleanup_tmp_directories=cleanup))
     finally:
       absl_logger.setLevel(logging.WARNING)  # orbax logs every file it touches
     self._lead = jax.process_index() == 0
@@ -165,12 +203,25 @@ class TrainCheckpoints:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
-    """Starts saving (returns before the write completes when async); waits for the last save."""
+    """Starts saving (returns before the write completes when async); waits for the last save.
+    Out of space (seen before writing, or while writing), a DiskFull names the last good step."""
+    import jax
     args = self._ocp.args
     self.wait()  # the previous step is complete and sealed before this one starts
-    self.manager.save(step, args=args.Composite(state=args.StandardSave(state),
-                                                data=args.JsonSave(data_state),
-                                                meta=args.JsonSave(meta)), force=True)
+    # The newest step's size on disk, or the state's raw size before the first save.
+    needed = (_size(self.directory / str(self.latest_step())) if self.latest_step() is not None
+              else sum(leaf.nbytes for leaf in jax.tree.leaves(state)))
+    if needed > shutil.disk_usage(self.directory).free:
+      raise self._disk_full(step, f"{needed / 2**20:.1f} MiB needed, "
+                            f"{shutil.disk_usage(self.directory).free / 2**20:.1f} MiB free")
+    try:
+      self.manager.save(step, args=args.Composite(state=args.StandardSave(state),
+                                                  data=args.JsonSave(data_state),
+                                                  meta=args.JsonSave(meta)), force=True)
+    except Exception as e:
+      if not _out_of_space(e):
+        raise
+      raise self._disk_full(step) from None
     self._unsealed.append(step)
     self.poll()
 
@@ -245,22 +296,52 @@ class TrainCheckpoints:
 
   def wait(self) -> None:
     """Waits for the save under way, then writes the checksums of every saved step."""
-    self.manager.wait_until_finished()
     steps, self._unsealed = self._unsealed, []
+    try:
+      with _quiet_unraisable():  # a failed write's abandoned coroutines
+        self.manager.wait_until_finished()
+    except Exception as e:
+      if not (steps and _out_of_space(e)):
+        raise
+      raise self._disk_full(steps[-1]) from None
     for step in steps:
       if self._lead and (self.directory / str(step)).is_dir():  # orbax may have dropped it
-        seal(self.directory / str(step))
+        try:
+          seal(self.directory / str(step))
+        except OSError as e:
+          (self.directory / str(step) / (CHECKSUM_FILE + ".tmp")).unlink(missing_ok=True)
+          if not _out_of_space(e):
+            raise
+          raise self._disk_full(None, f"step {step} is saved, without its checksums") from None
+
+  def _disk_full(self, step: int | None, detail: str = "") -> DiskFull:
+    """The error for a save that found no space. What orbax wrote of the step stays in its
+    temporary directory (other writes may still be under way), never listed as a step; the
+    trainer's next run removes it (cleanup)."""
+    self.manager.reload()
+    good = [s for s in self.manager.all_steps() if s != step]
+    written = f"step {step} not written" if step is not None else detail
+    if step is not None and detail:
+      written += f" ({detail})"
+    last = (f"the last good checkpoint is step {max(good)}" if good
+            else "no checkpoint was saved before it")
+    return DiskFull(f"no space left on device at {self.directory}; {written}; {last}: free some "
+                    "space (or move --workdir to a larger disk) and rerun")
 
   def close(self) -> None:
-    self.wait()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
 def load_workdir_params(workdir, step: int | None = None) -> tuple[ModelConfig, dict]:
   """(ModelConfig, params as numpy) of a training workdir's latest (or given) checkpoint."""
   import jax
   import orbax.checkpoint as ocp
-  workdir = pathlib.Path(workdir)
+  # Absolute: given a relative path, orbax reads the step's metadata for the item's
+  # ('StepMetadata' object is not subscriptable).
+  workdir = pathlib.Path(workdir).expanduser().absolute()
   if not is_workdir(workdir):
     raise UserError(f"{workdir} is not a training workdir (no {MODEL_CONFIG_FILE} and "
                     f"{CHECKPOINT_DIR}/): pass the --workdir of a training run")

@@ -25,11 +25,12 @@ from amd135m.errors import UserError, make_dir
 from amd135m.training import data as data_lib, step as step_lib, workdir_lock
 
 # Test seams (kill -9 mid-run, kill -9 during a save, SIGTERM, NaN weights entering a step),
-# triggered at a step, not by timing.
+# triggered at a step, not by timing; and SIGTERM just before the loop's handler is installed.
 _KILL_AFTER_STEP = "AMD135M_TEST_KILL_AFTER_STEP"
 _KILL_DURING_SAVE = "AMD135M_TEST_KILL_DURING_SAVE"
 _SIGTERM_AFTER_STEP = "AMD135M_TEST_SIGTERM_AFTER_STEP"
 _NAN_AT_STEP = "AMD135M_TEST_NAN_AT_STEP"
+_SIGTERM_BEFORE_HANDLER = "AMD135M_TEST_SIGTERM_BEFORE_HANDLER"
 
 
 COMPLETE = "COMPLETE"
@@ -61,6 +62,19 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                       f"got {_get(config, key)}")
   if not 0 <= config.seed < 2**32:
     raise UserError(f"--config.seed {config.seed} is out of range: seeds are 0 to 2**32 - 1")
+  # A NaN or negative schedule value trains to "loss is nan" after a compile, or silently wrong.
+  for key in _REAL_SETTINGS:
+    if not math.isfinite(_get(config, key)):
+      raise UserError(f"--config.{key} must be a finite number, got {_get(config, key)}")
+  for key in ("lr", "end_lr", "warmup_steps", "total_tokens", "weight_decay", "grad_clip",
+              "peak_flops"):
+    if _get(config, key) < 0:
+      raise UserError(f"--config.{key} must be >= 0, got {_get(config, key)}")
+  for key in ("b1", "b2"):
+    if not 0 <= config[key] < 1:
+      raise UserError(f"--config.{key} must be in [0, 1), got {config[key]}")
+  if not config.eps > 0:
+    raise UserError(f"--config.eps must be > 0, got {config.eps}")
   tokens_per_step = config.batch_size * config.data.seq_len
   if config.total_tokens > 0:
     config.total_steps = max(1, math.ceil(config.total_tokens / tokens_per_step))
@@ -84,6 +98,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 _ZERO_MEANS = {"devices": "all of them", "data.num_epochs": "endless",
                "data.worker_count": "read in this process"}
+_REAL_SETTINGS = ("lr", "end_lr", "b1", "b2", "eps", "weight_decay", "grad_clip", "peak_flops",
+                  "distill.weight", "distill.temperature")
 
 
 def _get(config: ml_collections.ConfigDict, key: str):
@@ -167,13 +183,16 @@ def _any_process(flag: bool) -> bool:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-                       progress: bool = True) -> Result:
+                       progress: bool = True, preempted: list | None = None) -> Result:
   """Trains per `config` in `workdir`, resuming whatever the workdir already holds. One trainer
-  per workdir: a second one is refused in one line that names the first."""
+  per workdir: a second one is refused in one line that names the first.
+
+  preempted: the list that a SIGTERM handler installed before this call appends to (the CLI
+  installs one first thing); a SIGTERM already in it stops the run before its first step."""
   config = resolve(config)
   workdir = pathlib.Path(workdir).expanduser().absolute()
   with _hold(workdir):
-    return _train(config, workdir, progress)
+    return _train(config, workdir, progress, [] if preempted is None else preempted)
 
 
 @contextlib.contextmanager
@@ -194,7 +213,8 @@ def _hold(workdir: pathlib.Path):
     yield
 
 
-def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: bool) -> Result:
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: bool,
+           preempted: list) -> Result:
   lead = jax.process_index() == 0
   model_config = config_lib.model_config(config.model)
   tokenizer = _tokenizer(config)
@@ -212,7 +232,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: b
                     f"{jax.process_count()} processes: use a multiple of {jax.process_count()}")
 
   ckpt = orbax_io.TrainCheckpoints(workdir, keep=config.keep_checkpoints,
-                                   async_save=config.async_checkpoint)
+                                   async_save=config.async_checkpoint, cleanup=True)
   latest = ckpt.latest_step()
   if latest is not None:
     try:
@@ -259,10 +279,15 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: b
   meta = {"config": config.to_dict(), "provenance": provenance.provenance(),
           "sources": sources.names}
 
-  preempted = []
+  if os.environ.get(_SIGTERM_BEFORE_HANDLER):
+    os.kill(os.getpid(), signal.SIGTERM)
   previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
   hooks = {name: int(os.environ.get(name, -1)) for name in
            (_KILL_AFTER_STEP, _KILL_DURING_SAVE, _SIGTERM_AFTER_STEP, _NAN_AT_STEP)}
+  # A SIGTERM during the start (loading, compiling, restoring): stop before the first step.
+  last_step = start_step if _any_process(bool(preempted)) else config.total_steps
+  if last_step == start_step and lead:
+    print(f"preempted before step {start_step + 1}: nothing new to save, exiting")
   bar = metrics_lib.progress_bar(config.total_steps, start_step, enabled=lead and progress)
   last_metrics, eval_metrics = {}, {}
   pending = None  # (step, device metrics) of the previous step: checked one step late
@@ -289,7 +314,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: b
 
   try:
     step = start_step
-    for step in range(start_step + 1, config.total_steps + 1):
+    for step in range(start_step + 1, last_step + 1):
       try:
         local = next(loader)
       except StopIteration:

@@ -58,8 +58,8 @@ class WorkdirLock:
     try:
       handle = open(self.path, "a+")
     except OSError as e:
-      raise UserError(f"{self.flag} {self.workdir}: cannot write its lock file {self.path} "
-                      f"({e.strerror}): choose a writable directory") from None
+      raise UserError(f"{self.flag} {self.workdir} is not writable (creating {self.path.name} "
+                      f"in it: {e.strerror}): choose a writable directory") from None
     try:
       fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
