@@ -11,7 +11,8 @@ from amd135m import feature_draft, model as model_lib, sampling, speculative
 from amd135m.checkpoints import head_io
 from amd135m.errors import UserError
 import hf_reference as ref
-from test_speculative import PROMPTS, chi_square_passes, exact_token_distributions, small_model
+from test_speculative import (PROMPTS, assert_ragged_rows_equal_single_runs, chi_square_passes,
+                             exact_token_distributions, small_model)
 
 
 @pytest.fixture(scope="module")
@@ -122,16 +123,7 @@ def test_greedy_equals_target_only_and_ragged_rows_equal_single_runs(target, lay
   assert result.tokens == expected
   # Ragged rows with their own stops, sampled: each row equals its run alone.
   stops = [[expected[0][10]], [-1], [expected[2][4]]]
-  knobs = sampling.SamplingParams(0.9, 10, 0.95)
-  batch = speculative.speculative_generate(params, config, draft, draft_params, PROMPTS, 30,
-                                           gamma=4, sampling_params=knobs, seed=[1, 2, 3],
-                                           stop_ids=stops)
-  for row, prompt in enumerate(PROMPTS):
-    alone = speculative.speculative_generate(params, config, draft, draft_params, [prompt], 30,
-                                             gamma=4, sampling_params=knobs, seed=[row + 1],
-                                             stop_ids=[stops[row]])
-    assert batch.tokens[row] == alone.tokens[0]
-    assert batch.rows[row] == alone.rows[0]
+  assert_ragged_rows_equal_single_runs(params, config, draft, draft_params, stops)
 
 
 def test_sampling_with_a_pruned_vocabulary_matches_the_target_distribution(monkeypatch):

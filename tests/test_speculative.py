@@ -49,13 +49,9 @@ def test_greedy_equals_target_only(target, poor_draft, kind, adaptive):
     assert result.totals["acceptance_rate"] < 0.5
 
 
-def test_ragged_batch_rows_equal_single_runs(target, poor_draft):
-  """Rows advance by their own counts and stop on their own ids; each row's tokens and statistics
-  equal its single run, and the batch's target calls are the maximum over rows."""
-  config, params = target
-  draft, draft_params = drafts(target, poor_draft)["poor"]
-  free = sampling.generate(params, config, PROMPTS, 30).tokens
-  stops = [[free[0][10]], [-1], [free[2][4]]]
+def assert_ragged_rows_equal_single_runs(params, config, draft, draft_params, stops):
+  """PROMPTS sampled as one batch with per-row stops: each row's tokens and statistics equal its
+  run alone. Returns the batch's result."""
   knobs = sampling.SamplingParams(0.9, 10, 0.95)
   batch = speculative.speculative_generate(params, config, draft, draft_params, PROMPTS, 30,
                                            gamma=4, sampling_params=knobs, seed=[1, 2, 3],
@@ -66,6 +62,17 @@ def test_ragged_batch_rows_equal_single_runs(target, poor_draft):
                                              stop_ids=[stops[row]])
     assert batch.tokens[row] == alone.tokens[0]
     assert batch.rows[row] == alone.rows[0]
+  return batch
+
+
+def test_ragged_batch_rows_equal_single_runs(target, poor_draft):
+  """Rows advance by their own counts and stop on their own ids; each row's tokens and statistics
+  equal its single run, and the batch's target calls are the maximum over rows."""
+  config, params = target
+  draft, draft_params = drafts(target, poor_draft)["poor"]
+  free = sampling.generate(params, config, PROMPTS, 30).tokens
+  stops = [[free[0][10]], [-1], [free[2][4]]]
+  batch = assert_ragged_rows_equal_single_runs(params, config, draft, draft_params, stops)
   assert batch.totals["target_calls"] == max(r["target_calls"] for r in batch.rows)
   greedy = speculative.speculative_generate(params, config, draft, draft_params, PROMPTS, 30,
                                             gamma=4, stop_ids=stops)

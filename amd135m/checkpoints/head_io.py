@@ -8,7 +8,6 @@ features it trains on). A head is only ever used with the target whose fingerpri
 import dataclasses
 import hashlib
 import json
-import logging
 import pathlib
 
 import numpy as np
@@ -108,27 +107,13 @@ def finished_steps(workdir) -> list[int]:
 def load_head_params(workdir, step: int | None = None) -> tuple[HeadRecord, np.ndarray, dict]:
   """(record, vocab [K] int32, the head's params as numpy) from a head workdir's latest (or
   given) checkpoint."""
-  import jax  # noqa: PLC0415 (reading the record needs neither jax nor orbax)
-  import orbax.checkpoint as ocp  # noqa: PLC0415
-  from absl import logging as absl_logging  # noqa: PLC0415
-  workdir = pathlib.Path(workdir)
+  from amd135m.checkpoints import orbax_io  # noqa: PLC0415 (the record needs no orbax)
+  workdir = pathlib.Path(workdir).expanduser().absolute()
   record = read_record(workdir)
   vocab = read_vocab(workdir)
   steps = finished_steps(workdir)
   if not steps:
     raise UserError(f"{workdir} has no finished checkpoint yet: train the head longer "
                     "(python -m amd135m.draft_head train ... --resume)")
-  path = workdir / CHECKPOINT_DIR / str(steps[-1] if step is None else step) / "state"
-  logging.getLogger("absl").setLevel(logging.WARNING)
-  verbosity = absl_logging.get_verbosity()
-  absl_logging.set_verbosity(absl_logging.ERROR)
-  try:
-    checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(path)
-    tree = getattr(getattr(tree, "item_metadata", tree), "tree", tree)
-    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree["params"])
-    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-        item={"params": tree["params"]}, restore_args={"params": as_numpy}, partial_restore=True))
-  finally:
-    absl_logging.set_verbosity(verbosity)
-  return record, vocab, restored["params"]
+  state = workdir / CHECKPOINT_DIR / str(steps[-1] if step is None else step) / "state"
+  return record, vocab, orbax_io.read_params(state)

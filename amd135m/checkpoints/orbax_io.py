@@ -337,8 +337,6 @@ class TrainCheckpoints:
 
 def load_workdir_params(workdir, step: int | None = None) -> tuple[ModelConfig, dict]:
   """(ModelConfig, params as numpy) of a training workdir's latest (or given) checkpoint."""
-  import jax
-  import orbax.checkpoint as ocp
   # Absolute: given a relative path, orbax reads the step's metadata for the item's
   # ('StepMetadata' object is not subscriptable).
   workdir = pathlib.Path(workdir).expanduser().absolute()
@@ -358,7 +356,14 @@ def load_workdir_params(workdir, step: int | None = None) -> tuple[ModelConfig, 
       raise UserError(f"{workdir} has no finished checkpoint yet: train longer or wait for a save"
                       if not steps else f"every checkpoint of {workdir} is damaged (see the "
                       "warnings above): rerun its training, which sets them aside")
-  path = workdir / CHECKPOINT_DIR / str(step) / "state"
+  return read_model_config(workdir), read_params(workdir / CHECKPOINT_DIR / str(step) / "state")
+
+
+def read_params(state_dir: pathlib.Path) -> dict:
+  """The `params` item of a saved step's state directory, as numpy, without the optimizer
+  state (training workdirs and feature-head workdirs alike)."""
+  import jax
+  import orbax.checkpoint as ocp
   from absl import logging as absl_logging
   # Reading one item of the step, orbax warns that the step's metadata file is not in the item's
   # directory (it is one level up): a line on every load that means nothing to the user.
@@ -366,11 +371,11 @@ def load_workdir_params(workdir, step: int | None = None) -> tuple[ModelConfig, 
   absl_logging.set_verbosity(absl_logging.ERROR)
   try:
     checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(path)
+    tree = checkpointer.metadata(state_dir)
     tree = getattr(getattr(tree, "item_metadata", tree), "tree", tree)
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree["params"])
-    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+    restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
         item={"params": tree["params"]}, restore_args={"params": as_numpy}, partial_restore=True))
   finally:
     absl_logging.set_verbosity(verbosity)
-  return read_model_config(workdir), restored["params"]
+  return restored["params"]

@@ -21,16 +21,12 @@ def _corpus(name: str) -> pathlib.Path:
   return root
 
 
-def stdlib_headers(count: int, seed: int = 0) -> list[str]:
-  """`count` function headers (def line + docstring, 40-600 characters; methods dedented) from
-  the local Python stdlib corpus: prompts shaped like HumanEval's, from other code. Files are
-  read in a seeded order until `count` are found, so a longer list extends a shorter one."""
+def _stdlib_functions(seed: int):
+  """(source lines, FunctionDef node) of every function in the local stdlib corpus, files in a
+  seeded order (so a longer list taken from it extends a shorter one)."""
   files = sorted(_corpus("python_stdlib").rglob("*.py"))
   random.Random(seed).shuffle(files)
-  headers = []
   for path in files:
-    if len(headers) >= count:
-      break
     try:
       source = path.read_text(encoding="utf-8")
       with warnings.catch_warnings():  # old corpus files' invalid escapes: not the user's concern
@@ -40,38 +36,36 @@ def stdlib_headers(count: int, seed: int = 0) -> list[str]:
       continue
     lines = source.splitlines()
     for node in ast.walk(tree):
-      if isinstance(node, ast.FunctionDef) and ast.get_docstring(node):
-        doc = node.body[0]
-        text = textwrap.dedent("\n".join(lines[node.lineno - 1:doc.end_lineno])) + "\n"
-        if 40 <= len(text) <= 600 and text.startswith("def "):
-          headers.append(text)
-  return headers[:count]
+      if isinstance(node, ast.FunctionDef):
+        yield lines, node
+
+
+def stdlib_headers(count: int, seed: int = 0) -> list[str]:
+  """`count` function headers (def line + docstring, 40-600 characters; methods dedented) from
+  the local Python stdlib corpus: prompts shaped like HumanEval's, from other code."""
+  headers = []
+  for lines, node in _stdlib_functions(seed):
+    if len(headers) >= count:
+      break
+    if ast.get_docstring(node):
+      text = textwrap.dedent("\n".join(lines[node.lineno - 1:node.body[0].end_lineno])) + "\n"
+      if 40 <= len(text) <= 600 and text.startswith("def "):
+        headers.append(text)
+  return headers
 
 
 def stdlib_functions(count: int, seed: int = 0, min_chars: int = 1000) -> list[str]:
   """`count` whole functions (def line to the end of the body, at least `min_chars` characters;
-  methods dedented) from the local Python stdlib corpus, files in a seeded order: code for a
-  target to read as it is, where stdlib_headers asks it to write the body."""
-  files = sorted(_corpus("python_stdlib").rglob("*.py"))
-  random.Random(seed).shuffle(files)
+  methods dedented) from the local Python stdlib corpus: code for a target to read as it is,
+  where stdlib_headers asks it to write the body."""
   functions = []
-  for path in files:
+  for lines, node in _stdlib_functions(seed):
     if len(functions) >= count:
       break
-    try:
-      source = path.read_text(encoding="utf-8")
-      with warnings.catch_warnings():
-        warnings.simplefilter("ignore", (DeprecationWarning, SyntaxWarning))
-        tree = ast.parse(source)
-    except (SyntaxError, UnicodeDecodeError, ValueError):
-      continue
-    lines = source.splitlines()
-    for node in ast.walk(tree):
-      if isinstance(node, ast.FunctionDef):
-        text = textwrap.dedent("\n".join(lines[node.lineno - 1:node.end_lineno])) + "\n"
-        if len(text) >= min_chars and text.startswith("def "):
-          functions.append(text)
-  return functions[:count]
+    text = textwrap.dedent("\n".join(lines[node.lineno - 1:node.end_lineno])) + "\n"
+    if len(text) >= min_chars and text.startswith("def "):
+      functions.append(text)
+  return functions
 
 
 def gutenberg_passages(count: int, seed: int = 0, words: tuple[int, int] = (30, 90)) -> list[str]:
