@@ -14,6 +14,7 @@ import ml_collections
 from amd135m import model as model_lib
 from amd135m.data import splits
 from amd135m.errors import UserError
+from amd135m.model_config import ModelConfig
 from amd135m.paths import SMOLLM2_GGUF, cache_path  # noqa: F401 (configs read them here)
 
 
@@ -186,13 +187,10 @@ def import_file(path: str | os.PathLike):
   return module
 
 
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def model_config(model: ml_collections.ConfigDict) -> model_lib.ModelConfig:
+def model_config(model: ml_collections.ConfigDict) -> ModelConfig:
   """The frozen ModelConfig described by a config's `model` field, checked so that a bad value is
   a UserError naming its --config.model flag, not a failure deep inside the model."""
-  fields = {f.name: f for f in dataclasses.fields(model_lib.ModelConfig)}
+  fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
   unknown = sorted(set(model) - set(fields))
   if unknown:
     raise UserError(f"unknown model fields {unknown}: valid ones are {sorted(fields)}")
@@ -200,35 +198,12 @@ def model_config(model: ml_collections.ConfigDict) -> model_lib.ModelConfig:
                    and f.default is dataclasses.MISSING)
   if missing:
     raise UserError(f"config.model lacks {missing}: set them in the config file")
-  config = model_lib.ModelConfig(**model.to_dict())
-  _check_model(config)
-  return config
-
-
-def _check_model(c: model_lib.ModelConfig) -> None:
-  for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
-    value = getattr(c, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise UserError(f"--config.model.{name} must be an int >= 1, got {value!r}")
-  if not c.rope_theta > 0:
-    raise UserError(f"--config.model.rope_theta must be > 0, got {c.rope_theta!r}")
-  if c.dim % c.n_heads:
-    raise UserError(f"--config.model.n_heads {c.n_heads} does not divide --config.model.dim "
-                    f"{c.dim}: pick n_heads so that dim / n_heads is a whole head size")
-  if c.head_dim % 2:
-    raise UserError(f"--config.model.dim / n_heads = {c.head_dim} is odd: rotary embeddings "
-                    "rotate pairs, so the head size must be even")
-  if c.n_heads % c.n_kv_heads:
-    raise UserError(f"--config.model.n_kv_heads {c.n_kv_heads} does not divide "
-                    f"--config.model.n_heads {c.n_heads}: each key/value head serves a whole "
-                    "group of query heads")
-  for name in ("dtype", "param_dtype"):
-    if getattr(c, name) not in DTYPES:
-      raise UserError(f"--config.model.{name}={getattr(c, name)}: choose one of "
-                      f"{', '.join(DTYPES)}")
-  if c.attention not in model_lib.ATTENTION_IMPLS:
-    raise UserError(f"--config.model.attention={c.attention}: choose one of "
+  config = ModelConfig(**model.to_dict())
+  config.validate(prefix="--config.model.")
+  if config.attention not in model_lib.ATTENTION_IMPLS:
+    raise UserError(f"--config.model.attention={config.attention}: choose one of "
                     f"{', '.join(model_lib.ATTENTION_IMPLS)}")
   remat = ("none", *sorted(model_lib.REMAT_POLICIES))
-  if c.remat not in remat:
-    raise UserError(f"--config.model.remat={c.remat}: choose one of {', '.join(remat)}")
+  if config.remat not in remat:
+    raise UserError(f"--config.model.remat={config.remat}: choose one of {', '.join(remat)}")
+  return config

@@ -266,7 +266,7 @@ def test_hf_config_reads_transformers_4_and_5_spellings(tmp_path):
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "yarn"),
     ({"head_dim": 8}, "head_dim"),
     ({"hidden_act": "gelu"}, "gelu"),
-    ({"num_attention_heads": 3}, "not divisible"),
+    ({"num_attention_heads": 3}, "n_heads 3 does not divide dim"),
     ({"dtype": "float8_e4m3fn", "torch_dtype": None}, "float8"),
     ({"quantization_config": {"quant_method": "gptq"}}, "gptq"),
 ])

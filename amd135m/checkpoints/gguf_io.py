@@ -10,8 +10,7 @@ import re
 import ml_dtypes
 import numpy as np
 
-from amd135m.checkpoints.layout import (CheckpointTensors, TensorSpec, check_config, check_specs,
-                                        hf_shapes)
+from amd135m.checkpoints.layout import CheckpointTensors, TensorSpec, check_specs, hf_shapes
 from amd135m.errors import UserError
 from amd135m.gguf_file import GGUFHeader, GGUFTensorInfo, read_gguf_header  # noqa: F401
 from amd135m.model_config import ModelConfig
@@ -67,7 +66,7 @@ def _config_from_header(header: GGUFHeader) -> ModelConfig:
       # llama.cpp ties the output projection to the embedding exactly when output.weight is absent.
       tie_embeddings="output.weight" not in header.tensors,
   )
-  check_config(config, str(path))
+  config.validate(source=str(path))
   for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
     if int(get(key, config.head_dim)) != config.head_dim:
       raise UserError(f"{path}: llama.{key}={get(key)} differs from embedding_length / "

@@ -5,8 +5,7 @@ import os
 import pathlib
 
 from amd135m.checkpoints import safetensors_io
-from amd135m.checkpoints.layout import (CheckpointTensors, DTYPES, check_config, check_specs,
-                                        hf_shapes)
+from amd135m.checkpoints.layout import DTYPES, CheckpointTensors, check_specs, hf_shapes
 from amd135m.errors import UserError
 from amd135m.model_config import ModelConfig
 
@@ -87,7 +86,7 @@ def read_hf_config(directory: str | os.PathLike) -> ModelConfig:
   dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
   if dtype not in DTYPES:
     raise UserError(f"{path}: dtype {dtype!r} is not supported (choose from {', '.join(DTYPES)})")
-  check_config(config, str(path))
+  config.validate(source=str(path))
   return dataclasses.replace(config, dtype="float32", param_dtype=dtype)
 
 

@@ -117,21 +117,6 @@ def hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
-def check_config(config: ModelConfig, source: str) -> None:
-  """Refuse configs our Llama cannot express, naming the field at fault."""
-  for field in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim"):
-    if getattr(config, field) <= 0:
-      raise UserError(f"{source}: {field} must be positive, got {getattr(config, field)}")
-  if config.dim % config.n_heads:
-    raise UserError(f"{source}: hidden size {config.dim} is not divisible by "
-                    f"{config.n_heads} heads")
-  if config.n_heads % config.n_kv_heads:
-    raise UserError(f"{source}: {config.n_heads} attention heads are not a multiple of "
-                    f"{config.n_kv_heads} key/value heads")
-  if config.head_dim % 2:
-    raise UserError(f"{source}: head_dim {config.head_dim} must be even for rotary embeddings")
-
-
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
   shape: tuple[int, ...]
