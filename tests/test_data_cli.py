@@ -192,14 +192,14 @@ def test_parallel_prepare_counts_tokens_and_writes_the_token_store(raw_dir, tmp_
   records = builders.load("local_text", tmp_path / "two")
   expected = [tokenizer.encode(records[i]["text"].decode(), add_bos=False)
               for i in range(len(records))]
-  docs = tokenized.load_documents("local_text", tmp_path / "two", tokenizer)
+  docs = builders.load_token_documents("local_text", tmp_path / "two", tokenizer)
   assert isinstance(docs, builders.Concatenated)  # one store per shard
   assert [docs[i].tolist() for i in range(len(docs))] == expected
   counted = [len(ids) for ids in expected]
   assert docs.lengths.tolist() == counted and result["tokens"] == sum(counted)
   # Prepared without a tokenizer: documents are tokenised on read, until `stats --tokenizer`
   # writes the store.
-  assert isinstance(tokenized.load_documents("local_text", tmp_path / "one", tokenizer),
+  assert isinstance(builders.load_token_documents("local_text", tmp_path / "one", tokenizer),
                     tokenized.TokenizedSource)
   code, out, err = run("stats", "--dataset", "local_text", "--data-dir", tmp_path / "one",
                        "--tokenizer", smollm2_gguf)
@@ -211,4 +211,4 @@ def test_parallel_prepare_counts_tokens_and_writes_the_token_store(raw_dir, tmp_
   bin_file = next((tmp_path / "one").rglob("amd135m_tokens-*.bin"))
   bin_file.write_bytes(bin_file.read_bytes()[:-2])
   with pytest.raises(UserError, match="does not hold"):
-    tokenized.load_documents("local_text", tmp_path / "one", tokenizer)
+    builders.load_token_documents("local_text", tmp_path / "one", tokenizer)

@@ -239,7 +239,7 @@ def test_resume_with_workers_matches_uninterrupted_and_rereads_one_document_per_
 
 
 class IndexedSource(LoggedSource):
-  """A logged source with a length index, as `tokenized.load_documents` gives."""
+  """A logged source with a length index, as `builders.load_token_documents` gives."""
 
   def __init__(self, documents, log_path, lengths=None):
     super().__init__(documents, log_path)

@@ -221,12 +221,12 @@ def tiny_dataset(tmp_path_factory):
 
 def test_heldout_split_is_the_training_holdout(tiny_dataset):
   spec = f"local_text@{tiny_dataset}:*.txt"
-  held = perplexity.load_documents(spec, "heldout", eval_fraction=0.1)
+  held = perplexity.load_text_documents(spec, "heldout", eval_fraction=0.1)
   source = builders.load("local_text", tiny_dataset, patterns=["*.txt"])
   _, expected = splits.holdout(source, 0.1)
   assert len(held) == 6
   assert [held[i]["id"] for i in range(len(held))] == [expected[i]["id"] for i in range(6)]
-  assert len(perplexity.load_documents(spec, "all")) == 60
+  assert len(perplexity.load_text_documents(spec, "all")) == 60
 
 
 def test_perplexity_cli(tiny, tiny_dataset, tmp_path, capsys):
@@ -240,7 +240,7 @@ def test_perplexity_cli(tiny, tiny_dataset, tmp_path, capsys):
   assert code == 0
   result = json.loads(out)
   expected = perplexity.evaluate(models.load_model(tmp_path / "model"),
-                                 perplexity.load_documents(spec, "heldout", 0.1), seq_len=32,
+                                 perplexity.load_text_documents(spec, "heldout", 0.1), seq_len=32,
                                  progress=False)
   assert result["documents"] == 6 and result["tokens"] == expected["tokens"] > 0
   assert result["nll"] == pytest.approx(expected["nll"], rel=1e-5)
@@ -271,7 +271,7 @@ def test_perplexity_of_a_workdir_holds_out_what_its_training_held_out(tiny, tiny
   result = perplexity.run(tmp_path / "workdir", spec, seq_len=32)
   assert result["eval_fraction"] == 0.1 and result["documents"] == 6
   trained = data_lib.open_sources(config.data, model.tokenizer, model.config.vocab_size, seed=7)
-  evaluated = perplexity.load_documents(spec, "heldout", result["eval_fraction"])
+  evaluated = perplexity.load_text_documents(spec, "heldout", result["eval_fraction"])
   np.testing.assert_array_equal(evaluated.indices, trained.eval[0].indices)
   assert not set(evaluated.indices) & set(trained.train[0].indices)
 

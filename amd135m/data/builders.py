@@ -601,6 +601,15 @@ def load_tokens(name: str, data_dir, tokenizer, *, patterns=None,
   return stores[0] if len(stores) == 1 else Concatenated(stores)
 
 
+def load_token_documents(name: str, data_dir, tokenizer, *, patterns=None):
+  """The token-id documents of a prepared dataset: its `TokenStore` if one was written for this
+  tokenizer, else a `TokenizedSource` that tokenises each record as it is read."""
+  store = load_tokens(name, data_dir, tokenizer, patterns=patterns)
+  if store is not None:
+    return store
+  return tokenized.TokenizedSource(load(name, data_dir, patterns=patterns), tokenizer)
+
+
 class Concatenated:
   """Random access over sources laid end to end (the shards of one prepared dataset); it has
   `lengths` when every part has."""

@@ -10,7 +10,7 @@ Design (numpy packing in the calling process; documents read there or by grain w
   any process count. Process i of n materialises only rows [i*B/n, (i+1)*B/n) of each batch
   and skips the others. Skipping copies no tokens; it reads the documents (to learn their
   lengths) unless the source has `lengths` (per-document token counts: a `TokenStore` from
-  `tokenized.load_documents` has them), so then a process reads only its own rows.
+  `builders.load_token_documents` has them), so then a process reads only its own rows.
 - Remainder rule: with `num_epochs=None` the stream is endless. With `num_epochs=k` it ends
   when any source runs out after k epochs; that source's partial window and the windows of the
   unfinished global batch are dropped and counted (`dropped_tokens`, `dropped_windows`). All

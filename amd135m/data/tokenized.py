@@ -138,16 +138,6 @@ class TokenStore:
     return {**self.__dict__, "_tokens": None}  # a memmap is reopened, not pickled
 
 
-def load_documents(name: str, data_dir, tokenizer, *, patterns=None):
-  """The token-id documents of a prepared dataset: its `TokenStore` if one was written for this
-  tokenizer, else a `TokenizedSource` that tokenises each record as it is read."""
-  from amd135m.data import builders  # noqa: PLC0415 (builders imports this module)
-  store = builders.load_tokens(name, data_dir, tokenizer, patterns=patterns)
-  if store is not None:
-    return store
-  return TokenizedSource(builders.load(name, data_dir, patterns=patterns), tokenizer)
-
-
 def separator_id(tokenizer, override: int | None = None) -> int:
   """The id between packed documents: `override` if given; else BOS for tokenizers that add it
   (Llama-2, as AMD-135M packs); else the end-of-sequence id from the metadata."""

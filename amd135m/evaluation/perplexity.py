@@ -45,9 +45,9 @@ def parse_dataset(spec: str) -> tuple[str, pathlib.Path, list[str] | None]:
   return builder, data_dir, [p for p in patterns.split(",") if p] or None
 
 
-def load_documents(spec: str, split: str = "heldout",
-                   eval_fraction: float = splits.DEFAULT_EVAL_FRACTION):
-  """The documents of `spec` in `split`: all of them, or the held-out ones."""
+def load_text_documents(spec: str, split: str = "heldout",
+                        eval_fraction: float = splits.DEFAULT_EVAL_FRACTION):
+  """The text records ({'text': ...}) of `spec` in `split`: all of them, or the held-out ones."""
   if split not in SPLITS:
     raise UserError(f"unknown split {split!r}: choose one of {list(SPLITS)}")
   builder, data_dir, patterns = parse_dataset(spec)
@@ -137,7 +137,7 @@ def run(model_path: str | os.PathLike, dataset: str, split: str = "heldout",
   check_counts(max_tokens=kwargs.get("max_tokens"), batch_size=kwargs.get("batch_size"))
   if split == "heldout":
     eval_fraction = heldout_fraction(model_path, eval_fraction)
-  documents = load_documents(dataset, split, eval_fraction)  # checked before the model
+  documents = load_text_documents(dataset, split, eval_fraction)  # checked before the model
   model = models.load_model(model_path)
   result = evaluate(model, documents, **kwargs)
   result.update(model=str(model_path), dataset=dataset, split=split,

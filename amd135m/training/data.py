@@ -13,7 +13,7 @@ import numpy as np
 
 from amd135m.data import splits
 from amd135m.data.loader import DataLoader
-from amd135m.data.tokenized import load_documents, separator_id as default_separator
+from amd135m.data.tokenized import separator_id as default_separator
 from amd135m.errors import UserError
 
 SYNTHETIC_DOCUMENTS = 20_000
@@ -95,7 +95,8 @@ def open_sources(data_config, tokenizer, vocab_size: int, seed: int) -> Sources:
       documents, name = SyntheticSource(vocab_size, seed + k), "synthetic"
     else:
       # The token store `prepare --tokenizer` wrote, else tokenised as read (tfds imported here).
-      documents = load_documents(builder, data_dir, tokenizer, patterns=pattern)
+      from amd135m.data import builders  # noqa: PLC0415
+      documents = builders.load_token_documents(builder, data_dir, tokenizer, patterns=pattern)
       name = f"{builder}@{pathlib.Path(data_dir).name}"
     train_part, eval_part = splits.holdout(documents, data_config.eval_fraction)
     names.append(name)
