@@ -22,16 +22,13 @@ import sys
 import tempfile
 import time
 
+from amd135m import paths
 from amd135m.data import builders, loader as loader_lib, tokenized
 from amd135m.errors import UserError
 
 CORPORA = (("gutenberg_shakespeare", "*.txt"), ("python_stdlib", "*.py"))
 GOAL_PER_GCD = 40_000  # tokens/s per MI250 GCD, AMD's pretraining rate
 GCDS_PER_NODE = 8
-
-
-def cache_dir() -> pathlib.Path:
-  return pathlib.Path(os.environ.get("AMD135M_CACHE", pathlib.Path.home() / ".cache" / "amd135m"))
 
 
 def _sources(data_root: pathlib.Path, tokenizer, store: bool) -> list:
@@ -92,8 +89,8 @@ def bench_data(tokenizer_path=None, cache=None, worker_counts=(0, 1, 2), prepare
   absl_logging.set_verbosity(absl_logging.ERROR)  # tfds warns on every custom config
   import tensorflow_datasets as tfds  # noqa: PLC0415 (builders imported it already)
   tfds.disable_progress_bar()
-  cache = pathlib.Path(cache) if cache else cache_dir()
-  tokenizer_path = tokenizer_path or cache / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+  cache = pathlib.Path(cache or paths.cache_path())
+  tokenizer_path = tokenizer_path or cache.joinpath(*paths.SMOLLM2_GGUF)
   if not pathlib.Path(tokenizer_path).exists():
     raise UserError(f"no tokenizer at {tokenizer_path}: run tools/fetch_test_models.py or pass "
                     "--tokenizer")
