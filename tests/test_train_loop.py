@@ -24,8 +24,12 @@ TINY = ["--config", "configs/tiny.py", "--config.batch_size=4", "--config.data.s
         "--config.checkpoint_every=4", "--config.warmup_steps=2", "--no_progress"]
 
 
-def _train(workdir, *extra, env=None, devices=1):
-  command = [sys.executable, "-m", "amd135m.train", *TINY, "--workdir", str(workdir),
+def _train(workdir, *extra, env=None, devices=1, hooks=None):
+  """`python -m amd135m.train`; with `hooks` (loop.Hooks fields), through the test entry that
+  passes them to the loop."""
+  entry = (["-m", "amd135m.train"] if hooks is None
+           else [str(ROOT / "tests" / "train_with_hooks.py"), json.dumps(hooks)])
+  command = [sys.executable, *entry, *TINY, "--workdir", str(workdir),
              "--devices", str(devices), *extra]
   return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                         env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
@@ -57,7 +61,7 @@ def _assert_same_run(workdir, reference):
 
 
 def test_kill_9_mid_run_then_rerun_equals_an_uninterrupted_run(uninterrupted, tmp_path):
-  killed = _train(tmp_path, env={loop._KILL_AFTER_STEP: "6"})
+  killed = _train(tmp_path, hooks={"kill_after_step": 6})
   assert killed.returncode == -9
   assert max(_train_losses(tmp_path)) == 6  # it died between checkpoints 4 and 8
   rerun = _train(tmp_path)
@@ -110,7 +114,7 @@ def test_workdir_lock_names_a_live_holder_and_takes_over_from_a_dead_one(tmp_pat
 
 
 def test_kill_9_during_a_save_never_restores_the_half_written_step(uninterrupted, tmp_path):
-  killed = _train(tmp_path, env={loop._KILL_DURING_SAVE: "8"})
+  killed = _train(tmp_path, hooks={"kill_during_save": 8})
   assert killed.returncode == -9
   entries = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
   assert "8" not in entries and any(name.startswith("8.") for name in entries), entries
@@ -142,20 +146,22 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_continues_from_the
 
 
 def test_sigterm_saves_the_current_step_and_exits_0(tmp_path):
-  done = _train(tmp_path, "--config.checkpoint_every=100", env={loop._SIGTERM_AFTER_STEP: "5"})
+  done = _train(tmp_path, "--config.checkpoint_every=100", hooks={"sigterm_after_step": 5})
   assert done.returncode == 0, done.stderr[-2000:]
   assert "preempted: saved step 5" in done.stdout
   assert checkpoints.orbax_io.TrainCheckpoints(tmp_path).latest_step() == 5
 
 
-@pytest.mark.parametrize("hook, line", [
-    ("AMD135M_TEST_SIGTERM_AT_START", "amd135m.train: SIGTERM before training started: exiting; "
-                                      "nothing was written (rerun the same command to train)"),
-    (loop._SIGTERM_BEFORE_HANDLER, "preempted before step 1: nothing new to save, exiting")])
-def test_sigterm_before_the_loop_takes_over_exits_0_in_a_line(tmp_path, hook, line):
+@pytest.mark.parametrize("env, hooks, line", [
+    ({"AMD135M_TEST_SIGTERM_AT_START": "1"}, None,
+     "amd135m.train: SIGTERM before training started: exiting; nothing was written (rerun the "
+     "same command to train)"),
+    (None, {"sigterm_before_handler": True},
+     "preempted before step 1: nothing new to save, exiting")])
+def test_sigterm_before_the_loop_takes_over_exits_0_in_a_line(tmp_path, env, hooks, line):
   """A scheduler's SIGTERM while the trainer still imports, loads or compiles was a silent exit
   143; now main() records it first thing and the run stops cleanly, as a preempted one does."""
-  run = _train(tmp_path / "w", env={hook: "1"})
+  run = _train(tmp_path / "w", env=env, hooks=hooks)
   assert run.returncode == 0, run.stderr[-2000:]
   assert line in run.stdout.splitlines(), run.stdout
   assert "Traceback" not in run.stderr
@@ -332,7 +338,7 @@ def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoin
   """Step 5's loss and weights are NaN; log_every=100 so no logging check runs at step 5: only
   the check before each save keeps step 5 off disk."""
   run = _train(tmp_path, "--config.log_every=100", "--config.checkpoint_every=1",
-               env={loop._NAN_AT_STEP: "5"})
+               hooks={"nan_at_step": 5})
   assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
   message = run.stderr.strip().splitlines()[-1]
   assert message.startswith("amd135m.train: error: loss is nan at step 5; the last good "

@@ -24,16 +24,18 @@ from amd135m.checkpoints import orbax_io
 from amd135m.errors import UserError, make_dir
 from amd135m.training import data as data_lib, step as step_lib, workdir_lock
 
-# Test seams (kill -9 mid-run, kill -9 during a save, SIGTERM, NaN weights entering a step),
-# triggered at a step, not by timing; and SIGTERM just before the loop's handler is installed.
-_KILL_AFTER_STEP = "AMD135M_TEST_KILL_AFTER_STEP"
-_KILL_DURING_SAVE = "AMD135M_TEST_KILL_DURING_SAVE"
-_SIGTERM_AFTER_STEP = "AMD135M_TEST_SIGTERM_AFTER_STEP"
-_NAN_AT_STEP = "AMD135M_TEST_NAN_AT_STEP"
-_SIGTERM_BEFORE_HANDLER = "AMD135M_TEST_SIGTERM_BEFORE_HANDLER"
-
-
 COMPLETE = "COMPLETE"
+
+
+@dataclasses.dataclass(frozen=True)
+class Hooks:
+  """Test seams, triggered at a step rather than by timing; None never fires. Only tests pass
+  them (tests/train_with_hooks.py runs the CLI with them)."""
+  kill_after_step: int | None = None     # kill -9 after this step (and its save, if it has one)
+  kill_during_save: int | None = None    # kill -9 while this step's checkpoint is being written
+  sigterm_after_step: int | None = None  # SIGTERM after this step, as a scheduler preempts
+  nan_at_step: int | None = None         # this step's loss and new weights come out NaN
+  sigterm_before_handler: bool = False   # SIGTERM just before the loop installs its handler
 
 
 class TrainingDiverged(UserError):
@@ -183,16 +185,19 @@ def _any_process(flag: bool) -> bool:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-                       progress: bool = True, preempted: list | None = None) -> Result:
+                       progress: bool = True, preempted: list | None = None,
+                       hooks: Hooks | None = None) -> Result:
   """Trains per `config` in `workdir`, resuming whatever the workdir already holds. One trainer
   per workdir: a second one is refused in one line that names the first.
 
   preempted: the list that a SIGTERM handler installed before this call appends to (the CLI
-  installs one first thing); a SIGTERM already in it stops the run before its first step."""
+  installs one first thing); a SIGTERM already in it stops the run before its first step.
+  hooks: test seams (see Hooks); None runs as users do."""
   config = resolve(config)
   workdir = pathlib.Path(workdir).expanduser().absolute()
   with _hold(workdir):
-    return _train(config, workdir, progress, [] if preempted is None else preempted)
+    return _train(config, workdir, progress, [] if preempted is None else preempted,
+                  hooks or Hooks())
 
 
 @contextlib.contextmanager
@@ -214,7 +219,7 @@ def _hold(workdir: pathlib.Path):
 
 
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: bool,
-           preempted: list) -> Result:
+           preempted: list, hooks: Hooks) -> Result:
   lead = jax.process_index() == 0
   model_config = config_lib.model_config(config.model)
   tokenizer = _tokenizer(config)
@@ -279,11 +284,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: b
   meta = {"config": config.to_dict(), "provenance": provenance.provenance(),
           "sources": sources.names}
 
-  if os.environ.get(_SIGTERM_BEFORE_HANDLER):
+  if hooks.sigterm_before_handler:
     os.kill(os.getpid(), signal.SIGTERM)
   previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
-  hooks = {name: int(os.environ.get(name, -1)) for name in
-           (_KILL_AFTER_STEP, _KILL_DURING_SAVE, _SIGTERM_AFTER_STEP, _NAN_AT_STEP)}
   # A SIGTERM during the start (loading, compiling, restoring): stop before the first step.
   last_step = start_step if _any_process(bool(preempted)) else config.total_steps
   if last_step == start_step and lead:
@@ -309,7 +312,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: b
 
   def save(step):
     ckpt.save(step, state, loader.get_state(), meta)
-    if hooks[_KILL_DURING_SAVE] == step:
+    if hooks.kill_during_save == step:
       os.kill(os.getpid(), signal.SIGKILL)
 
   try:
@@ -324,7 +327,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: b
         break
       if config.debug_batch_hashes:
         writer.batch_hashes(step, local["inputs"], jax.process_index())
-      if hooks[_NAN_AT_STEP] == step:  # this step's loss and new weights come out NaN
+      if hooks.nan_at_step == step:  # this step's loss and new weights come out NaN
         state = {**state, "params": jax.tree.map(lambda p: p * jnp.nan, state["params"])}
       state, device_metrics = compiled.step(state, _global_batch(local, compiled.batch_sharding))
       if pending is not None:
@@ -352,14 +355,14 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: b
       if step % config.eval_every == 0 or step == config.total_steps:
         eval_metrics = evaluate(compiled, state["params"], eval_data)
         writer.write(step, eval_metrics)
-      if hooks[_SIGTERM_AFTER_STEP] == step:
+      if hooks.sigterm_after_step == step:
         os.kill(os.getpid(), signal.SIGTERM)
       stop = _any_process(bool(preempted))
       if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
         last_metrics = check(*pending)
         save(step)
       ckpt.poll()  # a finished async save gets its checksums
-      if hooks[_KILL_AFTER_STEP] == step:
+      if hooks.kill_after_step == step:
         os.kill(os.getpid(), signal.SIGKILL)
       if stop:
         if lead:
