@@ -38,14 +38,12 @@ from typing import Callable
 import ml_collections
 
 from amd135m.errors import ArgumentParser, UserError, make_dir
+from amd135m.paths import COMPLETE  # the trainer's own marker: a trial without it is rerun
 from amd135m.training import workdir_lock
 
 # What one trial runs, before its flags; tests substitute a fake trainer script.
 TRAINER = (sys.executable, "-m", "amd135m.train")
 FINISHED = "FINISHED"  # marker: the trainer exited 0 and the sweep recorded it
-# The trainer's own marker: every step ran and the final checkpoint is saved. A trainer that
-# exits 0 without it was preempted (SIGTERM: saved, exited 0) and is rerun, not finished.
-COMPLETE = "COMPLETE"
 FAILED = "FAILED"  # marker: holds the exit code of the trial's last attempt
 LOG = "log.txt"
 METRICS = "metrics.jsonl"

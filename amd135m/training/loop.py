@@ -22,9 +22,8 @@ import numpy as np
 from amd135m import checkpoints, config_lib, metrics as metrics_lib, optim, provenance, sharding
 from amd135m.checkpoints import orbax_io
 from amd135m.errors import UserError, make_dir
+from amd135m.paths import COMPLETE
 from amd135m.training import data as data_lib, step as step_lib, workdir_lock
-
-COMPLETE = "COMPLETE"
 
 
 @dataclasses.dataclass(frozen=True)
