@@ -24,7 +24,7 @@ INSTALL_REQUIRES = [
     "jinja2",  # renders a model's own chat template (HumanEval with chat prompts)
 ]
 
-# References for the tests and benchmarks; the package itself imports none of them.
+# References for the tests and benchmarks, and the linter; the package itself imports none of them.
 # torch must be installed first as torch==2.13.0 (the Makefile does), or pip pulls a CUDA build.
 DEV_REQUIRES = [
     "torch==2.13.0",
@@ -32,6 +32,7 @@ DEV_REQUIRES = [
     "accelerate==1.15.0",
     "pytest",
     "nbmake==1.5.5",
+    "ruff==0.17.5",  # lint and import order (pyproject.toml), run by `make test`
 ]
 
 setuptools.setup(

@@ -4,9 +4,10 @@ A decode step multiplies one row by every weight, a speculative verification gam
 CPUs XLA runs the first as a matrix-vector kernel and the second as a GEMM that packs the weight
 on every call, so verifying 5 tokens cost 1.6 single-token steps where reading the weights once
 should cost about 1. `matmul` sends products of 1-8 f32 rows to a kernel that streams each weight
-once for all rows, and `cached_attention` does a layer's cached attention for 1-8 new tokens in
-one call (XLA ran it as a dozen small ops scoring every cache slot). Everything else (more rows,
-other dtypes, GPUs, gradients) stays with XLA.
+once for all rows, `matmul_int8` the same for int8 weights (a quarter of the bytes), and
+`cached_attention` does a layer's cached attention for 1-8 new tokens in one call (XLA ran it as
+a dozen small ops scoring every cache slot). Everything else (more rows, other dtypes, GPUs,
+gradients) stays with XLA.
 
 The kernels are compiled with the system's C++ compiler on first use and cached per CPU under
 $AMD135M_CACHE/kernels. Without a compiler, or with AMD135M_CPU_KERNELS=0, XLA does all of it
@@ -32,13 +33,14 @@ MAX_ROWS = 8
 _SOURCE = pathlib.Path(__file__).parent / "csrc" / "small_matmul.cc"
 _TARGET = "amd135m_small_matmul"
 _ATTENTION = "amd135m_cached_attention"
+_INT8 = "amd135m_small_matmul_int8"
 
 
 def _cpu_signature() -> str:
   """What -march=native compiles for: the CPU model and its flags."""
   try:
     text = pathlib.Path("/proc/cpuinfo").read_text()
-    lines = [l for l in text.splitlines() if l.startswith(("model name", "flags"))][:2]
+    lines = [line for line in text.splitlines() if line.startswith(("model name", "flags"))][:2]
     return "\n".join(lines)
   except OSError:
     return platform.processor()
@@ -76,6 +78,8 @@ def available() -> bool:
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.Amd135mSmallMatmul),
                                 platform="cpu")
     jax.ffi.register_ffi_target(_ATTENTION, jax.ffi.pycapsule(library.Amd135mCachedAttention),
+                                platform="cpu")
+    jax.ffi.register_ffi_target(_INT8, jax.ffi.pycapsule(library.Amd135mSmallMatmulInt8),
                                 platform="cpu")
     return True
   except (OSError, RuntimeError) as e:
@@ -124,6 +128,32 @@ def matmul(x: jax.Array, w: jax.Array, transposed: bool = False) -> jax.Array:
       and x.ndim == 2 and w.ndim == 2 and available()):
     return _small_matmul(x, w, transposed)
   return _xla(x, w, transposed)
+
+
+def _int8_kernel(x, values, scale, transposed):
+  if not available():
+    raise RuntimeError("the CPU kernels are unavailable (see the warning above)")
+  n = values.shape[0] if transposed else values.shape[1]
+  call = jax.ffi.ffi_call(_INT8, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32),
+                          vmap_method="sequential")
+  return call(x, values, scale, transposed=transposed)
+
+
+def int8_reference(x, values, scale, transposed):
+  """XLA's form of matmul_int8: the weight widened to f32, the product, the scale."""
+  return _xla(x, values.astype(jnp.float32), transposed) * scale
+
+
+def matmul_int8(x: jax.Array, values: jax.Array, scale: jax.Array,
+                transposed: bool = False) -> jax.Array:
+  """x [M, K] @ (values * scale) for int8 values [K, N] with one f32 scale per output column
+  (or values [N, K], one scale per row, when transposed): a kernel that streams the int8 weight
+  for 1-8 f32 rows on CPUs, XLA's widened product otherwise. No gradient: inference weights."""
+  if x.shape[0] <= MAX_ROWS and x.dtype == jnp.float32 and x.ndim == 2 and available():
+    return jax.lax.platform_dependent(
+        x, values, scale, cpu=lambda *a: _int8_kernel(*a, transposed),
+        default=lambda *a: int8_reference(*a, transposed))
+  return int8_reference(x.astype(jnp.float32), values, scale, transposed)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """GGUF headers: metadata and the tensor directory, parsed without reading any tensor.
 
 Ours rather than gguf.GGUFReader, which memory-maps the whole file and spends seconds building
-per-token objects (0.1 s against 3-5 s on SmolLM2). The tokenizer and the checkpoint loader share it.
+per-token objects (0.1 s against 3-5 s on SmolLM2). The tokenizer and the checkpoint loader share
+it.
 """
 import dataclasses
 import io

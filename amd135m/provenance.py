@@ -45,7 +45,7 @@ def provenance() -> dict:
     pass
   device = jax.devices()[0]
   return dict(git_sha=sha, git_dirty=dirty, versions=versions, python=platform.python_version(),
-              device=dict(platform=device.platform, kind=device.device_kind, count=jax.device_count(),
-                          cpu=cpu, cpu_count=os.cpu_count()),
+              device=dict(platform=device.platform, kind=device.device_kind,
+                          count=jax.device_count(), cpu=cpu, cpu_count=os.cpu_count()),
               command=command(),
               date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))

@@ -7,10 +7,9 @@ Args: init_from=PATH (the pretraining workdir, an HF dir or a GGUF), starcoder=D
 cluster, runlocal (the Python-stdlib corpus with SmolLM2's tokenizer; pass
 init_from=<a runlocal amd_llama_135m workdir>).
 """
+import amd_llama_135m  # configs/ is on sys.path while a config loads
 from amd135m import config_lib
 from amd135m.config_lib import parse_arg
-
-import amd_llama_135m  # noqa: E402  (configs/ is on sys.path while a config loads)
 
 
 def get_config(arg=None):

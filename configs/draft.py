@@ -3,8 +3,9 @@
 AMD-135M was, scaled down: pretrain on Gutenberg, then fine-tune on Python code.
 
 Args: stage=pretrain|code|distill; init_from=WORKDIR (code, distill); steps=N (0: the stage's
-default); runlocal (20 steps of 4 x 128); distill_dir=DIR (a prepared local_text dataset of the target's own completions, for
-stage=distill: sequence-level distillation, see amd135m/reproduce.py).
+default); runlocal (20 steps of 4 x 128); distill_dir=DIR (a prepared local_text dataset of the
+target's own completions, for stage=distill: sequence-level distillation, see
+amd135m/reproduce.py).
 """
 from amd135m import config_lib
 from amd135m.config_lib import base_config, parse_arg

@@ -47,6 +47,7 @@ def _error_record(error: BaseException) -> dict:
 
 def measure_env() -> dict:
   import jax
+
   from amd135m import metrics, provenance
   device = jax.devices()[0]
   record = {"what": "env", "status": "ok", "provenance": provenance.provenance(),
@@ -76,6 +77,7 @@ def _attention_kernel(hlo_text: str) -> str:
 def measure_train(spec: dict) -> dict:
   import jax
   import numpy as np
+
   from amd135m import config_lib, metrics, optim, sharding
   from amd135m.benchmarks.train_bench import synthetic_batches
   from amd135m.training import step as step_lib
@@ -147,6 +149,7 @@ def measure_decode(spec: dict) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
+
   from amd135m import config_lib, model as model_lib, sampling
 
   config = config_lib.load(spec["config"])

@@ -24,11 +24,21 @@ import transformers
 from gguf import quants
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
-from amd135m import checkpoints
 import hf_reference
-from amd135m.checkpoints import (flatten_params, hf_name_to_path, hf_shapes, iter_hf_tensors,
-                                 load_params, path_to_hf_name, read_gguf_config, read_header,
-                                 read_hf_config, save_hf, write_safetensors)
+from amd135m import checkpoints
+from amd135m.checkpoints import (
+  flatten_params,
+  hf_name_to_path,
+  hf_shapes,
+  iter_hf_tensors,
+  load_params,
+  path_to_hf_name,
+  read_gguf_config,
+  read_header,
+  read_hf_config,
+  save_hf,
+  write_safetensors,
+)
 from amd135m.errors import UserError
 from amd135m.model import ModelConfig
 

@@ -9,8 +9,7 @@ import sys
 import jax
 import pytest
 
-from amd135m import generate, inference, sampling
-from amd135m import tokenizer as tokenizer_lib
+from amd135m import generate, inference, sampling, tokenizer as tokenizer_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROMPTS = ["The capital of France is", "Once upon a time"]

@@ -12,8 +12,14 @@ import torch
 import transformers
 
 from amd135m import convert
-from amd135m.checkpoints import (TensorSpec, convert_checkpoint, hf_shapes, iter_hf_tensors,
-                                 read_header, save_hf)
+from amd135m.checkpoints import (
+  TensorSpec,
+  convert_checkpoint,
+  hf_shapes,
+  iter_hf_tensors,
+  read_header,
+  save_hf,
+)
 from amd135m.checkpoints.hf import config_json
 from amd135m.checkpoints.safetensors_io import ShardedWriter
 from amd135m.errors import UserError

@@ -229,7 +229,8 @@ def test_resume_with_workers_matches_uninterrupted_and_rereads_one_document_per_
   assert resumed.tokens_seen == straight.tokens_seen
   reread = 0
   for k in range(len(sources)):
-    before, after = read_log(tmp_path / f'consumed-{k}.log'), read_log(tmp_path / f'resumed-{k}.log')
+    before = read_log(tmp_path / f'consumed-{k}.log')
+    after = read_log(tmp_path / f'resumed-{k}.log')
     assert max(after.values()) == 1, 'each document is read once per pass'
     again = set(before) & set(after)
     assert len(again) == 1, f'source {k} read again {sorted(again)}'

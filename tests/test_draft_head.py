@@ -1,4 +1,4 @@
-"""Training a feature head (amd135m.draft_head): it learns, resumes bitwise, and refuses bad input."""
+"""Training a feature head (amd135m.draft_head): it learns, resumes bitwise, refuses bad input."""
 import json
 import os
 import pathlib

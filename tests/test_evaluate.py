@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import hf_reference as ref
-from amd135m import evaluate as evaluate_cli
-from amd135m import config_lib, sampling, tokenizer as tokenizer_lib
+from amd135m import config_lib, evaluate as evaluate_cli, sampling, tokenizer as tokenizer_lib
 from amd135m.data import builders, packing, splits, tokenized
 from amd135m.evaluation import execution, humaneval, models, multiple_choice, perplexity, scoring
 from amd135m.training import data as data_lib

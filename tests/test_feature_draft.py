@@ -1,4 +1,5 @@
-"""Feature drafts (EAGLE-style heads on the target's hidden states): exactness, features, batching."""
+"""Feature drafts (EAGLE-style heads on the target's hidden states): exactness, features and
+batching."""
 import dataclasses
 
 import jax
@@ -7,12 +8,17 @@ import numpy as np
 import pytest
 import torch
 
+import hf_reference as ref
 from amd135m import feature_draft, model as model_lib, sampling, speculative
 from amd135m.checkpoints import head_io
 from amd135m.errors import UserError
-import hf_reference as ref
-from test_speculative import (PROMPTS, assert_ragged_rows_equal_single_runs, chi_square_passes,
-                             exact_token_distributions, small_model)
+from test_speculative import (
+  PROMPTS,
+  assert_ragged_rows_equal_single_runs,
+  chi_square_passes,
+  exact_token_distributions,
+  small_model,
+)
 
 
 @pytest.fixture(scope="module")

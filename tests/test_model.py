@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from amd135m import model as model_lib
-from amd135m import sampling
 import hf_reference as ref
+from amd135m import model as model_lib, sampling
 
 # MHA and GQA (and MQA), tied and untied heads, odd head counts and widths.
 CONFIGS = {

@@ -1,6 +1,5 @@
 """The notebooks run top to bottom in a fresh kernel, draw their plots inline, and are committed
 without outputs."""
-import os
 import pathlib
 import time
 

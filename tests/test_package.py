@@ -31,6 +31,7 @@ FACES = ["bench", "data.__main__", "evaluate", "reproduce", "spec_eval", "sweep"
 def test_every_face_reports_a_usage_mistake_in_one_line(capsys):
   """An unknown or malformed flag is bad input like any other: one line and exit 2."""
   import importlib
+
   import pytest
   for name in FACES:
     module = importlib.import_module(f"amd135m.{name}")

@@ -6,9 +6,9 @@ import pytest
 import torch
 import transformers
 
+import hf_reference as ref
 from amd135m import sampling
 from amd135m.errors import UserError
-import hf_reference as ref
 
 
 @pytest.fixture(scope="module")

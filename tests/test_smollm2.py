@@ -10,9 +10,9 @@ import pytest
 import torch
 import transformers
 
+import hf_reference as ref
 from amd135m import checkpoints, model as model_lib, sampling
 from amd135m.tokenizer import load_tokenizer
-import hf_reference as ref
 
 PROMPTS = [
     "The capital of France is",

@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import hf_reference as ref
 from amd135m import bench, model as model_lib, sampling, speculative
 from amd135m.errors import UserError
 from amd135m.tokenizer import load_tokenizer
-import hf_reference as ref
 
 PROMPTS = [[5, 9, 2], [7, 1, 1, 3, 8, 2, 6, 4, 4], [11]]
 
@@ -152,9 +152,10 @@ def sampled_pair():
 
 @pytest.mark.parametrize("knobs", [(1.0, 0, 1.0), (0.8, 5, 0.9)], ids=["plain", "shaped"])
 def test_sampling_matches_the_target_distribution(sampled_pair, knobs):
-  """8000 seeds (one row each) of 5 tokens (gamma 2, so two or more rounds): each position's tokens pass a chi-square test
-  against the exact target-only marginals, and a deliberately wrong residual (sampling from p
-  instead of normalize(max(0, p - q)) at a rejection) fails the same test."""
+  """8000 seeds (one row each) of 5 tokens (gamma 2, so two or more rounds): each position's
+  tokens pass a chi-square test against the exact target-only marginals, and a deliberately wrong
+  residual (sampling from p instead of normalize(max(0, p - q)) at a rejection) fails the same
+  test."""
   (config, params), (draft_config, draft_params) = sampled_pair
   prompt, n, length = [1, 2, 3], 8000, 5  # 5 tokens: the prefill token, then several rounds
   exact = exact_token_distributions(config, params, prompt, knobs, length)
@@ -321,6 +322,7 @@ def test_cli_reports_speculative_statistics(smollm2, smollm2_gguf, monkeypatch, 
   """generate --draft ngram --gamma 3 --json: greedy tokens equal the plain run's, and each record
   carries acceptance_rate, tokens_per_target_call and target_calls."""
   import json
+
   from amd135m import generate
   monkeypatch.setattr(generate.checkpoints, "load_params", lambda *args, **kwargs: smollm2)
   base = ["--model", str(smollm2_gguf), "--prompt", "def add(a, b):\n    return a + b\n\n\ndef",

@@ -9,9 +9,9 @@ import csv
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
-import signal
 import textwrap
 import time
 

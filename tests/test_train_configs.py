@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from amd135m import checkpoints, config_lib, model as model_lib
-from amd135m.data import builders, spm, splits
+from amd135m.data import builders, splits, spm
 from amd135m.tokenizer import load_tokenizer
 from amd135m.training import data as data_lib, loop
 

@@ -36,8 +36,8 @@ def _train(workdir, *extra, env=None, devices=1, hooks=None):
 
 
 def _train_losses(workdir) -> dict[int, float]:
-  lines = [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().split("\n")
-           if l]
+  text = (pathlib.Path(workdir) / "metrics.jsonl").read_text()
+  lines = [json.loads(line) for line in text.split("\n") if line]
   return {r["step"]: r["train_loss"] for r in lines if "train_loss" in r}
 
 
@@ -215,8 +215,8 @@ def test_four_processes_see_the_same_batches_and_losses_as_one(uninterrupted, tm
   assert run.returncode == 0, run.stderr[-3000:]
 
   def rows(path, process):
-    lines = [json.loads(l) for l in (path / f"batch_hashes.p{process}.jsonl").read_text().split(
-        "\n") if l]
+    text = (path / f"batch_hashes.p{process}.jsonl").read_text()
+    lines = [json.loads(line) for line in text.split("\n") if line]
     return {r["step"]: r["rows"] for r in lines}
   one = rows(single, 0)
   four = [rows(multi, p) for p in range(4)]
@@ -396,7 +396,9 @@ def test_distillation_from_a_teacher_trains_and_refuses_a_smaller_vocabulary(tmp
   """--config.distill.teacher: a saved teacher (vocabulary 80 > the student's 64) drives the
   loss; the student moves toward it (the KL falls by over a quarter in 20 steps)."""
   import dataclasses  # noqa: PLC0415
+
   import jax  # noqa: PLC0415
+
   from amd135m import checkpoints, model as model_lib  # noqa: PLC0415
   student = config_lib.model_config(_tiny("model.vocab_size=64").model)
   for name, vocab in (("teacher", 80), ("small_teacher", 48)):
@@ -405,8 +407,8 @@ def test_distillation_from_a_teacher_trains_and_refuses_a_smaller_vocabulary(tmp
     params["lm_head"]["kernel"] *= 100  # a confident teacher: far from the student's uniform
     checkpoints.save_hf(tmp_path / name, teacher, params)
   config = _tiny("model.vocab_size=64", f"distill.teacher={tmp_path / 'teacher'}",
-                 "total_steps=20", "log_every=1", "eval_every=20", "checkpoint_every=20", "batch_size=4",
-                 "data.seq_len=32", "lr=1e-2", "warmup_steps=1", "devices=1")
+                 "total_steps=20", "log_every=1", "eval_every=20", "checkpoint_every=20",
+                 "batch_size=4", "data.seq_len=32", "lr=1e-2", "warmup_steps=1", "devices=1")
   loop.train_and_evaluate(config, tmp_path / "run", progress=False)
   losses = [v for _, v in sorted(_train_losses(tmp_path / "run").items())]
   assert len(losses) == 20 and losses[-1] < 0.75 * losses[0], losses  # KL to the teacher

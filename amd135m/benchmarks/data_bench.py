@@ -84,6 +84,7 @@ def time_prepare(corpora_root: pathlib.Path, tokenizer_path: str, workers: int) 
 def bench_data(tokenizer_path=None, cache=None, worker_counts=(0, 1, 2), prepare_workers=(1, 2),
                seq_len: int = 2048, batch_size: int = 64, seconds: float = 8.0) -> dict:
   from absl import logging as absl_logging  # noqa: PLC0415
+
   from amd135m.provenance import provenance  # noqa: PLC0415
   from amd135m.tokenizer import load_tokenizer  # noqa: PLC0415
   absl_logging.set_verbosity(absl_logging.ERROR)  # tfds warns on every custom config

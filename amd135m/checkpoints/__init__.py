@@ -8,14 +8,27 @@ import dataclasses
 import os
 from typing import Any
 
-from amd135m.checkpoints.export import (ConvertSummary, SavedCheckpoint, convert_checkpoint,
-                                        open_checkpoint, save_hf)
 from amd135m.checkpoints import orbax_io
+from amd135m.checkpoints.export import (
+  ConvertSummary,
+  SavedCheckpoint,
+  convert_checkpoint,
+  open_checkpoint,
+  save_hf,
+)
 from amd135m.checkpoints.gguf_io import read_gguf_config, unpermute_rotary
 from amd135m.checkpoints.hf import read_hf_config
-from amd135m.checkpoints.layout import (DTYPES, CheckpointTensors, TensorSpec, as_dtype,
-                                        flatten_params, hf_name_to_path, hf_shapes,
-                                        params_from_tensors, path_to_hf_name)
+from amd135m.checkpoints.layout import (
+  DTYPES,
+  CheckpointTensors,
+  TensorSpec,
+  as_dtype,
+  flatten_params,
+  hf_name_to_path,
+  hf_shapes,
+  params_from_tensors,
+  path_to_hf_name,
+)
 from amd135m.checkpoints.safetensors_io import SafetensorsWriter, read_header, write_safetensors
 from amd135m.model_config import ModelConfig
 

@@ -12,8 +12,14 @@ from typing import Any
 import numpy as np
 
 from amd135m.checkpoints import gguf_io, hf, orbax_io
-from amd135m.checkpoints.layout import (CheckpointTensors, TensorSpec, as_dtype, check_specs,
-                                        flatten_params, hf_shapes)
+from amd135m.checkpoints.layout import (
+  CheckpointTensors,
+  TensorSpec,
+  as_dtype,
+  check_specs,
+  flatten_params,
+  hf_shapes,
+)
 from amd135m.checkpoints.safetensors_io import ShardedWriter
 from amd135m.errors import UserError
 from amd135m.model_config import ModelConfig

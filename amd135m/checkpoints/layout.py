@@ -1,4 +1,4 @@
-"""The one naming of Llama weights: Hugging Face names, params paths, shapes, dtypes, tensor streams.
+"""The one naming of Llama weights: Hugging Face names, params paths, shapes, dtypes, streams.
 
 A params pytree keeps LlamaForCausalLM's module names (`model.` dropped, `layers.N` spelled
 `layers_N`) with Flax's leaves: a linear `weight` [out, in] becomes a `kernel` [in, out] (its

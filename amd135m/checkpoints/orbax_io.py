@@ -29,6 +29,7 @@ import numpy as np
 from amd135m.errors import UserError
 from amd135m.model_config import ModelConfig
 
+
 class DiskFull(UserError):
   """A save ran out of space: the step is not written, earlier ones are intact."""
 

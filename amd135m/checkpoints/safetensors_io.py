@@ -12,8 +12,8 @@ import struct
 import ml_dtypes
 import numpy as np
 
-from amd135m.errors import UserError
 from amd135m.checkpoints.layout import TensorSpec
+from amd135m.errors import UserError
 
 _DTYPES = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),

@@ -536,7 +536,8 @@ def _prepared(name: str, data_dir, patterns, shard_index: int | None,
                     for i in range(complete[0])]
       elif counts:
         n = counts[0]
-        missing = [i for i in range(n) if not _is_prepared(_builder(name, data_dir, patterns, i, n))]
+        missing = [i for i in range(n)
+                   if not _is_prepared(_builder(name, data_dir, patterns, i, n))]
         raise UserError(f"{name} under {data_dir} has shards of {n} but not shards {missing}: "
                         f"prepare them (--shard-index i --num-shards {n}) first")
   for builder in builders:

@@ -1,4 +1,5 @@
-"""Prompts made from the local corpora (`make corpora`): stdlib function headers, Gutenberg passages.
+"""Prompts made from the local corpora (`make corpora`): stdlib function headers and Gutenberg
+passages.
 
 Used where a target must be asked to continue something real without touching HumanEval: the
 reproduction's distillation data and the feature head's training data (amd135m.draft_head).

@@ -46,7 +46,8 @@ class Sources:
 
 
 def parse_sources(spec: str) -> list[tuple[str, str | None, str | None]]:
-  """'synthetic,local_text@DIR:*.txt' -> [('synthetic', None, None), ('local_text', DIR, '*.txt')]."""
+  """'synthetic,local_text@DIR:*.txt' ->
+  [('synthetic', None, None), ('local_text', DIR, '*.txt')]."""
   parsed = []
   for item in filter(None, (s.strip() for s in spec.split(","))):
     if item == "synthetic":

@@ -124,8 +124,9 @@ def state_shardings(config: ModelConfig, optimizer, mesh: Mesh, rules) -> Any:
   abstract_params = jax.eval_shape(lambda: model_lib.init_params(config, jax.random.key(0)))
   abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
   flat_params = jax.tree_util.tree_leaves_with_path(abstract_params)
-  spec_by_path = {tuple(str(k) for k in path): spec for (path, _), spec in
-                  zip(flat_params, jax.tree.leaves(param_specs, is_leaf=lambda x: isinstance(x, P)))}
+  param_leaf_specs = jax.tree.leaves(param_specs, is_leaf=lambda x: isinstance(x, P))
+  spec_by_path = {tuple(str(k) for k in path): spec
+                  for (path, _), spec in zip(flat_params, param_leaf_specs)}
 
   def opt_spec(path, leaf):
     # Adam's mu/nu mirror params: their path ends with the parameter's path.
