@@ -5,10 +5,10 @@ config says, synthetic token batches); (b) transformers' LlamaForCausalLM step o
 same model, batch, sequence length, loss and optimizer (torch.optim.AdamW with the config's betas,
 eps, weight decay and mask, global-norm clipping), started from our initial weights (exported to
 Hugging Face format) and fed our batches at our schedule's lr, in a subprocess
-(benchmarks/torch_train_reference.py) so this package never imports torch. The two take their
-steps in turn (ours, theirs, ours, ...), so a shared machine's varying load falls on both alike;
-each reports the median of its timed steps after compile and warm-up, and their losses must
-agree step by step (`loss_difference`, the largest relative gap: both sides train the same).
+(hf_bench/train_step.py) so this package never imports torch. The two take their steps in turn
+(ours, theirs, ours, ...), so a shared machine's varying load falls on both alike; each reports
+the median of its timed steps after compile and warm-up, and their losses must agree step by step
+(`loss_difference`, the largest relative gap: both sides train the same).
 (c) The best f32 FLOP/s of an n^3 matmul, measured before and after, is MFU's denominator on a
 CPU (a known accelerator uses its data-sheet peak). FLOPs per token are
 `training.step.flops_per_token` (model FLOPs: 6N + 12 L T d; remat not counted). The load
@@ -34,7 +34,7 @@ from amd135m.provenance import provenance
 from amd135m.training import step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-REFERENCE = ROOT / "benchmarks" / "torch_train_reference.py"
+REFERENCE = ROOT / "hf_bench" / "train_step.py"
 
 
 def synthetic_tokens(vocab_size: int, batch: int, seq_len: int, count: int = 4,
@@ -83,7 +83,7 @@ class OurStep:
 
 
 class TorchStep:
-  """transformers' step in a subprocess (benchmarks/torch_train_reference.py), step by step.
+  """transformers' step in a subprocess (hf_bench/train_step.py), step by step.
 
   weights: a Hugging Face directory to start from and tokens: an .npy of [count, B, T + 1] batches
   (ours, so that both sides take the same steps); without them, its own init and batches."""

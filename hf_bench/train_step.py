@@ -1,7 +1,7 @@
 """Transformers' side of `python -m amd135m.bench train`: a LlamaForCausalLM training step on torch
 (CPU), in its own process so that the package never imports torch.
 
-python benchmarks/torch_train_reference.py --spec '{"model": {...}, "optimizer": {...},
+python hf_bench/train_step.py --spec '{"model": {...}, "optimizer": {...},
     "batch": 2, "seq_len": 512, "seed": 0, "threads": 0}'
 
 threads: torch's intra-op threads (0: one per CPU, torch's default); model: ModelConfig's fields
@@ -91,7 +91,7 @@ def main():
   for i, line in enumerate(sys.stdin):
     request = line.split()
     if not request or request[0] != "step" or len(request) > 2:
-      raise SystemExit(f"torch_train_reference: unknown request {line.strip()!r}")
+      raise SystemExit(f"hf_bench/train_step.py: unknown request {line.strip()!r}")
     if len(request) == 2:  # the caller's schedule: set before the step, outside its timing
       for group in optimizer.param_groups:
         group["lr"] = float(request[1])

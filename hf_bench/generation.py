@@ -1,9 +1,9 @@
 """Transformers' side of `python -m amd135m.bench`: run in its own process so that the package
 never imports torch. Prints one JSON object.
 
-python benchmarks/hf_reference.py decode --model F.gguf --prompt-ids 1,2,3 --new-tokens N --runs R
-python benchmarks/hf_reference.py prefill --model F.gguf --prompt-ids ... --runs R
-python benchmarks/hf_reference.py assisted --model HF_DIR --assistant HF_DIR|lookup \
+python hf_bench/generation.py decode --model F.gguf --prompt-ids 1,2,3 --new-tokens N --runs R
+python hf_bench/generation.py prefill --model F.gguf --prompt-ids ... --runs R
+python hf_bench/generation.py assisted --model HF_DIR --assistant HF_DIR|lookup \
     --prompts-file ids.json --new-tokens N --gamma K
 """
 import argparse
