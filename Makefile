@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 SMOLLM2 := $(shell $(PY) tools/fetch_test_models.py --print-path 2>/dev/null)
 CACHE := $(or $(AMD135M_CACHE),$(HOME)/.cache/amd135m)
 
-.PHONY: install models corpora test test-fast demo reproduce bench clean
+.PHONY: install models corpora lint test test-fast demo reproduce bench clean
 
 # torch first, pinned: that takes the CPU wheel; letting transformers pull torch brings a CUDA build.
 $(VENV)/.installed: setup.py
@@ -26,7 +26,11 @@ models: install
 corpora: install
 	$(PYTHON) tools/fetch_corpora.py
 
-test: models corpora
+# Lint and import order (ruff, configured in pyproject.toml).
+lint: install
+	$(PYTHON) -m ruff check .
+
+test: lint models corpora
 	$(PYTHON) -m pytest tests -q --durations=20
 
 # The development loop: everything but the tests marked slow (a few minutes).
