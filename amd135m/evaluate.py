@@ -14,6 +14,7 @@ import sys
 
 from absl import logging as absl_logging
 
+from amd135m import compilation_cache
 from amd135m.errors import ArgumentParser, UserError
 from amd135m.evaluation import humaneval, multiple_choice, perplexity
 
@@ -84,6 +85,7 @@ def run_command(args) -> tuple[dict, str]:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  compilation_cache.enable()
   absl_logging.set_verbosity(absl_logging.ERROR)  # tfds warns on every custom config
   try:
     # tfds reports progress on stdout; keep stdout for the table or the JSON.

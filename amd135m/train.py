@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 
+from amd135m import compilation_cache
 from amd135m.errors import ArgumentParser
 
 
@@ -147,10 +148,7 @@ def main(argv=None) -> int:
     return launch_local(_without(argv, "--local_processes"), args.local_processes)
 
   import jax
-  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    # Reruns (resume after preemption, sweep trials, tests) skip XLA compiles of the same step.
-    jax.config.update("jax_compilation_cache_dir", config_lib.cache_path("jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  compilation_cache.enable()  # resumes after preemption and sweep trials skip the step's compile
   devices = args.devices
   if args.dry_run and not devices:
     devices = max(1, abs(config.mesh.data * config.mesh.fsdp * config.mesh.tensor))

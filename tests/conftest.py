@@ -8,13 +8,14 @@ import pytest
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
+from amd135m import compilation_cache  # noqa: E402
+
 jax.config.update("jax_enable_x64", False)
 # Eight fake CPU devices for the sharded-training tests; unsharded code runs on the first one.
 jax.config.update("jax_num_cpu_devices", 8)
-# Persistent compilation cache outside the repo: reruns of the suite skip XLA compiles.
-jax.config.update("jax_compilation_cache_dir",
-                  str(pathlib.Path.home() / ".cache" / "amd135m" / "jax_cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# The commands' persistent compilation cache, here too: a test compiling what an earlier test or
+# a previous run of the suite compiled (SmolLM2's decode, the train step) loads it from disk.
+compilation_cache.enable()
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
