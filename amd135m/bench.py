@@ -9,7 +9,7 @@ self, ngram), with an adaptive gamma, and with the n-gram draft; for greedy batc
 transformers' greedy, its prompt lookup and (for a model draft) its assisted generation on the
 same pair exported to Hugging Face format. Acceptance, tokens per target call, and the speedup
 predicted from the measured acceptance, a draft round's cost and a verification's cost.
-Transformers runs in a subprocess (benchmarks/hf_reference.py) so that this package never
+Transformers runs in a subprocess (hf_bench/generation.py) so that this package never
 imports torch.
 """
 import dataclasses
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amd135m import checkpoints, model as model_lib, sampling, speculative
+from amd135m import checkpoints, compilation_cache, model as model_lib, sampling, speculative
 from amd135m.errors import ArgumentParser, UserError
 from amd135m.provenance import provenance
 from amd135m.tokenizer import load_tokenizer
@@ -69,7 +69,7 @@ def _median_time(fn, runs: int) -> tuple[float, list[float]]:
 
 def _reference(what: str, model: str, prompt: list[int], new_tokens: int, runs: int,
                *extra: str) -> dict:
-  command = [sys.executable, str(ROOT / "benchmarks" / "hf_reference.py"), what, "--model", model,
+  command = [sys.executable, str(ROOT / "hf_bench" / "generation.py"), what, "--model", model,
              "--prompt-ids", ",".join(map(str, prompt)), "--new-tokens", str(new_tokens),
              "--runs", str(runs), *extra]
   result = subprocess.run(command, capture_output=True, text=True)
@@ -346,6 +346,7 @@ def main(argv=None) -> int:
   from amd135m.benchmarks import train_bench  # noqa: PLC0415 (train: logic in benchmarks/)
   train_bench.add_parser(sub)
   args = parser.parse_args(argv)
+  compilation_cache.enable()
   if args.what == "data":
     return data_bench.main(args)
   if args.what == "train":

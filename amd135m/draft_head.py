@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from amd135m import checkpoints, feature_draft, metrics as metrics_lib, model as model_lib
-from amd135m import sampling
+from amd135m import checkpoints, compilation_cache, feature_draft, metrics as metrics_lib
+from amd135m import model as model_lib, sampling
 from amd135m.checkpoints import head_io, orbax_io
 from amd135m.errors import ArgumentParser, UserError, make_dir
 
@@ -646,6 +646,7 @@ def main(argv=None) -> int:
   train.add_argument("--resume", action="store_true", help="continue the head in --workdir")
   train.add_argument("--json", action="store_true", help="print the summary as JSON")
   args = parser.parse_args(argv)
+  compilation_cache.enable()
   settings = dataclasses.replace(defaults, vocab=args.vocab, layers=args.layers,
                                  unroll=args.unroll, lr=args.lr, seq_len=args.seq_len,
                                  batch=args.batch, seed=args.seed,

@@ -9,7 +9,8 @@ tokens_per_target_call and target_calls.
 import json
 import sys
 
-from amd135m import checkpoints, inference, sampling, speculative, tokenizer as tokenizer_lib
+from amd135m import checkpoints, compilation_cache, inference, sampling, speculative
+from amd135m import tokenizer as tokenizer_lib
 from amd135m.errors import ArgumentParser, UserError
 
 
@@ -77,6 +78,7 @@ def read_prompts(args) -> list[str]:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  compilation_cache.enable()
   try:
     # Every flag is checked before a model loads (seconds here, minutes for a 7B).
     prompts = read_prompts(args)

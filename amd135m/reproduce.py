@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Callable
 
-from amd135m import config_lib
+from amd135m import compilation_cache, config_lib
 from amd135m.errors import ArgumentParser, UserError, make_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -281,6 +281,7 @@ def main(argv=None) -> int:
   parser.add_argument("--out", default=None, help="default: ~/.cache/amd135m/reproduce/PRESET")
   parser.add_argument("--target", default=None, help="default: the SmolLM2-135M GGUF")
   args = parser.parse_args(argv)
+  compilation_cache.enable()
   out = args.out or config_lib.cache_path("reproduce", args.preset)
   try:
     reproduce(out, args.preset, args.target)

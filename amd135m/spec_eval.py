@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Callable, Iterable, Mapping, Sequence
 
-from amd135m import bench, checkpoints, sampling, speculative
+from amd135m import bench, checkpoints, compilation_cache, sampling, speculative
 from amd135m.errors import ArgumentParser, UserError, check_dir_creatable, make_dir
 from amd135m.model_config import ModelConfig
 from amd135m.tokenizer import load_tokenizer
@@ -447,6 +447,7 @@ def main(argv=None) -> int:
   parser.add_argument("--dtype", help="cast weights on load, e.g. bfloat16 (default: as stored)")
   parser.add_argument("--json", action="store_true", help="print the rows as JSON")
   args = parser.parse_args(argv)
+  compilation_cache.enable()
   import tqdm  # noqa: PLC0415
   progress = functools.partial(tqdm.tqdm, file=sys.stderr, leave=False, unit="prompt")
   try:
