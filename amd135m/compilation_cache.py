@@ -2,13 +2,12 @@
 
 The SmolLM2 decode and verification programs take seconds to compile on a 2-core CPU, longer
 than generating a short answer; with the cache a second `generate`, a resumed `train`, a sweep
-trial or a test's subprocess loads them from disk instead.
+trial or a test's subprocess loads them from disk instead. Nothing is evicted (jax's eviction
+needs every writer to keep access times): delete the directory to reclaim its space.
 """
 import os
 
 from amd135m import paths
-
-MAX_BYTES = 4 << 30  # least recently used entries go past this
 
 
 def enable(min_compile_seconds: float = 0.5) -> None:
@@ -19,4 +18,3 @@ def enable(min_compile_seconds: float = 0.5) -> None:
   import jax  # noqa: PLC0415 (callers decide when jax is imported)
   jax.config.update("jax_compilation_cache_dir", paths.cache_path("jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
-  jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
