@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from amd135m import cpu_kernels
+from amd135m.quantize import Int8Weight
 from amd135m.model_config import ModelConfig  # noqa: F401 (re-exported: model.ModelConfig)
 
 
@@ -102,7 +103,10 @@ class Linear(nn.Module):
     # A 2-D product over B*T rows: XLA's CPU backend lays out the weight gradient of the 3-D
     # einsum with transposing copies (an MLP's forward+backward ran 1.3x slower).
     rows = x.reshape(-1, x.shape[-1]).astype(dtype)                               # [B*T, in]
-    out = _product(rows, w.astype(dtype), transposed=False)
+    if isinstance(w, Int8Weight):  # quantize.quantize_params: f32 activations, int8 weights
+      out = cpu_kernels.matmul_int8(rows.astype(jnp.float32), w.values, w.scale).astype(dtype)
+    else:
+      out = _product(rows, w.astype(dtype), transposed=False)
     return out.reshape(*x.shape[:-1], self.features)
 
 
@@ -116,13 +120,21 @@ class Embedding(nn.Module):
   def __call__(self, tokens: jax.Array) -> jax.Array:  # [B, T] int -> [B, T, D]
     # Gathered whole for the lookup (as FSDP gathers every weight): with the table split by its
     # embed dim, XLA would replicate the batch to scatter the lookup's gradient.
+    if isinstance(self.embedding, Int8Weight):
+      rows = jnp.take(self.embedding.values, tokens, axis=0).astype(jnp.float32)
+      scale = jnp.take(self.embedding.scale, tokens, axis=0)[..., None]
+      return (rows * scale).astype(self.config.dtype)
     table = constrain(self.embedding, (None, None))
     return jnp.take(table, tokens, axis=0).astype(self.config.dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V]: the tied output head
     dtype = jnp.dtype(self.config.dtype)
     rows = x.reshape(-1, x.shape[-1]).astype(dtype)                               # [B*T, D]
-    logits = _product(rows, self.embedding.astype(dtype), transposed=True)
+    if isinstance(self.embedding, Int8Weight):
+      logits = cpu_kernels.matmul_int8(rows.astype(jnp.float32), self.embedding.values,
+                                       self.embedding.scale, transposed=True)
+    else:
+      logits = _product(rows, self.embedding.astype(dtype), transposed=True)
     return logits.reshape(*x.shape[:-1], -1)
 
 

@@ -63,6 +63,9 @@ class ModelDraft:
   config: model_lib.ModelConfig
   forwards_per_token: int = 1  # one draft forward per drafted token
   feature_layers: tuple[int, ...] = ()
+  # The target's own weights at low precision (load_draft('int8')): the target's prompt cache is
+  # the draft's too, so no second prefill.
+  prompt_cache_from_target: bool = False
 
   def check(self, target_config: model_lib.ModelConfig) -> None:
     check_vocabularies(self.config.vocab_size, target_config.vocab_size)
@@ -71,8 +74,8 @@ class ModelDraft:
             target_params=None, target_cache=None, features=None):
     """The draft cache after the prompts. A draft that is the target's own first layers takes
     theirs from the target's prefill (see shares_target_layers); any other runs its own."""
-    if target_cache is not None and shares_target_layers(self.config, params, target_config,
-                                                         target_params):
+    if target_cache is not None and (self.prompt_cache_from_target or shares_target_layers(
+        self.config, params, target_config, target_params)):
       n_layers = self.config.n_layers
       return target_cache.replace(k=target_cache.k[:n_layers], v=target_cache.v[:n_layers])
     return _draft_init(self, params, tokens, prompt_lens, cache_len)
@@ -331,7 +334,7 @@ def predicted_speedup(acceptance: float, gamma: int, cost_ratio: float,
   return tokens / (gamma * cost_ratio + verify_ratio)
 
 
-DRAFT_SPECS = "ngram | self | first:N | PATH (a model, or a feature-head workdir)"
+DRAFT_SPECS = "ngram | self | int8 | first:N | PATH (a model, or a feature-head workdir)"
 
 
 def load_draft(spec: str, target_config: model_lib.ModelConfig, target_params,
@@ -340,6 +343,7 @@ def load_draft(spec: str, target_config: model_lib.ModelConfig, target_params,
   reproduction all call.
 
   ngram: prompt lookup (no model). self: the target drafting for itself (the upper bound).
+  int8: the target's own weights in int8 (quantize.py), a quarter of the bytes per step.
   first:N: the target's first N layers with its final norm and head (a draft made without
   training). PATH: a feature-head workdir (amd135m.draft_head), checked against the target it was
   trained for; or a model (Hugging Face directory, GGUF, training workdir) whose vocabulary is an
@@ -351,6 +355,12 @@ def load_draft(spec: str, target_config: model_lib.ModelConfig, target_params,
     return NgramDraft(), None
   if spec == "self":
     return ModelDraft(target_config), target_params
+  if spec == "int8":
+    from amd135m import quantize  # noqa: PLC0415
+    if quantize.is_quantized(target_params):
+      raise UserError("--draft int8: the target is int8 already; draft for an f32 target")
+    return (ModelDraft(target_config, prompt_cache_from_target=True),
+            quantize.quantize_params(target_params, target_config))
   if spec.startswith("first:"):
     try:
       n_layers = int(spec.split(":", 1)[1])

@@ -26,6 +26,7 @@
 #include <thread>
 #include <vector>
 
+#include <immintrin.h>
 #include <pthread.h>
 #include <unistd.h>
 
@@ -332,6 +333,175 @@ ffi::Error SmallMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 
 
 // ---------------------------------------------------------------------------------------------
+// The same products with int8 weights (weight-only quantization, one f32 scale per output
+// channel): out[m, n] = scale[n] * sum_k x[m, k] * W[k, n]. A quarter of the f32 kernels' bytes;
+// each weight vector is widened to f32 in registers (sign extend, convert) and used for all M
+// rows. As above, every element is summed over k in order whatever M or the thread split, and
+// scaled once at the end, so row m of a several-row product is bitwise its one-row product.
+
+// kLanes int8 weights as f32: sign-extend and convert (two instructions; GCC's generic
+// __builtin_convertvector of a byte vector went through scalar byte moves, 2x slower than f32).
+inline vec Widen(const int8_t* p) {
+#if defined(__AVX512F__)
+  const __m512 w = _mm512_cvtepi32_ps(
+      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+  const __m256 w = _mm256_cvtepi32_ps(
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#endif
+  vec out;
+  __builtin_memcpy(&out, &w, sizeof(out));
+  return out;
+}
+
+template <int M>
+constexpr int Int8ColumnVectors() {
+  constexpr int avx2[kMaxRows + 1] = {0, 4, 4, 3, 2, 2, 2, 1, 1};
+  constexpr int avx512[kMaxRows + 1] = {0, 4, 4, 4, 4, 3, 3, 2, 2};
+  return kLanes == 16 ? avx512[M] : avx2[M];
+}
+
+template <int M, int CB>
+int64_t Int8NNColumns(const float* __restrict x, const int8_t* __restrict w,
+                      float* __restrict out, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  constexpr int KB = 8;
+  constexpr int64_t width = CB * kLanes;
+  const int64_t end = n0 + (n1 - n0) / width * width;
+  for (int64_t k = 0; k + KB <= K; k += KB) {
+    const int8_t* wk = w + k * N;
+    for (int64_t n = n0; n < end; n += width) {
+      if (k + 2 * KB <= K)
+        for (int j = 0; j < KB; ++j)
+          for (int64_t c = 0; c < width; c += 64) __builtin_prefetch(wk + (KB + j) * N + n + c);
+      vec acc[M][CB];
+      for (int m = 0; m < M; ++m)
+        for (int c = 0; c < CB; ++c) acc[m][c] = Load(out + m * N + n + c * kLanes);
+      for (int j = 0; j < KB; ++j) {
+        vec wv[CB];
+        for (int c = 0; c < CB; ++c) wv[c] = Widen(wk + j * N + n + c * kLanes);
+        for (int m = 0; m < M; ++m) {
+          const vec a = Broadcast(x + m * K + k + j);
+          for (int c = 0; c < CB; ++c) acc[m][c] += a * wv[c];
+        }
+      }
+      for (int m = 0; m < M; ++m)
+        for (int c = 0; c < CB; ++c) Store(out + m * N + n + c * kLanes, acc[m][c]);
+    }
+  }
+  return end;
+}
+
+template <int M>
+void Int8NN(const float* __restrict x, const int8_t* __restrict w, const float* __restrict scale,
+            float* __restrict out, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  constexpr int KB = 8;
+  for (int m = 0; m < M; ++m) std::fill(out + m * N + n0, out + m * N + n1, 0.f);
+  const int64_t k_end = K / KB * KB;
+  int64_t n = Int8NNColumns<M, Int8ColumnVectors<M>()>(x, w, out, K, N, n0, n1);
+  if (Int8ColumnVectors<M>() > 1) n = Int8NNColumns<M, 1>(x, w, out, K, N, n, n1);
+  for (; n < n1; ++n)  // the last columns, one at a time, in the same order over k
+    for (int64_t k = 0; k < k_end; k += KB)
+      for (int m = 0; m < M; ++m) {
+        float s = out[m * N + n];
+        for (int j = 0; j < KB; ++j)
+          s = __builtin_fmaf(x[m * K + k + j], static_cast<float>(w[(k + j) * N + n]), s);
+        out[m * N + n] = s;
+      }
+  for (int64_t k = k_end; k < K; ++k)
+    for (int m = 0; m < M; ++m)
+      for (int64_t c = n0; c < n1; ++c)
+        out[m * N + c] = __builtin_fmaf(x[m * K + k], static_cast<float>(w[k * N + c]),
+                                        out[m * N + c]);
+  for (int m = 0; m < M; ++m)
+    for (int64_t c = n0; c < n1; ++c) out[m * N + c] *= scale[c];
+}
+
+// out[:, v0:v1] = scale[v] * x @ E[v0:v1, :]^T for E stored [V, K] in int8 (the tied embedding
+// as output head, one scale per vocabulary row), VB rows at a time as MatmulNT.
+template <int M>
+void Int8NT(const float* __restrict x, const int8_t* __restrict e, const float* __restrict scale,
+            float* __restrict out, int64_t K, int64_t V, int64_t v0, int64_t v1) {
+  constexpr int VB = 4;
+  constexpr int RG = kLanes == 16 ? 4 : 2;
+  const int64_t kv = K / kLanes * kLanes;
+  auto dot = [&](int m, int64_t v) {
+    vec acc = {};
+    for (int64_t d = 0; d < kv; d += kLanes) acc += Load(x + m * K + d) * Widen(e + v * K + d);
+    float s = Sum(acc);
+    for (int64_t d = kv; d < K; ++d) s = __builtin_fmaf(x[m * K + d], e[v * K + d], s);
+    return s * scale[v];
+  };
+  int64_t v = v0;
+  for (; v + VB <= v1; v += VB) {
+    for (int j = 0; j < VB; ++j)
+      if (v + 2 * VB <= v1) __builtin_prefetch(e + (v + VB + j) * K);
+    for (int m0 = 0; m0 < M; m0 += RG) {
+      constexpr int G = RG;
+      const int rows = std::min(G, M - m0);
+      vec acc[G][VB] = {};
+      for (int64_t d = 0; d < kv; d += kLanes) {
+        vec ev[VB];
+        for (int j = 0; j < VB; ++j) ev[j] = Widen(e + (v + j) * K + d);
+        for (int g = 0; g < G; ++g) {
+          if (g >= rows) break;
+          const vec xv = Load(x + (m0 + g) * K + d);
+          for (int j = 0; j < VB; ++j) acc[g][j] += xv * ev[j];
+        }
+      }
+      for (int g = 0; g < rows; ++g)
+        for (int j = 0; j < VB; ++j) {
+          float s = Sum(acc[g][j]);
+          for (int64_t d = kv; d < K; ++d)
+            s = __builtin_fmaf(x[(m0 + g) * K + d], e[(v + j) * K + d], s);
+          out[(m0 + g) * V + v + j] = s * scale[v + j];
+        }
+    }
+  }
+  for (; v < v1; ++v)
+    for (int m = 0; m < M; ++m) out[m * V + v] = dot(m, v);
+}
+
+using Int8Kernel = void (*)(const float*, const int8_t*, const float*, float*, int64_t, int64_t,
+                            int64_t, int64_t);
+
+Int8Kernel SelectInt8(bool transposed, int64_t rows) {
+  static const Int8Kernel nn[kMaxRows] = {&Int8NN<1>, &Int8NN<2>, &Int8NN<3>, &Int8NN<4>,
+                                          &Int8NN<5>, &Int8NN<6>, &Int8NN<7>, &Int8NN<8>};
+  static const Int8Kernel nt[kMaxRows] = {&Int8NT<1>, &Int8NT<2>, &Int8NT<3>, &Int8NT<4>,
+                                          &Int8NT<5>, &Int8NT<6>, &Int8NT<7>, &Int8NT<8>};
+  return (transposed ? nt : nn)[rows - 1];
+}
+
+ffi::Error SmallMatmulInt8(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                           ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> out,
+                           bool transposed) {
+  auto xd = x.dimensions(), wd = w.dimensions(), sd = scale.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || sd.size() != 1)
+    return ffi::Error::InvalidArgument("small_matmul_int8 takes a 2-D x and weight, 1-D scale");
+  const int64_t rows = xd[0], k = xd[1];
+  const int64_t n = transposed ? wd[0] : wd[1];
+  if ((transposed ? wd[1] : wd[0]) != k || sd[0] != n)
+    return ffi::Error::InvalidArgument("small_matmul_int8: x, weight and scale disagree");
+  if (rows < 1 || rows > kMaxRows)
+    return ffi::Error::InvalidArgument("small_matmul_int8 takes 1 to 8 rows");
+  Int8Kernel kernel = SelectInt8(transposed, rows);
+  const float* xp = x.typed_data();
+  const int8_t* wp = w.typed_data();
+  const float* sp = scale.typed_data();
+  float* op = out->typed_data();
+  const int64_t threads = std::max<int64_t>(1, std::min(8u, std::thread::hardware_concurrency()));
+  const int64_t block = transposed ? 4 : 4 * kLanes;
+  const int64_t blocks_per_thread = (n + threads * block - 1) / (threads * block);
+  const int64_t per = std::max<int64_t>(block, blocks_per_thread * block);
+  const int chunks = static_cast<int>((n + per - 1) / per);
+  RunChunks(chunks, [=](int i) {
+    kernel(xp, wp, sp, op, k, n, i * per, std::min<int64_t>(n, (i + 1) * per));
+  });
+  return ffi::Error::Success();
+}
+
+
+// ---------------------------------------------------------------------------------------------
 // Cached attention for a few new tokens per row (a decode step, a speculative verification).
 //
 // XLA runs it as a dozen small ops per layer (the one-hot cache write, scores over every cache
@@ -459,6 +629,14 @@ ffi::Error CachedAttention(ffi::Buffer<ffi::F32> q,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Amd135mSmallMatmul, SmallMatmul,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("transposed"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Amd135mSmallMatmulInt8, SmallMatmulInt8,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("transposed"));
