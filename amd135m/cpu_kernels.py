@@ -4,7 +4,7 @@ A decode step multiplies one row by every weight, a speculative verification gam
 CPUs XLA runs the first as a matrix-vector kernel and the second as a GEMM that packs the weight
 on every call, so verifying 5 tokens cost 1.6 single-token steps where reading the weights once
 should cost about 1. `matmul` sends products of 1-8 f32 rows to a kernel that streams each weight
-once for all rows, `matmul_int8` the same for int8 weights (a quarter of the bytes), and
+once for all rows, `matmul_int8` integer products with int8 weights (a quarter of the bytes), and
 `cached_attention` does a layer's cached attention for 1-8 new tokens in one call (XLA ran it as
 a dozen small ops scoring every cache slot). Everything else (more rows, other dtypes, GPUs,
 gradients) stays with XLA.
@@ -130,30 +130,50 @@ def matmul(x: jax.Array, w: jax.Array, transposed: bool = False) -> jax.Array:
   return _xla(x, w, transposed)
 
 
-def _int8_kernel(x, values, scale, transposed):
+INT8_BLOCK = 32  # inputs per activation scale
+
+
+def _int8_kernel(x, values, scale):
   if not available():
     raise RuntimeError("the CPU kernels are unavailable (see the warning above)")
-  n = values.shape[0] if transposed else values.shape[1]
-  call = jax.ffi.ffi_call(_INT8, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32),
+  call = jax.ffi.ffi_call(_INT8, jax.ShapeDtypeStruct((x.shape[0], values.shape[0]), jnp.float32),
                           vmap_method="sequential")
-  return call(x, values, scale, transposed=transposed)
+  return call(x, values, scale)
 
 
-def int8_reference(x, values, scale, transposed):
-  """XLA's form of matmul_int8: the weight widened to f32, the product, the scale."""
-  return _xla(x, values.astype(jnp.float32), transposed) * scale
+def quantize_activations(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """x [M, K] f32 as int8 per row and block of INT8_BLOCK inputs, as the kernel does: q [M, B,
+  INT8_BLOCK] (f32 holding integers; K padded with zeros) and scales [M, B] = max |x| / 127 over
+  the block, q = x / scale rounded to nearest even (0 where the block is all zero)."""
+  m, k = x.shape
+  blocks = -(-k // INT8_BLOCK)
+  x = jnp.pad(x, ((0, 0), (0, blocks * INT8_BLOCK - k))).reshape(m, blocks, INT8_BLOCK)
+  scale = jnp.max(jnp.abs(x), axis=-1) / 127.0
+  safe = jnp.where(scale > 0, scale, 1.0)[..., None]
+  q = jnp.where(scale[..., None] > 0, jnp.clip(jnp.round(x / safe), -127, 127), 0.0)
+  return q, scale
 
 
-def matmul_int8(x: jax.Array, values: jax.Array, scale: jax.Array,
-                transposed: bool = False) -> jax.Array:
-  """x [M, K] @ (values * scale) for int8 values [K, N] with one f32 scale per output column
-  (or values [N, K], one scale per row, when transposed): a kernel that streams the int8 weight
-  for 1-8 f32 rows on CPUs, XLA's widened product otherwise. No gradient: inference weights."""
-  if x.shape[0] <= MAX_ROWS and x.dtype == jnp.float32 and x.ndim == 2 and available():
-    return jax.lax.platform_dependent(
-        x, values, scale, cpu=lambda *a: _int8_kernel(*a, transposed),
-        default=lambda *a: int8_reference(*a, transposed))
-  return int8_reference(x.astype(jnp.float32), values, scale, transposed)
+def int8_reference(x, values, scale):
+  """XLA's form of matmul_int8, the same arithmetic: x quantized per block, each block's
+  integer dot product (exact in f32: at most 32 * 127^2), scaled by the block's scale, summed."""
+  m, k = x.shape
+  q, x_scale = quantize_activations(x.astype(jnp.float32))
+  blocks = q.shape[1]
+  w = jnp.pad(values.astype(jnp.float32), ((0, 0), (0, blocks * INT8_BLOCK - k)))
+  dots = jnp.einsum("MBK,NBK->MNB", q, w.reshape(-1, blocks, INT8_BLOCK))      # integers
+  return jnp.einsum("MNB,MB->MN", dots, x_scale) * scale
+
+
+def matmul_int8(x: jax.Array, values: jax.Array, scale: jax.Array) -> jax.Array:
+  """x [M, K] @ (values * scale[:, None]).T for int8 values [N, K] (a weight as [out, in], one
+  f32 scale per output), with x quantized to int8 per block of 32 inputs (llama.cpp's Q8_0
+  products): integer dot products in a kernel for 1-8 rows on CPUs with AVX2, XLA's equal
+  arithmetic (int8_reference) otherwise. No gradient: inference weights."""
+  if x.shape[0] <= MAX_ROWS and x.ndim == 2 and available():
+    return jax.lax.platform_dependent(x.astype(jnp.float32), values, scale, cpu=_int8_kernel,
+                                      default=int8_reference)
+  return int8_reference(x, values, scale)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -98,14 +98,16 @@ class Linear(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, in] -> [B, T, out]
-    w = _weight(self, "kernel", (x.shape[-1], self.features), self.axes)
     dtype = jnp.dtype(self.config.dtype)
     # A 2-D product over B*T rows: XLA's CPU backend lays out the weight gradient of the 3-D
     # einsum with transposing copies (an MLP's forward+backward ran 1.3x slower).
     rows = x.reshape(-1, x.shape[-1]).astype(dtype)                               # [B*T, in]
-    if isinstance(w, Int8Weight):  # quantize.quantize_params: f32 activations, int8 weights
-      out = cpu_kernels.matmul_int8(rows.astype(jnp.float32), w.values, w.scale).astype(dtype)
+    if self.has_variable("params", "kernel") and isinstance(
+        quantized := self.get_variable("params", "kernel"), Int8Weight):
+      # quantize.quantize_params: int8 [out, in] (flax's shape check would expect [in, out])
+      out = cpu_kernels.matmul_int8(rows, quantized.values, quantized.scale).astype(dtype)
     else:
+      w = _weight(self, "kernel", (x.shape[-1], self.features), self.axes)
       out = _product(rows, w.astype(dtype), transposed=False)
     return out.reshape(*x.shape[:-1], self.features)
 
@@ -131,8 +133,7 @@ class Embedding(nn.Module):
     dtype = jnp.dtype(self.config.dtype)
     rows = x.reshape(-1, x.shape[-1]).astype(dtype)                               # [B*T, D]
     if isinstance(self.embedding, Int8Weight):
-      logits = cpu_kernels.matmul_int8(rows.astype(jnp.float32), self.embedding.values,
-                                       self.embedding.scale, transposed=True)
+      logits = cpu_kernels.matmul_int8(rows, self.embedding.values, self.embedding.scale)
     else:
       logits = _product(rows, self.embedding.astype(dtype), transposed=True)
     return logits.reshape(*x.shape[:-1], -1)

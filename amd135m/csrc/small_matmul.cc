@@ -333,169 +333,156 @@ ffi::Error SmallMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 
 
 // ---------------------------------------------------------------------------------------------
-// The same products with int8 weights (weight-only quantization, one f32 scale per output
-// channel): out[m, n] = scale[n] * sum_k x[m, k] * W[k, n]. A quarter of the f32 kernels' bytes;
-// each weight vector is widened to f32 in registers (sign extend, convert) and used for all M
-// rows. As above, every element is summed over k in order whatever M or the thread split, and
-// scaled once at the end, so row m of a several-row product is bitwise its one-row product.
+// Products with int8 weights: out[m, n] = scale[n] * sum_k xq(x)[m, k] * W[n, k], W stored
+// [N, K] int8 (one f32 scale per output row n), and the f32 rows x quantized on the fly to int8
+// per block of 32 inputs (xq = sx[m, b] * q, sx = max |x| / 127 over the block, q rounded to
+// nearest even), as llama.cpp's Q8_0 does. Each block's dot product is exact integer arithmetic
+// (pairs of int8 products to int16, then int32: 32 products per handful of instructions, where
+// widening every weight to f32 was bound by the conversions, about 4 GMAC/s on the Zen 1 EPYC);
+// its sum is scaled by sx and accumulated in f32 in block order. The same for every M and thread
+// split, so row m of a several-row product is bitwise its one-row product.
 
-// kLanes int8 weights as f32: sign-extend and convert (two instructions; GCC's generic
-// __builtin_convertvector of a byte vector went through scalar byte moves, 2x slower than f32).
-inline vec Widen(const int8_t* p) {
-#if defined(__AVX512F__)
-  const __m512 w = _mm512_cvtepi32_ps(
-      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-#else
-  const __m256 w = _mm256_cvtepi32_ps(
-      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-#endif
-  vec out;
-  __builtin_memcpy(&out, &w, sizeof(out));
-  return out;
-}
+constexpr int64_t kBlock = 32;
 
-template <int M>
-constexpr int Int8ColumnVectors() {
-  constexpr int avx2[kMaxRows + 1] = {0, 4, 4, 3, 2, 2, 2, 1, 1};
-  constexpr int avx512[kMaxRows + 1] = {0, 4, 4, 4, 4, 3, 3, 2, 2};
-  return kLanes == 16 ? avx512[M] : avx2[M];
-}
+// Rows of x quantized once per call: q and |q| (the unsigned operand of maddubs) per block,
+// padded with zeros to whole blocks, and the blocks' scales.
+struct QuantizedRows {
+  std::vector<int8_t> q, abs_q;
+  std::vector<float> scale;
+  int64_t blocks = 0;
+};
 
-template <int M, int CB>
-int64_t Int8NNColumns(const float* __restrict x, const int8_t* __restrict w,
-                      float* __restrict out, int64_t K, int64_t N, int64_t n0, int64_t n1) {
-  constexpr int KB = 8;
-  constexpr int64_t width = CB * kLanes;
-  const int64_t end = n0 + (n1 - n0) / width * width;
-  for (int64_t k = 0; k + KB <= K; k += KB) {
-    const int8_t* wk = w + k * N;
-    for (int64_t n = n0; n < end; n += width) {
-      if (k + 2 * KB <= K)
-        for (int j = 0; j < KB; ++j)
-          for (int64_t c = 0; c < width; c += 64) __builtin_prefetch(wk + (KB + j) * N + n + c);
-      vec acc[M][CB];
-      for (int m = 0; m < M; ++m)
-        for (int c = 0; c < CB; ++c) acc[m][c] = Load(out + m * N + n + c * kLanes);
-      for (int j = 0; j < KB; ++j) {
-        vec wv[CB];
-        for (int c = 0; c < CB; ++c) wv[c] = Widen(wk + j * N + n + c * kLanes);
-        for (int m = 0; m < M; ++m) {
-          const vec a = Broadcast(x + m * K + k + j);
-          for (int c = 0; c < CB; ++c) acc[m][c] += a * wv[c];
-        }
+QuantizedRows QuantizeRows(const float* x, int64_t M, int64_t K) {
+  QuantizedRows r;
+  r.blocks = (K + kBlock - 1) / kBlock;
+  r.q.assign(M * r.blocks * kBlock, 0);
+  r.abs_q.assign(M * r.blocks * kBlock, 0);
+  r.scale.assign(M * r.blocks, 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < r.blocks; ++b) {
+      const int64_t k0 = b * kBlock, k1 = std::min(K, k0 + kBlock);
+      float top = 0.f;
+      for (int64_t k = k0; k < k1; ++k) top = std::max(top, std::fabs(x[m * K + k]));
+      const float s = top / 127.f;
+      r.scale[m * r.blocks + b] = s;
+      if (s == 0.f) continue;  // an all-zero block: q stays 0
+      for (int64_t k = k0; k < k1; ++k) {
+        const float v = std::nearbyint(x[m * K + k] / s);
+        const int8_t q = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
+        r.q[(m * r.blocks + b) * kBlock + (k - k0)] = q;
+        r.abs_q[(m * r.blocks + b) * kBlock + (k - k0)] = static_cast<int8_t>(q < 0 ? -q : q);
       }
-      for (int m = 0; m < M; ++m)
-        for (int c = 0; c < CB; ++c) Store(out + m * N + n + c * kLanes, acc[m][c]);
     }
-  }
-  return end;
+  return r;
 }
 
-template <int M>
-void Int8NN(const float* __restrict x, const int8_t* __restrict w, const float* __restrict scale,
-            float* __restrict out, int64_t K, int64_t N, int64_t n0, int64_t n1) {
-  constexpr int KB = 8;
-  for (int m = 0; m < M; ++m) std::fill(out + m * N + n0, out + m * N + n1, 0.f);
-  const int64_t k_end = K / KB * KB;
-  int64_t n = Int8NNColumns<M, Int8ColumnVectors<M>()>(x, w, out, K, N, n0, n1);
-  if (Int8ColumnVectors<M>() > 1) n = Int8NNColumns<M, 1>(x, w, out, K, N, n, n1);
-  for (; n < n1; ++n)  // the last columns, one at a time, in the same order over k
-    for (int64_t k = 0; k < k_end; k += KB)
-      for (int m = 0; m < M; ++m) {
-        float s = out[m * N + n];
-        for (int j = 0; j < KB; ++j)
-          s = __builtin_fmaf(x[m * K + k + j], static_cast<float>(w[(k + j) * N + n]), s);
-        out[m * N + n] = s;
-      }
-  for (int64_t k = k_end; k < K; ++k)
-    for (int m = 0; m < M; ++m)
-      for (int64_t c = n0; c < n1; ++c)
-        out[m * N + c] = __builtin_fmaf(x[m * K + k], static_cast<float>(w[k * N + c]),
-                                        out[m * N + c]);
-  for (int m = 0; m < M; ++m)
-    for (int64_t c = n0; c < n1; ++c) out[m * N + c] *= scale[c];
+// The 32-product integer dot of one block as 8 int32 lanes: |q| * (w with q's signs), pairwise
+// to int16 (at most 2 * 127 * 127, no saturation), then pairs to int32.
+inline __m256i BlockDot(__m256i abs_q, __m256i q, __m256i w) {
+  const __m256i products = _mm256_maddubs_epi16(abs_q, _mm256_sign_epi8(w, q));
+  return _mm256_madd_epi16(products, _mm256_set1_epi16(1));
 }
 
-// out[:, v0:v1] = scale[v] * x @ E[v0:v1, :]^T for E stored [V, K] in int8 (the tied embedding
-// as output head, one scale per vocabulary row), VB rows at a time as MatmulNT.
+inline float Sum8(__m256 v) {
+  float lanes[8];
+  _mm256_storeu_ps(lanes, v);
+  for (int half = 4; half > 0; half /= 2)
+    for (int i = 0; i < half; ++i) lanes[i] += lanes[i + half];
+  return lanes[0];
+}
+
+// Rows n0..n1 of W for all M rows, VB weight rows at a time (each 32-byte block loaded once for
+// every row of x), RG rows of x at a time so that the RG * VB accumulators fit the registers.
 template <int M>
-void Int8NT(const float* __restrict x, const int8_t* __restrict e, const float* __restrict scale,
-            float* __restrict out, int64_t K, int64_t V, int64_t v0, int64_t v1) {
+void Int8Rows(const QuantizedRows& x, const int8_t* __restrict w, const float* __restrict scale,
+              float* __restrict out, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   constexpr int VB = 4;
-  constexpr int RG = kLanes == 16 ? 4 : 2;
-  const int64_t kv = K / kLanes * kLanes;
-  auto dot = [&](int m, int64_t v) {
-    vec acc = {};
-    for (int64_t d = 0; d < kv; d += kLanes) acc += Load(x + m * K + d) * Widen(e + v * K + d);
-    float s = Sum(acc);
-    for (int64_t d = kv; d < K; ++d) s = __builtin_fmaf(x[m * K + d], e[v * K + d], s);
-    return s * scale[v];
+  constexpr int RG = 2;
+  const int64_t full = K / kBlock, nb = x.blocks;
+  // One element: the full blocks' lanes, their sum, then the partial last block in scalars.
+  auto finish = [&](int m, int64_t n, __m256 acc) {
+    float s = Sum8(acc);
+    if (full < nb) {
+      int32_t dot = 0;
+      for (int64_t k = full * kBlock; k < K; ++k)
+        dot += x.q[(m * nb + full) * kBlock + k - full * kBlock] * static_cast<int32_t>(w[n * K + k]);
+      s = __builtin_fmaf(static_cast<float>(dot), x.scale[m * nb + full], s);
+    }
+    out[m * N + n] = s * scale[n];
   };
-  int64_t v = v0;
-  for (; v + VB <= v1; v += VB) {
+  int64_t n = n0;
+  for (; n + VB <= n1; n += VB) {
     for (int j = 0; j < VB; ++j)
-      if (v + 2 * VB <= v1) __builtin_prefetch(e + (v + VB + j) * K);
+      if (n + 2 * VB <= n1) __builtin_prefetch(w + (n + VB + j) * K);
     for (int m0 = 0; m0 < M; m0 += RG) {
-      constexpr int G = RG;
-      const int rows = std::min(G, M - m0);
-      vec acc[G][VB] = {};
-      for (int64_t d = 0; d < kv; d += kLanes) {
-        vec ev[VB];
-        for (int j = 0; j < VB; ++j) ev[j] = Widen(e + (v + j) * K + d);
-        for (int g = 0; g < G; ++g) {
+      const int rows = std::min(RG, M - m0);
+      __m256 acc[RG][VB];
+      for (int g = 0; g < RG; ++g)
+        for (int j = 0; j < VB; ++j) acc[g][j] = _mm256_setzero_ps();
+      for (int64_t b = 0; b < full; ++b) {
+        __m256i wv[VB];
+        for (int j = 0; j < VB; ++j)
+          wv[j] = _mm256_loadu_si256(
+              reinterpret_cast<const __m256i*>(w + (n + j) * K + b * kBlock));
+        for (int g = 0; g < RG; ++g) {
           if (g >= rows) break;
-          const vec xv = Load(x + (m0 + g) * K + d);
-          for (int j = 0; j < VB; ++j) acc[g][j] += xv * ev[j];
+          const int64_t at = ((m0 + g) * nb + b) * kBlock;
+          const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&x.q[at]));
+          const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&x.abs_q[at]));
+          const __m256 s = _mm256_set1_ps(x.scale[(m0 + g) * nb + b]);
+          for (int j = 0; j < VB; ++j)
+            acc[g][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BlockDot(a, q, wv[j])), s, acc[g][j]);
         }
       }
       for (int g = 0; g < rows; ++g)
-        for (int j = 0; j < VB; ++j) {
-          float s = Sum(acc[g][j]);
-          for (int64_t d = kv; d < K; ++d)
-            s = __builtin_fmaf(x[(m0 + g) * K + d], e[(v + j) * K + d], s);
-          out[(m0 + g) * V + v + j] = s * scale[v + j];
-        }
+        for (int j = 0; j < VB; ++j) finish(m0 + g, n + j, acc[g][j]);
     }
   }
-  for (; v < v1; ++v)
-    for (int m = 0; m < M; ++m) out[m * V + v] = dot(m, v);
+  for (; n < n1; ++n)
+    for (int m = 0; m < M; ++m) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t b = 0; b < full; ++b) {
+        const int64_t at = (m * nb + b) * kBlock;
+        const __m256i wv =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + n * K + b * kBlock));
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&x.q[at]));
+        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&x.abs_q[at]));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BlockDot(a, q, wv)),
+                              _mm256_set1_ps(x.scale[m * nb + b]), acc);
+      }
+      finish(m, n, acc);
+    }
 }
 
-using Int8Kernel = void (*)(const float*, const int8_t*, const float*, float*, int64_t, int64_t,
-                            int64_t, int64_t);
-
-Int8Kernel SelectInt8(bool transposed, int64_t rows) {
-  static const Int8Kernel nn[kMaxRows] = {&Int8NN<1>, &Int8NN<2>, &Int8NN<3>, &Int8NN<4>,
-                                          &Int8NN<5>, &Int8NN<6>, &Int8NN<7>, &Int8NN<8>};
-  static const Int8Kernel nt[kMaxRows] = {&Int8NT<1>, &Int8NT<2>, &Int8NT<3>, &Int8NT<4>,
-                                          &Int8NT<5>, &Int8NT<6>, &Int8NT<7>, &Int8NT<8>};
-  return (transposed ? nt : nn)[rows - 1];
-}
+using Int8Kernel = void (*)(const QuantizedRows&, const int8_t*, const float*, float*, int64_t,
+                            int64_t, int64_t, int64_t);
 
 ffi::Error SmallMatmulInt8(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
-                           ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> out,
-                           bool transposed) {
+                           ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> out) {
   auto xd = x.dimensions(), wd = w.dimensions(), sd = scale.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || sd.size() != 1)
     return ffi::Error::InvalidArgument("small_matmul_int8 takes a 2-D x and weight, 1-D scale");
-  const int64_t rows = xd[0], k = xd[1];
-  const int64_t n = transposed ? wd[0] : wd[1];
-  if ((transposed ? wd[1] : wd[0]) != k || sd[0] != n)
+  const int64_t rows = xd[0], k = xd[1], n = wd[0];
+  if (wd[1] != k || sd[0] != n)
     return ffi::Error::InvalidArgument("small_matmul_int8: x, weight and scale disagree");
   if (rows < 1 || rows > kMaxRows)
     return ffi::Error::InvalidArgument("small_matmul_int8 takes 1 to 8 rows");
-  Int8Kernel kernel = SelectInt8(transposed, rows);
-  const float* xp = x.typed_data();
+  static const Int8Kernel kernels[kMaxRows] = {&Int8Rows<1>, &Int8Rows<2>, &Int8Rows<3>,
+                                               &Int8Rows<4>, &Int8Rows<5>, &Int8Rows<6>,
+                                               &Int8Rows<7>, &Int8Rows<8>};
+  Int8Kernel kernel = kernels[rows - 1];
+  const QuantizedRows quantized = QuantizeRows(x.typed_data(), rows, k);
+  const QuantizedRows* xq = &quantized;
   const int8_t* wp = w.typed_data();
   const float* sp = scale.typed_data();
   float* op = out->typed_data();
   const int64_t threads = std::max<int64_t>(1, std::min(8u, std::thread::hardware_concurrency()));
-  const int64_t block = transposed ? 4 : 4 * kLanes;
+  const int64_t block = 4;
   const int64_t blocks_per_thread = (n + threads * block - 1) / (threads * block);
   const int64_t per = std::max<int64_t>(block, blocks_per_thread * block);
   const int chunks = static_cast<int>((n + per - 1) / per);
   RunChunks(chunks, [=](int i) {
-    kernel(xp, wp, sp, op, k, n, i * per, std::min<int64_t>(n, (i + 1) * per));
+    kernel(*xq, wp, sp, op, k, n, i * per, std::min<int64_t>(n, (i + 1) * per));
   });
   return ffi::Error::Success();
 }
@@ -638,8 +625,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Amd135mSmallMatmulInt8, SmallMatmulInt8,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("transposed"));
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Amd135mCachedAttention, CachedAttention,
                               ffi::Ffi::Bind()
