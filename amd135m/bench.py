@@ -51,6 +51,7 @@ def bytes_per_token(config: model_lib.ModelConfig, params, context: float) -> fl
   embedding lookup one row), plus the keys and values of `context` cached positions."""
   weights = sum(x.nbytes for x in jax.tree.leaves(params))
   embedding = params["embed_tokens"]["embedding"]
+  embedding = getattr(embedding, "values", embedding)  # int8: the values (scales are small)
   if not config.tie_embeddings:  # the lookup touches one row, not the table
     weights -= embedding.nbytes - embedding.nbytes // embedding.shape[0]
   kv = 2 * config.n_layers * config.n_kv_heads * config.head_dim * jnp.dtype(config.dtype).itemsize
@@ -80,9 +81,13 @@ def _reference(what: str, model: str, prompt: list[int], new_tokens: int, runs: 
 
 
 def bench_decode(model: str, new_tokens: int = 128, runs: int = 3, prefill_tokens: int = 512,
-                 reference: bool = True) -> dict:
+                 reference: bool = True, weights: str = "f32") -> dict:
+  """Ours (weights f32, or int8: quantize.quantize_params) against transformers in f32."""
   config, params = checkpoints.load_params(model)
   params = jax.tree.map(jnp.asarray, params)
+  if weights == "int8":
+    from amd135m import quantize  # noqa: PLC0415
+    params = quantize.quantize_params(params, config)
   tokenizer = load_tokenizer(model)
   prompt = tokenizer.encode(DECODE_PROMPT)
 
@@ -115,8 +120,8 @@ def bench_decode(model: str, new_tokens: int = 128, runs: int = 3, prefill_token
       lambda: sampling.prefill(params, config, long, long_lens, cache_len=prefill_tokens), runs)
 
   result = dict(
-      benchmark="decode", model=str(model), new_tokens=new_tokens, prompt_tokens=len(prompt),
-      runs=runs,
+      benchmark="decode", model=str(model), weights=weights, new_tokens=new_tokens,
+      prompt_tokens=len(prompt), runs=runs,
       ours=dict(tokens_per_second=ours_tps, decode_seconds=decode_times,
                 prefill_tokens_per_second=prefill_tokens / prefill_seconds,
                 prefill_seconds=prefill_times),
@@ -325,6 +330,8 @@ def main(argv=None) -> int:
   decode.add_argument("--model", required=True)
   decode.add_argument("--new-tokens", type=int, default=128)
   decode.add_argument("--runs", type=int, default=3)
+  decode.add_argument("--weights", choices=("f32", "int8"), default="f32",
+                      help="our decode's weights (transformers stays f32)")
   decode.add_argument("--no-reference", action="store_true", help="skip transformers")
   decode.add_argument("--json", action="store_true")
   spec = sub.add_parser("speculative", help="speculative decoding on HumanEval prompts")
@@ -354,7 +361,7 @@ def main(argv=None) -> int:
   try:
     if args.what == "decode":
       result = bench_decode(args.model, args.new_tokens, args.runs,
-                            reference=not args.no_reference)
+                            reference=not args.no_reference, weights=args.weights)
     else:
       result = bench_speculative(args.target, args.draft, args.gamma, args.prompts,
                                  args.new_tokens, reference=not args.no_reference,
@@ -370,7 +377,7 @@ def main(argv=None) -> int:
     print_speculative(result)
   else:
     ours, roof = result["ours"], result["roofline"]
-    print(f"decode  ours {ours['tokens_per_second']:.1f} tokens/s, "
+    print(f"decode  ours ({result['weights']}) {ours['tokens_per_second']:.1f} tokens/s, "
           f"{100 * roof['share']:.0f}% of the {roof['tokens_per_second']:.1f} tokens/s roofline "
           f"({roof['copy_bandwidth_gb_s']:.1f} GB/s copy, {roof['bytes_per_token'] / 1e6:.0f} MB/token)")
     print(f"prefill ours {ours['prefill_tokens_per_second']:.0f} tokens/s (512-token prompt)")
