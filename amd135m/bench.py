@@ -379,7 +379,8 @@ def main(argv=None) -> int:
     ours, roof = result["ours"], result["roofline"]
     print(f"decode  ours ({result['weights']}) {ours['tokens_per_second']:.1f} tokens/s, "
           f"{100 * roof['share']:.0f}% of the {roof['tokens_per_second']:.1f} tokens/s roofline "
-          f"({roof['copy_bandwidth_gb_s']:.1f} GB/s copy, {roof['bytes_per_token'] / 1e6:.0f} MB/token)")
+          f"({roof['copy_bandwidth_gb_s']:.1f} GB/s copy, "
+          f"{roof['bytes_per_token'] / 1e6:.0f} MB/token)")
     print(f"prefill ours {ours['prefill_tokens_per_second']:.0f} tokens/s (512-token prompt)")
     if "transformers" in result:
       hf, speedup = result["transformers"], result["speedup"]

@@ -33,15 +33,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from amd135m import checkpoints, compilation_cache, feature_draft, metrics as metrics_lib
-from amd135m import model as model_lib, sampling
+from amd135m import (
+  checkpoints,
+  compilation_cache,
+  feature_draft,
+  metrics as metrics_lib,
+  model as model_lib,
+  sampling,
+)
 from amd135m.checkpoints import head_io, orbax_io
 from amd135m.errors import ArgumentParser, UserError, make_dir
+from amd135m.paths import COMPLETE
 
 DATA_DIR = "data"
 SETTINGS_FILE = "train_settings.json"
 SCHEDULE_FILE = "schedule.json"
-COMPLETE = "COMPLETE"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,8 +217,9 @@ def collect(params, config, tokenizer, workdir: pathlib.Path, layers, settings: 
             max_chunks: int, deadline: float | None, log: Callable = print) -> int:
   """Fills DIR/data with chunks 0, 1, ... (each `collect_batch` rows), skipping those already
   there, until max_chunks or the deadline. Returns the number of chunks on disk."""
-  from amd135m.data import prompts as prompts_lib  # noqa: PLC0415 (reads the corpora)
   from tqdm.auto import tqdm  # noqa: PLC0415
+
+  from amd135m.data import prompts as prompts_lib  # noqa: PLC0415 (reads the corpora)
   (workdir / DATA_DIR).mkdir(exist_ok=True)
   every, rows = settings.generate_every, settings.collect_batch
   n_generated = -(-max_chunks // every)

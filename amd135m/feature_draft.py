@@ -30,8 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amd135m import model as model_lib
-from amd135m import sampling
+from amd135m import model as model_lib, sampling
 from amd135m.model_config import ModelConfig
 
 

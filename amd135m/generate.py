@@ -10,8 +10,15 @@ int8 weights (one scale per output channel; f32 activations), a quarter of the b
 import json
 import sys
 
-from amd135m import checkpoints, compilation_cache, inference, quantize, sampling, speculative
-from amd135m import tokenizer as tokenizer_lib
+from amd135m import (
+  checkpoints,
+  compilation_cache,
+  inference,
+  quantize,
+  sampling,
+  speculative,
+  tokenizer as tokenizer_lib,
+)
 from amd135m.errors import ArgumentParser, UserError
 
 

@@ -2,10 +2,12 @@
 
 Module names mirror Hugging Face's LlamaForCausalLM and leaves follow Flax's conventions, so a
 checkpoint conversion is a rename plus a transpose of linear weights:
-`model.layers.3.self_attn.q_proj.weight` [out, in] is params['layers_3']['self_attn']['q_proj']['kernel']
-[in, out]; `embed_tokens.weight` is ['embed_tokens']['embedding'] [V, D]; norms' `weight` is `scale`.
-Kernels are [in, out] because XLA's CPU matrix-vector product streams that layout about 1.4-2x faster
-(measured on this project's 2-core machine), and decode is bound by reading the weights.
+`model.layers.3.self_attn.q_proj.weight` [out, in] is
+params['layers_3']['self_attn']['q_proj']['kernel'] [in, out]; `embed_tokens.weight` is
+['embed_tokens']['embedding'] [V, D]; norms' `weight` is `scale`. Kernels are [in, out] because
+XLA's CPU matrix-vector product streams that layout about 1.4-2x faster (measured on this
+project's 2-core machine), and decode is bound by reading the weights. quantize.py's int8 copy
+stores them [out, in] instead (its integer dot products read contiguous inputs).
 """
 import contextlib
 import contextvars
@@ -17,9 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from amd135m import cpu_kernels
-from amd135m.quantize import Int8Weight
 from amd135m.model_config import ModelConfig  # noqa: F401 (re-exported: model.ModelConfig)
-
+from amd135m.quantize import Int8Weight
 
 # ---------------------------------------------------------------------------------------------
 # KV cache: an explicit pytree, passed in and returned; rollback is moving `length` back.

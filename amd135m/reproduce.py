@@ -84,11 +84,12 @@ def _distill_data(target_path: str, out: pathlib.Path, preset: Preset, log) -> s
   prepared = out / "distill_data"
   raw = out / "distill_raw"
   if not (raw / "DONE").exists():
-    import jax.numpy as jnp  # noqa: PLC0415
     import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
     from amd135m import checkpoints, inference, sampling  # noqa: PLC0415
-    from amd135m.tokenizer import load_tokenizer  # noqa: PLC0415
     from amd135m.data import prompts  # noqa: PLC0415
+    from amd135m.tokenizer import load_tokenizer  # noqa: PLC0415
     headers = prompts.stdlib_headers(preset.distill_prompts)
     config, params = checkpoints.load_params(target_path)
     params = jax.tree.map(jnp.asarray, params)
@@ -116,7 +117,8 @@ def plot_losses(workdirs: dict[str, pathlib.Path], path: pathlib.Path) -> None:
   fig, ax = plt.subplots(figsize=(8, 4.5))
   offset = 0
   for stage, workdir in workdirs.items():
-    records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if l]
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line]
     train = [(r["step"] + offset, r["train_loss"]) for r in records if "train_loss" in r]
     evals = [(r["step"] + offset, r["eval_loss"]) for r in records if "eval_loss" in r]
     if train:
@@ -280,7 +282,8 @@ def plot_comparison(rows: list[dict], path: pathlib.Path) -> None:
 
 
 def main(argv=None) -> int:
-  """python -m amd135m.reproduce (or experiments/reproduce.py) [--preset P] [--out D] [--target T]"""
+  """python -m amd135m.reproduce (or experiments/reproduce.py) [--preset P] [--out D]
+  [--target T]"""
   parser = ArgumentParser(prog="amd135m.reproduce", description=__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))

@@ -20,8 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amd135m import model as model_lib
-from amd135m import sampling
+from amd135m import model as model_lib, sampling
 from amd135m.errors import UserError
 
 # ---------------------------------------------------------------------------------------------
@@ -477,7 +476,8 @@ def speculative_generate(target_params, target_config: model_lib.ModelConfig, dr
   totals = statistics(out["drafted"].sum(), out["accepted"].sum(), out["target_calls"].sum(),
                       out["new_tokens"].sum() - batch, out["accepted_at"].sum(0),
                       out["drafted_at"].sum(0), per_token)
-  totals.update(target_calls=int(out["iterations"]), row_target_calls=int(out["target_calls"].sum()),
+  totals.update(target_calls=int(out["iterations"]),
+                row_target_calls=int(out["target_calls"].sum()),
                 new_tokens=int(out["new_tokens"].sum()))
   return SpeculativeResult(rows_tokens, stopped, rows_stats, totals)
 
