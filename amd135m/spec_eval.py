@@ -391,10 +391,7 @@ def run(target: str, draft: str, out_dir: str, *, paper: bool = False, n_prompts
   if unknown:
     raise UserError(f"unknown setting {unknown[0]!r}: choose greedy and/or sampling")
   task_ids, texts = humaneval_prompts(n_prompts, one_shot=paper)
-  if draft not in ("ngram", "self") and not draft.startswith("first:") and not (
-      pathlib.Path(draft).expanduser().exists()):
-    raise UserError(f"--draft {draft}: no such file or directory; give "
-                    f"{speculative.DRAFT_SPECS}")
+  speculative.check_draft_spec(draft)
 
   import jax  # noqa: PLC0415 (checks above stay fast)
   import jax.numpy as jnp  # noqa: PLC0415

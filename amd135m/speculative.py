@@ -336,6 +336,18 @@ def predicted_speedup(acceptance: float, gamma: int, cost_ratio: float,
 DRAFT_SPECS = "ngram | self | int8 | first:N | PATH (a model, or a feature-head workdir)"
 
 
+NAMED_DRAFTS = ("ngram", "self", "int8")
+
+
+def check_draft_spec(spec: str) -> None:
+  """The cheap part of load_draft's checks, for callers that check every flag before loading a
+  model: a named draft, first:N, or a path that exists."""
+  if spec in NAMED_DRAFTS or spec.startswith("first:"):
+    return
+  if not pathlib.Path(spec).expanduser().exists():
+    raise UserError(f"--draft {spec}: no such file or directory; give {DRAFT_SPECS}")
+
+
 def load_draft(spec: str, target_config: model_lib.ModelConfig, target_params,
                target_tokenizer=None, dtype=None) -> tuple[Draft, object]:
   """(draft, its params) for a --draft value: what the CLI, bench, spec_eval, notebooks and the
@@ -371,9 +383,8 @@ def load_draft(spec: str, target_config: model_lib.ModelConfig, target_params,
     params = {k: v for k, v in target_params.items()
               if not k.startswith("layers_") or int(k.split("_")[1]) < n_layers}
     return ModelDraft(dataclasses.replace(target_config, n_layers=n_layers)), params
+  check_draft_spec(spec)
   path = pathlib.Path(spec).expanduser()
-  if not path.exists():
-    raise UserError(f"--draft {spec}: no such file or directory; give {DRAFT_SPECS}")
   if head_io.is_head_workdir(path):
     record, vocab, head = head_io.load_head_params(path)
     target_print = head_io.fingerprint(target_config, target_params)
