@@ -113,6 +113,14 @@ class Linear(nn.Module):
     return out.reshape(*x.shape[:-1], self.features)
 
 
+def _fused_int8(weight: Int8Weight, x: jax.Array, dtype) -> jax.Array:
+  """x [..., in] through an int8 weight holding several projections' rows (q, k, v or gate, up
+  stacked as [out1 + out2 + ..., in]): one kernel call where there were two or three."""
+  rows = x.reshape(-1, x.shape[-1])
+  out = cpu_kernels.matmul_int8(rows, weight.values, weight.scale).astype(dtype)
+  return out.reshape(*x.shape[:-1], -1)
+
+
 class Embedding(nn.Module):
   config: ModelConfig
 
@@ -171,9 +179,14 @@ class Attention(nn.Module):
     """x: [B, T, D]; positions: [B, T]; mask: [B, T, S] bool; cache_kv: ([B,S,K,H],)*2 or None."""
     c = self.config
     b, t, _ = x.shape
-    q = Linear(c, c.n_heads * c.head_dim, ("embed", "heads"), name="q_proj")(x)
-    k = Linear(c, c.n_kv_heads * c.head_dim, ("embed", "kv_heads"), name="k_proj")(x)
-    v = Linear(c, c.n_kv_heads * c.head_dim, ("embed", "kv_heads"), name="v_proj")(x)
+    q_size, kv_size = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    if self.has_variable("params", "qkv_proj"):  # quantize.quantize_params fuses the three
+      qkv = _fused_int8(self.get_variable("params", "qkv_proj"), x, c.dtype)
+      q, k, v = jnp.split(qkv, [q_size, q_size + kv_size], axis=-1)
+    else:
+      q = Linear(c, q_size, ("embed", "heads"), name="q_proj")(x)
+      k = Linear(c, kv_size, ("embed", "kv_heads"), name="k_proj")(x)
+      v = Linear(c, kv_size, ("embed", "kv_heads"), name="v_proj")(x)
     q = rotary(q.reshape(b, t, c.n_heads, c.head_dim), positions, c.rope_theta)
     k = rotary(k.reshape(b, t, c.n_kv_heads, c.head_dim), positions, c.rope_theta)
     v = v.reshape(b, t, c.n_kv_heads, c.head_dim)
@@ -304,8 +317,12 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D]
     c = self.config
-    gate = Linear(c, c.ffn_dim, ("embed", "mlp"), name="gate_proj")(x)
-    up = Linear(c, c.ffn_dim, ("embed", "mlp"), name="up_proj")(x)
+    if self.has_variable("params", "gate_up_proj"):  # quantize.quantize_params fuses the two
+      gate, up = jnp.split(_fused_int8(self.get_variable("params", "gate_up_proj"), x, c.dtype),
+                           2, axis=-1)
+    else:
+      gate = Linear(c, c.ffn_dim, ("embed", "mlp"), name="gate_proj")(x)
+      up = Linear(c, c.ffn_dim, ("embed", "mlp"), name="up_proj")(x)
     hidden = constrain(nn.silu(gate) * up, ("act_batch", "act_seq", "act_mlp"))
     return Linear(c, c.dim, ("mlp", "embed"), name="down_proj")(hidden)
 

@@ -122,7 +122,7 @@ def test_int8_decode_equals_the_reference_arithmetic_and_tracks_f32(smollm2):
   cut = ref.first_small_margin(chosen)
   cut = len(tokens) if cut is None else cut
   assert tokens[:cut] == np.argmax(chosen, -1).tolist()[:cut]
-  f32, _ = model_lib.forward(quantize.dequantize_params(int8), config, sequence)
+  f32, _ = model_lib.forward(quantize.dequantize_params(int8, config), config, sequence)
   agreement = np.mean(np.argmax(np.asarray(f32[0]), -1) == np.argmax(np.asarray(logits[0]), -1))
   assert agreement >= 0.8, agreement
 
