@@ -220,3 +220,20 @@ def test_convert_never_touches_a_path_the_user_did_not_name(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.partial", "src"]
   # The output has the umask's mode, like any directory the user makes, not mkdtemp's 0700.
   assert (tmp_path / "out").stat().st_mode & 0o777 == (tmp_path / "src").stat().st_mode & 0o777
+
+
+def test_a_full_disk_during_convert_is_one_line_and_leaves_nothing(smollm2_gguf, tmp_path,
+                                                                    monkeypatch, capsys):
+  import errno
+
+  from amd135m.checkpoints import export
+
+  def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(export, "save_hf", full)
+  out = tmp_path / "out"
+  assert convert.main(["--input", str(smollm2_gguf), "--output", str(out)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "no space left on device" in err[0] and str(out) in err[0]
+  assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no staging directory

@@ -1,5 +1,6 @@
 """Writing Hugging Face Llama directories, and converting any checkpoint we read into one."""
 import dataclasses
+import errno
 import json
 import os
 import pathlib
@@ -189,6 +190,11 @@ def convert_checkpoint(input_path: str | os.PathLike, output_dir: str | os.PathL
     if output_dir.exists():
       output_dir.rmdir()  # empty, checked above; rename cannot replace a directory
     staging.rename(output_dir)
+  except OSError as e:
+    if e.errno != errno.ENOSPC:
+      raise
+    raise UserError(f"no space left on device at {parent}; {output_dir} was not written and "
+                    "nothing half-written is left: free some space and rerun") from None
   finally:
     shutil.rmtree(staging_root, ignore_errors=True)  # ours alone: mkdtemp made it for this run
   saved = dataclasses.replace(saved, directory=output_dir)
