@@ -27,10 +27,6 @@ class Int8Weight:
   values: jax.Array  # int8 [out, in]
   scale: jax.Array   # f32 [out]
 
-  @property
-  def shape(self):
-    return self.values.shape
-
   def dequantize(self) -> jax.Array:
     """The f32 weight it stands for, [out, in]."""
     return self.values.astype(jnp.float32) * self.scale[:, None]
