@@ -4,7 +4,8 @@ A decode step multiplies one row by every weight, a speculative verification gam
 CPUs XLA runs the first as a matrix-vector kernel and the second as a GEMM that packs the weight
 on every call, so verifying 5 tokens cost 1.6 single-token steps where reading the weights once
 should cost about 1. `matmul` sends products of 1-8 f32 rows to a kernel that streams each weight
-once for all rows, `matmul_int8` integer products with int8 weights (a quarter of the bytes), and
+once for all rows (f32 weights, or bf16 widened in registers: half the bytes, the same sums),
+`matmul_int8` integer products with int8 weights (a quarter of the bytes), and
 `cached_attention` does a layer's cached attention for 1-8 new tokens in one call (XLA ran it as
 a dozen small ops scoring every cache slot). Everything else (more rows, other dtypes, GPUs,
 gradients) stays with XLA.
@@ -32,6 +33,7 @@ from amd135m import paths
 MAX_ROWS = 8
 _SOURCE = pathlib.Path(__file__).parent / "csrc" / "small_matmul.cc"
 _TARGET = "amd135m_small_matmul"
+_BF16 = "amd135m_small_matmul_bf16"
 _ATTENTION = "amd135m_cached_attention"
 _INT8 = "amd135m_small_matmul_int8"
 
@@ -81,6 +83,8 @@ def available() -> bool:
                                 platform="cpu")
     jax.ffi.register_ffi_target(_INT8, jax.ffi.pycapsule(library.Amd135mSmallMatmulInt8),
                                 platform="cpu")
+    jax.ffi.register_ffi_target(_BF16, jax.ffi.pycapsule(library.Amd135mSmallMatmulBf16),
+                                platform="cpu")
     return True
   except (OSError, RuntimeError) as e:
     warnings.warn(f"amd135m: the CPU kernels are unavailable, XLA does their work "
@@ -92,13 +96,15 @@ def _kernel(x: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
   if not available():
     raise RuntimeError("the CPU kernels are unavailable (see the warning above)")
   n = w.shape[0] if transposed else w.shape[1]
-  call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32),
+  target = _BF16 if w.dtype == jnp.bfloat16 else _TARGET
+  call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32),
                           vmap_method="sequential")
   return call(x, w, transposed=transposed)
 
 
 def _xla(x: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
-  return jnp.einsum("NK,VK->NV" if transposed else "NK,KV->NV", x, w)
+  # bf16 weights widened to x's f32: the kernel's arithmetic (XLA fuses the convert into the dot)
+  return jnp.einsum("NK,VK->NV" if transposed else "NK,KV->NV", x, w.astype(x.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -122,10 +128,11 @@ _small_matmul.defvjp(_forward, _backward)
 
 
 def matmul(x: jax.Array, w: jax.Array, transposed: bool = False) -> jax.Array:
-  """x [M, K] @ w [K, N] (or @ w.T for w [N, K] when transposed): the kernel for 1-8 f32 rows on
-  a CPU-capable build, XLA's einsum otherwise."""
-  if (x.shape[0] <= MAX_ROWS and x.dtype == jnp.float32 and w.dtype == jnp.float32
-      and x.ndim == 2 and w.ndim == 2 and available()):
+  """x [M, K] @ w [K, N] (or @ w.T for w [N, K] when transposed), in x's dtype: the kernel for 1-8
+  f32 rows with f32 or bf16 weights on a CPU-capable build, XLA's einsum otherwise (a bf16 weight
+  widened to x's dtype, as the kernel does in registers)."""
+  if (x.shape[0] <= MAX_ROWS and x.dtype == jnp.float32
+      and w.dtype in (jnp.float32, jnp.bfloat16) and x.ndim == 2 and w.ndim == 2 and available()):
     return _small_matmul(x, w, transposed)
   return _xla(x, w, transposed)
 
@@ -155,14 +162,14 @@ def quantize_activations(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def int8_reference(x, values, scale):
-  """XLA's form of matmul_int8, the same arithmetic: x quantized per block, each block's
-  integer dot product (exact in f32: at most 32 * 127^2), scaled by the block's scale, summed."""
+  """XLA's form of matmul_int8: the same operands (x quantized per block as the kernel does, the
+  int8 weight, its scales) multiplied as f32 in one GEMM, so a prefill's hundreds of rows run at
+  XLA's GEMM speed; the sums differ from the kernel's exact per-block integer dots by f32 rounding
+  only (each dequantized activation q * sx rounded once, then XLA's summation order)."""
   m, k = x.shape
   q, x_scale = quantize_activations(x.astype(jnp.float32))
-  blocks = q.shape[1]
-  w = jnp.pad(values.astype(jnp.float32), ((0, 0), (0, blocks * INT8_BLOCK - k)))
-  dots = jnp.einsum("MBK,NBK->MNB", q, w.reshape(-1, blocks, INT8_BLOCK))      # integers
-  return jnp.einsum("MNB,MB->MN", dots, x_scale) * scale
+  activations = (q * x_scale[..., None]).reshape(m, -1)[:, :k]
+  return jnp.einsum("MK,NK->MN", activations, values.astype(jnp.float32)) * scale
 
 
 def matmul_int8(x: jax.Array, values: jax.Array, scale: jax.Array) -> jax.Array:

@@ -3,9 +3,10 @@
 PATH is a GGUF file or a Hugging Face Llama directory. --temperature 0 (the default) is greedy.
 With --draft DRAFT --gamma K it decodes speculatively (DRAFT: a feature-head workdir trained for
 this target by amd135m.draft_head, a model whose vocabulary is an id-prefix of the target's,
-`first:N`, `self`, `int8`, the target's own int8 copy, or `ngram`, prompt lookup) and each JSON
-record adds acceptance_rate, tokens_per_target_call and target_calls. --weights int8 decodes with
-int8 weights (one scale per output channel; f32 activations), a quarter of the bytes per token.
+`first:N`, `self`, `int8` or `bf16`, the target's own copy at that precision, or `ngram`, prompt
+lookup) and each JSON record adds acceptance_rate, tokens_per_target_call and target_calls.
+--weights bf16 or int8 decodes with the weights at that precision (bf16: half the bytes per
+token; int8: one scale per output channel, a quarter), activations and the KV cache in f32.
 """
 import json
 import sys
@@ -32,9 +33,9 @@ def parse_args(argv):
   parser.add_argument("--top-k", type=int, default=0, help="0 disables")
   parser.add_argument("--top-p", type=float, default=1.0, help="1 disables")
   parser.add_argument("--seed", type=int, default=0, help="row i uses seed + i")
-  parser.add_argument("--weights", choices=("f32", "int8"), default="f32",
-                      help="the precision decode reads the weights in (int8: weight-only, "
-                      "per output channel)")
+  parser.add_argument("--weights", choices=quantize.WEIGHTS, default="f32",
+                      help="the precision decode reads the weights in (weight-only; int8 with "
+                      "one scale per output channel)")
   parser.add_argument("--draft", help="speculative decoding: " + speculative.DRAFT_SPECS)
   parser.add_argument("--gamma", type=int, help="tokens drafted per target call (default 4)")
   parser.add_argument("--adaptive-gamma", action="store_true",
@@ -103,9 +104,9 @@ def main(argv=None) -> int:
     if not 0 <= args.seed <= 2**32 - len(prompts):
       raise UserError(f"--seed {args.seed} is out of range: 0 to 2**32 - {len(prompts)} for "
                       f"{len(prompts)} prompt(s) (row i uses seed + i)")
-    if args.draft == "int8" and args.weights == "int8":
-      raise UserError("--draft int8 drafts for an f32 target: drop --weights int8, or pick "
-                      "another draft")
+    if args.weights != "f32" and args.draft in ("int8", "bf16"):
+      raise UserError(f"--draft {args.draft} drafts for an f32 target: drop --weights "
+                      f"{args.weights}, or pick another draft")
     gamma = 4 if args.gamma is None else args.gamma
     if gamma < 1:
       raise UserError(f"--gamma must be >= 1, got {gamma}")
@@ -113,8 +114,7 @@ def main(argv=None) -> int:
     tokenizer = tokenizer_lib.load_tokenizer(args.model)
     draft, draft_params = (None, None) if args.draft is None else speculative.load_draft(
         args.draft, config, params, tokenizer)
-    if args.weights == "int8":
-      params = quantize.quantize_params(params, config)
+    params = quantize.cast_weights(params, config, args.weights)
     records = inference.generate_text(
         params, config, tokenizer, prompts, args.max_new_tokens,
         sampling_params, args.seed, draft=draft, draft_params=draft_params, gamma=gamma,

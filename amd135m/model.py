@@ -83,12 +83,13 @@ def _weight(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[st
 
 
 def _product(rows: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
-  """rows [N, in] @ w [in, out], or @ w.T for w [out, in] when transposed. A decode step or a
-  speculative verification (1-8 f32 rows, unsharded) goes to cpu_kernels' streaming kernel on
-  CPUs, which reads the weight once for all rows where XLA's GEMM packs it on every call."""
+  """rows [N, in] @ w [in, out], or @ w.T for w [out, in] when transposed, in the rows' dtype. A
+  decode step or a speculative verification (1-8 f32 rows, unsharded) goes to cpu_kernels'
+  streaming kernel on CPUs, which reads the weight once for all rows where XLA's GEMM packs it on
+  every call; a bf16 weight (quantize.to_bfloat16) is widened there in registers, never copied."""
   if _SHARDING.get() is None:  # cpu_kernels.matmul passes other shapes and dtypes to XLA
     return cpu_kernels.matmul(rows, w, transposed)
-  return jnp.einsum("NI,OI->NO" if transposed else "NI,IO->NO", rows, w)
+  return jnp.einsum("NI,OI->NO" if transposed else "NI,IO->NO", rows, w.astype(rows.dtype))
 
 
 class Linear(nn.Module):
@@ -109,7 +110,7 @@ class Linear(nn.Module):
       out = cpu_kernels.matmul_int8(rows, quantized.values, quantized.scale).astype(dtype)
     else:
       w = _weight(self, "kernel", (x.shape[-1], self.features), self.axes)
-      out = _product(rows, w.astype(dtype), transposed=False)
+      out = _product(rows, w, transposed=False)
     return out.reshape(*x.shape[:-1], self.features)
 
 
@@ -144,7 +145,7 @@ class Embedding(nn.Module):
     if isinstance(self.embedding, Int8Weight):
       logits = cpu_kernels.matmul_int8(rows, self.embedding.values, self.embedding.scale)
     else:
-      logits = _product(rows, self.embedding.astype(dtype), transposed=True)
+      logits = _product(rows, self.embedding, transposed=True)
     return logits.reshape(*x.shape[:-1], -1)
 
 

@@ -1,14 +1,20 @@
-"""Weight-only int8: the model's matrices as int8 with one f32 scale per output channel.
+"""Low-precision inference weights: bf16, or int8 with one f32 scale per output channel.
 
 Decode reads every weight once per token, so its time is the bytes it streams: SmolLM2's f32
-weights are 541 MB, int8 a quarter. Symmetric per output channel: w ~ values * scale with scale
-= max |w| / 127 over the channel's inputs, so each weight is off by at most scale / 2. Each
-product quantizes its input rows to int8 per block of 32 and takes integer dot products
-(cpu_kernels.matmul_int8, llama.cpp's Q8_0 arithmetic); norms, attention, the residual stream
-and the accumulation across blocks stay f32.
+weights are 541 MB, bf16 half of that, int8 a quarter.
 
-Used as the target's own low-precision copy drafting for it (speculative.load_draft('int8')):
-the same model a quarter of the bytes, that nearly always predicts what the f32 one does.
+bf16 (`to_bfloat16`): each matrix rounded to nearest even, kept in the model's layout; the CPU
+kernels widen it to f32 in registers, so a bf16 product is exactly the f32 product of the
+rounded weights (cpu_kernels.matmul). Relative error per weight at most 2^-8.
+
+int8 (`quantize_params`): symmetric per output channel, w ~ values * scale with scale = max |w|
+/ 127 over the channel's inputs, so each weight is off by at most scale / 2. Each product
+quantizes its input rows to int8 per block of 32 and takes integer dot products
+(cpu_kernels.matmul_int8, llama.cpp's Q8_0 arithmetic).
+
+Either way norms, attention, the KV cache, the residual stream and the accumulation stay f32.
+Used as the target's own low-precision copy drafting for it (speculative.load_draft('int8' or
+'bf16')): the same model in fewer bytes, that nearly always predicts what the f32 one does.
 """
 import flax
 import jax
@@ -104,6 +110,37 @@ def dequantize_params(params: dict, config: ModelConfig) -> dict:
                                           is_leaf=lambda x: isinstance(x, Int8Weight))
 
 
-def is_quantized(params: dict) -> bool:
-  return any(isinstance(leaf, Int8Weight) for leaf in jax.tree.leaves(
-      params, is_leaf=lambda x: isinstance(x, Int8Weight)))
+WEIGHTS = ("f32", "bf16", "int8")
+
+
+def to_bfloat16(params: dict) -> dict:
+  """The model's params with every Linear kernel and the embedding in bf16 (rounded to nearest
+  even, same layout); norms stay f32."""
+  def convert(path, leaf):
+    if path[-1].key in ("kernel", "embedding"):
+      return jnp.asarray(leaf, jnp.float32).astype(jnp.bfloat16)
+    return jnp.asarray(leaf)
+  return jax.tree_util.tree_map_with_path(convert, params)
+
+
+def cast_weights(params: dict, config: ModelConfig, weights: str) -> dict:
+  """f32 params at the precision `weights` (one of WEIGHTS) that decode reads them in."""
+  if weights not in WEIGHTS:
+    raise ValueError(f"weights {weights!r}: choose one of {', '.join(WEIGHTS)}")
+  if precision(params) != "f32":
+    raise ValueError(f"the params are {precision(params)} already; cast from f32 weights")
+  if weights == "int8":
+    return quantize_params(params, config)
+  if weights == "bf16":
+    return to_bfloat16(params)
+  return params
+
+
+def precision(params: dict) -> str:
+  """Which of WEIGHTS the params' matrices are stored in."""
+  leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Int8Weight))
+  if any(isinstance(leaf, Int8Weight) for leaf in leaves):
+    return "int8"
+  if any(getattr(leaf, "dtype", None) == jnp.bfloat16 for leaf in leaves):
+    return "bf16"
+  return "f32"

@@ -333,10 +333,10 @@ def predicted_speedup(acceptance: float, gamma: int, cost_ratio: float,
   return tokens / (gamma * cost_ratio + verify_ratio)
 
 
-DRAFT_SPECS = "ngram | self | int8 | first:N | PATH (a model, or a feature-head workdir)"
+DRAFT_SPECS = "ngram | self | int8 | bf16 | first:N | PATH (a model, or a feature-head workdir)"
 
 
-NAMED_DRAFTS = ("ngram", "self", "int8")
+NAMED_DRAFTS = ("ngram", "self", "int8", "bf16")
 
 
 def check_draft_spec(spec: str) -> None:
@@ -354,7 +354,8 @@ def load_draft(spec: str, target_config: model_lib.ModelConfig, target_params,
   reproduction all call.
 
   ngram: prompt lookup (no model). self: the target drafting for itself (the upper bound).
-  int8: the target's own weights in int8 (quantize.py), a quarter of the bytes per step.
+  int8, bf16: the target's own weights at that precision (quantize.py), a quarter or half of the
+  bytes per step.
   first:N: the target's first N layers with its final norm and head (a draft made without
   training). PATH: a feature-head workdir (amd135m.draft_head), checked against the target it was
   trained for; or a model (Hugging Face directory, GGUF, training workdir) whose vocabulary is an
@@ -366,12 +367,13 @@ def load_draft(spec: str, target_config: model_lib.ModelConfig, target_params,
     return NgramDraft(), None
   if spec == "self":
     return ModelDraft(target_config), target_params
-  if spec == "int8":
+  if spec in ("int8", "bf16"):
     from amd135m import quantize  # noqa: PLC0415
-    if quantize.is_quantized(target_params):
-      raise UserError("--draft int8: the target is int8 already; draft for an f32 target")
+    if (stored := quantize.precision(target_params)) != "f32":
+      raise UserError(f"--draft {spec}: the target's weights are {stored} already; draft for "
+                      "an f32 target")
     return (ModelDraft(target_config, prompt_cache_from_target=True),
-            quantize.quantize_params(target_params, target_config))
+            quantize.cast_weights(target_params, target_config, spec))
   if spec.startswith("first:"):
     try:
       n_layers = int(spec.split(":", 1)[1])

@@ -1,6 +1,7 @@
-"""Int8 weights (amd135m/quantize.py, cpu_kernels.matmul_int8): the quantizer's error bound, the
-kernel against float64 on the same int8 weights, the model's int8 decode against f32 math on the
-dequantized weights, and the target's own int8 copy as an exact speculative draft."""
+"""Low-precision weights (amd135m/quantize.py). int8 (cpu_kernels.matmul_int8): the quantizer's
+error bound, the kernel against float64 on the same int8 weights, the model's int8 decode against
+f32 math on the dequantized weights. bf16: the rounding bound, products bitwise the f32 kernel's on
+the widened weights, and decode alike. The target's own copies as exact speculative drafts."""
 import subprocess
 import sys
 
@@ -55,10 +56,11 @@ def _numpy_quantized_rows(x):
   return q, scale
 
 
-def _assert_near_float64(out, x, values, scale):
+def _assert_near_float64(out, x, values, scale, terms=None):
   """Within f32 rounding of the float64 value of the same arithmetic (activations quantized per
   block, integer dots exact, summed over blocks and lanes): error below (blocks + 8) * eps *
-  sum_k |q_k w_k| sx scale."""
+  sum_k |q_k w_k| sx scale. `terms` replaces blocks + 8 for a plain f32 sum over k of the
+  dequantized activations (XLA's form: each q sx rounded once, then K additions: K + 2)."""
   q, x_scale = _numpy_quantized_rows(x)
   blocks = q.shape[1]
   w = np.zeros((values.shape[0], blocks * 32))
@@ -68,7 +70,8 @@ def _assert_near_float64(out, x, values, scale):
   exact = (dots * x_scale[:, None, :]).sum(-1) * scale.astype(np.float64)
   # Partial sums (a kernel's lanes) may exceed the block's total: bound by sum |q_k w_k| sx.
   magnitude = np.einsum("mbk,nbk->mnb", np.abs(q).astype(np.float64), np.abs(w))
-  bound = (blocks + 8) * 6e-8 * (magnitude * x_scale[:, None, :]).sum(-1) * scale + 1e-30
+  terms = blocks + 8 if terms is None else terms
+  bound = terms * 6e-8 * (magnitude * x_scale[:, None, :]).sum(-1) * scale + 1e-30
   assert out.shape == exact.shape
   np.testing.assert_array_less(np.abs(out - exact), bound)
 
@@ -80,9 +83,9 @@ def test_int8_products_equal_float64_and_rows_are_their_one_row_product(k, n):
   for rows in range(1, cpu_kernels.MAX_ROWS + 1):
     x, values, scale, out = _int8_product(rows, k, n, seed=rows)
     _assert_near_float64(out, x, values, scale)
-    # XLA's form of the same arithmetic (other platforms) agrees as closely
+    # XLA's form (other platforms, more rows): the same operands, one f32 GEMM
     _assert_near_float64(np.asarray(cpu_kernels.int8_reference(x, values, scale)), x, values,
-                         scale)
+                         scale, terms=k + 2)
     # Each row alone: bitwise the same (a verification's row is the decode step that scores it).
     for m in range(rows):
       assert np.array_equal(np.asarray(product(x[m:m + 1], values, scale))[0], out[m]), (rows, m)
@@ -102,14 +105,15 @@ def test_the_check_catches_a_dropped_tail_and_a_wrong_scale():
   for bad_values, bad_scale, bad_out in wrong:
     got = bad_out if bad_out is not None else np.asarray(
         cpu_kernels.int8_reference(x, bad_values, bad_scale))
-    with pytest.raises(AssertionError):
-      _assert_near_float64(got, x, values, scale)
+    for terms in (None, 45 + 2):  # the kernel's bound and the looser one of XLA's form
+      with pytest.raises(AssertionError):
+        _assert_near_float64(got, x, values, scale, terms)
 
 
 @pytest.mark.slow
 def test_int8_decode_equals_the_reference_arithmetic_and_tracks_f32(smollm2):
   """Greedy decode with int8 weights (the kernels, a row per step) equals the argmax of a full
-  forward through XLA's form of the same arithmetic (int8_reference: more than 8 rows), up to
+  forward through XLA's form of the same operands (int8_reference: more than 8 rows), up to
   each prompt's first near-tie; and its choices agree with the f32 model on the dequantized
   weights at most positions (the activations' rounding is the only other difference)."""
   config, params = smollm2
@@ -144,4 +148,77 @@ def test_generate_refuses_a_bad_weights_choice_in_one_line(smollm2_gguf):
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines() == [
       "amd135m.generate: error: --draft int8 drafts for an f32 target: drop --weights int8, or "
+      "pick another draft"]
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16: the weights rounded to nearest even, widened to f32 in the kernels' registers.
+
+def test_bf16_rounding_is_within_half_an_ulp_and_keeps_the_layout(smollm2):
+  config, params = smollm2
+  bf16 = quantize.to_bfloat16(params)
+  assert quantize.precision(bf16) == "bf16" and quantize.precision(params) == "f32"
+  flat, rounded = jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(bf16)
+  for (path, w), r in zip(flat, rounded):
+    matrix = path[-1].key in ("kernel", "embedding")
+    assert r.shape == w.shape and r.dtype == (jnp.bfloat16 if matrix else w.dtype), path
+    w, r = np.asarray(w, np.float32), np.asarray(r, np.float32)
+    # 8 significant bits, rounded to nearest: half an ulp, |r - w| <= 2^-8 |w|
+    np.testing.assert_array_less(np.abs(r - w), np.abs(w) * 2.0 ** -8 * (1 + 1e-6) + 1e-38)
+  with pytest.raises(ValueError, match="bf16 already"):
+    quantize.cast_weights(bf16, config, "int8")
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler for the kernels")
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_bf16_products_are_bitwise_the_f32_kernels_on_the_widened_weights(k, n, transposed):
+  """The bf16 kernel widens each weight exactly (a shift) and sums in the f32 kernel's order, so
+  its products equal the f32 kernel's (itself checked against float64 in test_cpu_kernels) on
+  the widened weights bit for bit, tails included; and near float64 as that one is."""
+  rng = np.random.default_rng(k * n)
+  product = jax.jit(cpu_kernels.matmul, static_argnums=2)
+  for rows in range(1, cpu_kernels.MAX_ROWS + 1):
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    w = jnp.asarray(rng.standard_normal((n, k) if transposed else (k, n)), jnp.bfloat16)
+    widened = np.asarray(w, np.float32)
+    out = np.asarray(product(x, w, transposed))
+    assert out.dtype == np.float32 and out.shape == (rows, n)
+    assert np.array_equal(out, np.asarray(product(x, jnp.asarray(widened), transposed)))
+    exact = x.astype(np.float64) @ (widened.T if transposed else widened).astype(np.float64)
+    bound = k * 6e-8 * (np.abs(x).astype(np.float64) @ np.abs(widened.T if transposed
+                                                               else widened)) + 1e-30
+    np.testing.assert_array_less(np.abs(out - exact), bound)
+    # XLA's path (other platforms, more rows) widens the same way
+    np.testing.assert_allclose(np.asarray(cpu_kernels._xla(x, w, transposed)), exact,
+                               rtol=0, atol=float(bound.max()))
+
+
+@pytest.mark.slow
+def test_bf16_decode_is_f32_decode_on_the_rounded_weights(smollm2):
+  """The whole model: greedy decode with bf16 weights gives the tokens (and final logits) of f32
+  decode on the same weights widened, bit for bit: nothing but the weights' storage differs."""
+  config, params = smollm2
+  bf16 = quantize.to_bfloat16(params)
+  widened = jax.tree.map(lambda w: w.astype(jnp.float32), bf16)
+  prompts = [[1, 504, 3074, 4303, 282, 253, 1345, 314, 2, 1348, 30, 2210], [1, 422, 5]]
+  ours = sampling.generate(bf16, config, prompts, 16)
+  f32 = sampling.generate(widened, config, prompts, 16)
+  assert ours.tokens == f32.tokens
+  cache = model_lib.init_cache(config, 1, 32)
+  step = jax.jit(lambda p, c: model_lib.forward(p, config, jnp.asarray([[504, 3074]]), c)[0])
+  assert np.array_equal(np.asarray(step(bf16, cache)), np.asarray(step(widened, cache)))
+
+
+def test_low_precision_drafts_refuse_a_low_precision_target(smollm2):
+  config, params = smollm2
+  for spec in ("int8", "bf16"):
+    with pytest.raises(UserError, match="bf16 already"):
+      speculative.load_draft(spec, config, quantize.to_bfloat16(params))
+  proc = subprocess.run([sys.executable, "-m", "amd135m.generate", "--model", "unused.gguf",
+                         "--prompt", "x", "--weights", "bf16", "--draft", "bf16"],
+                        capture_output=True, text=True)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [
+      "amd135m.generate: error: --draft bf16 drafts for an f32 target: drop --weights bf16, or "
       "pick another draft"]

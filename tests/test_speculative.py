@@ -294,17 +294,18 @@ def test_smollm2_target_greedy_equals_target_only(smollm2, smollm2_gguf):
     logits, _ = model_lib.forward(params, config, jnp.asarray([prompt + tokens]))
     cut = ref.first_small_margin(np.asarray(logits[0, len(prompt) - 1:-1]))
     cuts.append(len(tokens) if cut is None else cut)
-  # And the target's own int8 copy, which must agree with it almost always.
-  int8, int8_params = speculative.load_draft("int8", config, params)
-  for d, dp in [(draft, draft_params), (speculative.NgramDraft(), None), (int8, int8_params)]:
+  # And the target's own int8 and bf16 copies, which must agree with it almost always.
+  drafts = {"first:4": (draft, draft_params), "ngram": (speculative.NgramDraft(), None)}
+  drafts.update({spec: speculative.load_draft(spec, config, params) for spec in ("int8", "bf16")})
+  for spec, (d, dp) in drafts.items():
     result = speculative.speculative_generate(params, config, d, dp, prompts, 24, gamma=4,
                                               stop_ids=tokenizer.stop_ids)
     for row, cut in enumerate(cuts):
       assert result.tokens[row][:cut] == expected[row][:cut]
       if cut == len(expected[row]):
         assert result.tokens[row] == expected[row]
-  # 0.97 over HumanEval prompts on this project's CPUs; a broken copy would sit near 0
-  assert result.totals["acceptance_rate"] > 0.8, result.totals
+    if spec in ("int8", "bf16"):  # 0.97-0.99 on this project's CPUs; a broken copy sits near 0
+      assert result.totals["acceptance_rate"] > 0.8, (spec, result.totals)
 
 
 class _Vocab:

@@ -1,5 +1,6 @@
 // CPU kernels for decode steps and speculative verifications: products of a few rows with a
-// large f32 weight (out[M, N] = x[M, K] @ W, M <= 8), and cached attention for a few new tokens.
+// large f32, bf16 or int8 weight (out[M, N] = x[M, K] @ W, M <= 8), and cached attention for a few
+// new tokens.
 //
 // Why: a decode step, and a speculative verification of gamma + 1 tokens, read every weight once
 // and do almost no arithmetic per byte. XLA's CPU backend runs a 1-row product as its own
@@ -53,6 +54,35 @@ constexpr int kMaxRows = 8;
 inline vec Load(const float* p) { return *reinterpret_cast<const vec*>(p); }
 inline void Store(float* p, vec v) { *reinterpret_cast<vec*>(p) = v; }
 
+// Weights are f32, or bf16 (stored as uint16_t: the top half of an f32) widened in registers:
+// a zero-extension and a shift, exact, so a bf16 product is bitwise the f32 product of the
+// weights widened (and reads half the bytes).
+// (Intrinsics: GCC lowers a generic vector conversion to 128-bit halves and an insert, five
+// instructions where these are two, and the bf16 kernel ran at half the f32 one's bytes/s.)
+inline vec LoadW(const float* p) { return Load(p); }
+inline vec LoadW(const uint16_t* p) {
+#if defined(__AVX512F__)
+  const __m512i bits = _mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+#else
+  const __m256i bits = _mm256_slli_epi32(
+      _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+#endif
+  vec v;
+  __builtin_memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+// Scalar tails as explicit fused multiply-adds, as the vector loops do (contraction of `s += a *
+// b` is the compiler's choice, and it chose differently for the two weight types).
+inline float Fma(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
+inline float ToFloat(float w) { return w; }
+inline float ToFloat(uint16_t w) {
+  const uint32_t bits = static_cast<uint32_t>(w) << 16;
+  float v;
+  __builtin_memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
 // Independent accumulators so that a few rows still fill the FMA pipes (a chain of FMAs waits on
 // each one's latency; two pipes of 4-5 cycles want 8-10 chains): CB vectors of columns per row,
 // M * CB accumulator registers, at most 14 of AVX2's 16 and 24 of AVX-512's 32.
@@ -83,21 +113,22 @@ inline vec Broadcast(const float* p) {
   return b;
 }
 
-template <int M, int CB>
-int64_t MatmulNNColumns(const float* __restrict x, const float* __restrict w,
+template <int M, int CB, typename W>
+int64_t MatmulNNColumns(const float* __restrict x, const W* __restrict w,
                         float* __restrict out, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   constexpr int KB = 8;
   constexpr int RG = RowGroup<M>();
   constexpr int64_t width = CB * kLanes;
   const int64_t end = n0 + (n1 - n0) / width * width;
   for (int64_t k = 0; k + KB <= K; k += KB) {
-    const float* wk = w + k * N;
+    const W* wk = w + k * N;
     for (int64_t n = n0; n < end; n += width) {
       // The next block's rows: the hardware prefetchers miss this strided pattern (a 5-row
       // product ran 1.3x faster with it); every 64-byte line of the block.
       if (k + 2 * KB <= K)
         for (int j = 0; j < KB; ++j)
-          for (int64_t c = 0; c < width; c += 16) __builtin_prefetch(wk + (KB + j) * N + n + c);
+          for (int64_t c = 0; c < width; c += 64 / sizeof(W))
+            __builtin_prefetch(wk + (KB + j) * N + n + c);
       for (int m0 = 0; m0 < M; m0 += RG) {
         constexpr int G = RG;
         vec acc[G][CB];
@@ -105,7 +136,7 @@ int64_t MatmulNNColumns(const float* __restrict x, const float* __restrict w,
           for (int c = 0; c < CB; ++c) acc[g][c] = Load(out + (m0 + g) * N + n + c * kLanes);
         for (int j = 0; j < KB; ++j) {
           vec wv[CB];
-          for (int c = 0; c < CB; ++c) wv[c] = Load(wk + j * N + n + c * kLanes);
+          for (int c = 0; c < CB; ++c) wv[c] = LoadW(wk + j * N + n + c * kLanes);
           for (int g = 0; g < G && m0 + g < M; ++g) {
             const vec a = Broadcast(x + (m0 + g) * K + k + j);
             for (int c = 0; c < CB; ++c) acc[g][c] += a * wv[c];
@@ -119,24 +150,25 @@ int64_t MatmulNNColumns(const float* __restrict x, const float* __restrict w,
   return end;
 }
 
-template <int M>
-void MatmulNN(const float* __restrict x, const float* __restrict w, float* __restrict out,
+template <int M, typename W>
+void MatmulNN(const float* __restrict x, const W* __restrict w, float* __restrict out,
               int64_t K, int64_t N, int64_t n0, int64_t n1) {
   constexpr int KB = 8;
   for (int m = 0; m < M; ++m) std::fill(out + m * N + n0, out + m * N + n1, 0.f);
   const int64_t k_end = K / KB * KB;
-  int64_t n = MatmulNNColumns<M, ColumnVectors<M>()>(x, w, out, K, N, n0, n1);
-  if (ColumnVectors<M>() > 1) n = MatmulNNColumns<M, 1>(x, w, out, K, N, n, n1);
+  int64_t n = MatmulNNColumns<M, ColumnVectors<M>(), W>(x, w, out, K, N, n0, n1);
+  if (ColumnVectors<M>() > 1) n = MatmulNNColumns<M, 1, W>(x, w, out, K, N, n, n1);
   for (; n < n1; ++n)  // the last columns, one at a time, in the same order over k
     for (int64_t k = 0; k < k_end; k += KB)
       for (int m = 0; m < M; ++m) {
         float s = out[m * N + n];
-        for (int j = 0; j < KB; ++j) s += x[m * K + k + j] * w[(k + j) * N + n];
+        for (int j = 0; j < KB; ++j) s = Fma(x[m * K + k + j], ToFloat(w[(k + j) * N + n]), s);
         out[m * N + n] = s;
       }
   for (int64_t k = k_end; k < K; ++k)
     for (int m = 0; m < M; ++m)
-      for (int64_t c = n0; c < n1; ++c) out[m * N + c] += x[m * K + k] * w[k * N + c];
+      for (int64_t c = n0; c < n1; ++c)
+        out[m * N + c] = Fma(x[m * K + k], ToFloat(w[k * N + c]), out[m * N + c]);
 }
 
 // The sum of a vector's lanes as a tree (lane i + lane i + half, ...): independent sums overlap,
@@ -153,8 +185,8 @@ inline float Sum(vec x) {
 // weight rows at a time, each a contiguous dot product with every one of the M rows, taken RG
 // rows at a time so that RG * VB accumulators and the VB weight vectors fit the registers (the
 // VB weight rows, a few KB, are read again from L1 for each group).
-template <int M>
-void MatmulNT(const float* __restrict x, const float* __restrict e, float* __restrict out,
+template <int M, typename W>
+void MatmulNT(const float* __restrict x, const W* __restrict e, float* __restrict out,
               int64_t K, int64_t V, int64_t v0, int64_t v1) {
   constexpr int VB = 4;
   constexpr int RG = kLanes == 16 ? 4 : 2;
@@ -162,9 +194,9 @@ void MatmulNT(const float* __restrict x, const float* __restrict e, float* __res
   // One element, in the blocked path's order: lane sums over whole vectors, then the tail.
   auto dot = [&](int m, int64_t v) {
     vec acc = {};
-    for (int64_t d = 0; d < kv; d += kLanes) acc += Load(x + m * K + d) * Load(e + v * K + d);
+    for (int64_t d = 0; d < kv; d += kLanes) acc += Load(x + m * K + d) * LoadW(e + v * K + d);
     float s = Sum(acc);
-    for (int64_t d = kv; d < K; ++d) s += x[m * K + d] * e[v * K + d];
+    for (int64_t d = kv; d < K; ++d) s = Fma(x[m * K + d], ToFloat(e[v * K + d]), s);
     return s;
   };
   int64_t v = v0;
@@ -177,7 +209,7 @@ void MatmulNT(const float* __restrict x, const float* __restrict e, float* __res
       vec acc[G][VB] = {};
       for (int64_t d = 0; d < kv; d += kLanes) {
         vec ev[VB];
-        for (int j = 0; j < VB; ++j) ev[j] = Load(e + (v + j) * K + d);
+        for (int j = 0; j < VB; ++j) ev[j] = LoadW(e + (v + j) * K + d);
         for (int g = 0; g < G; ++g) {
           if (g >= rows) break;
           const vec xv = Load(x + (m0 + g) * K + d);
@@ -187,7 +219,8 @@ void MatmulNT(const float* __restrict x, const float* __restrict e, float* __res
       for (int g = 0; g < rows; ++g)
         for (int j = 0; j < VB; ++j) {
           float s = Sum(acc[g][j]);
-          for (int64_t d = kv; d < K; ++d) s += x[(m0 + g) * K + d] * e[(v + j) * K + d];
+          for (int64_t d = kv; d < K; ++d)
+            s = Fma(x[(m0 + g) * K + d], ToFloat(e[(v + j) * K + d]), s);
           out[(m0 + g) * V + v + j] = s;
         }
     }
@@ -290,18 +323,24 @@ void RunChunks(int chunks, std::function<void(int)> body) {
   Workers::Get().Run(chunks, std::move(body));
 }
 
-using Kernel = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
+template <typename W>
+using Kernel = void (*)(const float*, const W*, float*, int64_t, int64_t, int64_t, int64_t);
 
-Kernel Select(bool transposed, int64_t rows) {
-  static const Kernel nn[kMaxRows] = {&MatmulNN<1>, &MatmulNN<2>, &MatmulNN<3>, &MatmulNN<4>,
-                                      &MatmulNN<5>, &MatmulNN<6>, &MatmulNN<7>, &MatmulNN<8>};
-  static const Kernel nt[kMaxRows] = {&MatmulNT<1>, &MatmulNT<2>, &MatmulNT<3>, &MatmulNT<4>,
-                                      &MatmulNT<5>, &MatmulNT<6>, &MatmulNT<7>, &MatmulNT<8>};
+template <typename W>
+Kernel<W> Select(bool transposed, int64_t rows) {
+  static const Kernel<W> nn[kMaxRows] = {
+      &MatmulNN<1, W>, &MatmulNN<2, W>, &MatmulNN<3, W>, &MatmulNN<4, W>,
+      &MatmulNN<5, W>, &MatmulNN<6, W>, &MatmulNN<7, W>, &MatmulNN<8, W>};
+  static const Kernel<W> nt[kMaxRows] = {
+      &MatmulNT<1, W>, &MatmulNT<2, W>, &MatmulNT<3, W>, &MatmulNT<4, W>,
+      &MatmulNT<5, W>, &MatmulNT<6, W>, &MatmulNT<7, W>, &MatmulNT<8, W>};
   return (transposed ? nt : nn)[rows - 1];
 }
 
-ffi::Error SmallMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+template <ffi::DataType D>
+ffi::Error SmallMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<D> w,
                        ffi::ResultBuffer<ffi::F32> out, bool transposed) {
+  using W = ffi::NativeType<D>;
   auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2)
     return ffi::Error::InvalidArgument("small_matmul takes a 2-D x and a 2-D weight");
@@ -311,9 +350,9 @@ ffi::Error SmallMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
     return ffi::Error::InvalidArgument("small_matmul: x and the weight disagree on K");
   if (rows < 1 || rows > kMaxRows)
     return ffi::Error::InvalidArgument("small_matmul takes 1 to 8 rows");
-  Kernel kernel = Select(transposed, rows);
+  Kernel<W> kernel = Select<W>(transposed, rows);
   const float* xp = x.typed_data();
-  const float* wp = w.typed_data();
+  const W* wp = w.typed_data();
   float* op = out->typed_data();
   // One chunk of columns (rows of a transposed weight) per thread, in multiples of the kernels'
   // blocks: each thread streams the widest contiguous runs of every weight row. (Four chunks per
@@ -613,10 +652,17 @@ ffi::Error CachedAttention(ffi::Buffer<ffi::F32> q,
 }
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Amd135mSmallMatmul, SmallMatmul,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Amd135mSmallMatmul, SmallMatmul<ffi::F32>,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("transposed"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Amd135mSmallMatmulBf16, SmallMatmul<ffi::BF16>,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("transposed"));
 
