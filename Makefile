@@ -52,10 +52,11 @@ reproduce: models corpora
 	$(PYTHON) experiments/reproduce.py --preset full
 
 bench: models
+	# f32, bf16 and int8 weights side by side, beside transformers in f32 and bf16
 	$(PYTHON) -m amd135m.bench decode --model $(SMOLLM2) --json
-	$(PYTHON) -m amd135m.bench decode --model $(SMOLLM2) --weights int8 --no-reference --json
 	$(PYTHON) -m amd135m.bench speculative --target $(SMOLLM2) --draft first:6 --gamma 4 --json
 	$(PYTHON) -m amd135m.bench speculative --target $(SMOLLM2) --draft int8 --gamma 3 --no-reference --json
+	$(PYTHON) -m amd135m.bench speculative --target $(SMOLLM2) --draft bf16 --gamma 3 --no-reference --json
 	# The feature head of `make reproduce` (or of `make demo`), if one has been trained.
 	for head in $(CACHE)/reproduce/full/head $(CACHE)/reproduce/demo/head; do \
 	  if [ -f $$head/COMPLETE ]; then \

@@ -1,8 +1,8 @@
 """Benchmarks with provenance. python -m amd135m.bench decode|speculative ... [--json]
 
-decode: batch-1 greedy decode tokens/s of our loop and of transformers' `generate` on the same
-model, prompt and token count, in one run; the share of the memory-bandwidth roofline; and the
-prefill of a 512-token prompt against transformers' forward.
+decode: batch-1 greedy decode tokens/s, prefill and time to first token with the weights in f32,
+bf16 and int8, beside transformers' `generate` and forward in f32 and bf16, in one run, with the
+memory-bandwidth roofline (amd135m/benchmarks/decode_bench.py).
 speculative: on HumanEval prompts (batch 1 or ragged batches; greedy or AMD's sampling): our
 target-only decode and our speculative decode with any --draft (a model, a feature head, first:N,
 self, ngram), with an adaptive gamma, and with the n-gram draft; for greedy batch 1 also
@@ -15,8 +15,6 @@ imports torch.
 import dataclasses
 import json
 import pathlib
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,119 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from amd135m import checkpoints, compilation_cache, model as model_lib, sampling, speculative
+from amd135m.benchmarks import decode_bench
 from amd135m.errors import ArgumentParser, UserError
 from amd135m.provenance import provenance
 from amd135m.tokenizer import load_tokenizer
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-DECODE_PROMPT = "The history of the printing press begins"
-
-
-def copy_bandwidth(nbytes: int = 1 << 30, runs: int = 5) -> float:
-  """Read+write bytes per second of a >= 1 GiB memory copy (the best of `runs`)."""
-  src = np.ones(nbytes, np.uint8)
-  dst = np.empty_like(src)
-  best = float("inf")
-  for _ in range(runs):
-    start = time.perf_counter()
-    np.copyto(dst, src)
-    best = min(best, time.perf_counter() - start)
-  return 2 * nbytes / best
-
-
-def bytes_per_token(config: model_lib.ModelConfig, params, context: float) -> float:
-  """Bytes a decode step must read: every weight once in its stored dtype (the tied head once, the
-  embedding lookup one row), plus the keys and values of `context` cached positions."""
-  weights = sum(x.nbytes for x in jax.tree.leaves(params))
-  embedding = params["embed_tokens"]["embedding"]
-  embedding = getattr(embedding, "values", embedding)  # int8: the values (scales are small)
-  if not config.tie_embeddings:  # the lookup touches one row, not the table
-    weights -= embedding.nbytes - embedding.nbytes // embedding.shape[0]
-  kv = 2 * config.n_layers * config.n_kv_heads * config.head_dim * jnp.dtype(config.dtype).itemsize
-  return weights + kv * context
-
-
-def _median_time(fn, runs: int) -> tuple[float, list[float]]:
-  jax.block_until_ready(fn())  # warm-up and compile, excluded
-  times = []
-  for _ in range(runs):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), times
-
-
-def _reference(what: str, model: str, prompt: list[int], new_tokens: int, runs: int,
-               *extra: str) -> dict:
-  command = [sys.executable, str(ROOT / "hf_bench" / "generation.py"), what, "--model", model,
-             "--prompt-ids", ",".join(map(str, prompt)), "--new-tokens", str(new_tokens),
-             "--runs", str(runs), *extra]
-  result = subprocess.run(command, capture_output=True, text=True)
-  if result.returncode != 0:
-    raise UserError(f"the transformers reference failed (is the [dev] extra installed?): "
-                    f"{result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ''}")
-  return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def bench_decode(model: str, new_tokens: int = 128, runs: int = 3, prefill_tokens: int = 512,
-                 reference: bool = True, weights: str = "f32") -> dict:
-  """Ours (weights f32, or int8: quantize.quantize_params) against transformers in f32."""
-  config, params = checkpoints.load_params(model)
-  params = jax.tree.map(jnp.asarray, params)
-  if weights == "int8":
-    from amd135m import quantize  # noqa: PLC0415
-    params = quantize.quantize_params(params, config)
-  tokenizer = load_tokenizer(model)
-  prompt = tokenizer.encode(DECODE_PROMPT)
-
-  # Our decode loop alone (prefill excluded): N tokens cost N - 1 single-token forwards.
-  prompt_len, buffer_len = sampling.bucket(len(prompt)), sampling.bucket(new_tokens)
-  tokens = np.zeros((1, prompt_len), np.int32)
-  tokens[0, :len(prompt)] = prompt
-  lens = jnp.asarray([len(prompt)], jnp.int32)
-  first_logits, cache = sampling.prefill(params, config, jnp.asarray(tokens), lens,
-                                         cache_len=prompt_len + buffer_len)
-  no_stops = jnp.full((1, 1), -1, jnp.int32)
-
-  def decode():
-    return sampling.decode(params, config, first_logits, cache, jnp.int32(new_tokens),
-                           jnp.zeros((1,), jnp.uint32), no_stops, jnp.float32(0), jnp.int32(0),
-                           jnp.float32(1), buffer_len=buffer_len)
-
-  decode_seconds, decode_times = _median_time(decode, runs)
-  ours_tps = (new_tokens - 1) / decode_seconds
-
-  bandwidth = copy_bandwidth()
-  per_token = bytes_per_token(config, params, context=len(prompt) + new_tokens / 2)
-  roofline_tps = bandwidth / per_token
-
-  # Prefill of a 512-token prompt (real text, repeated to length).
-  long_prompt = (tokenizer.encode(open(__file__).read()) * prefill_tokens)[:prefill_tokens]
-  long = jnp.asarray([long_prompt], jnp.int32)
-  long_lens = jnp.asarray([prefill_tokens], jnp.int32)
-  prefill_seconds, prefill_times = _median_time(
-      lambda: sampling.prefill(params, config, long, long_lens, cache_len=prefill_tokens), runs)
-
-  result = dict(
-      benchmark="decode", model=str(model), weights=weights, new_tokens=new_tokens,
-      prompt_tokens=len(prompt), runs=runs,
-      ours=dict(tokens_per_second=ours_tps, decode_seconds=decode_times,
-                prefill_tokens_per_second=prefill_tokens / prefill_seconds,
-                prefill_seconds=prefill_times),
-      roofline=dict(copy_bandwidth_gb_s=bandwidth / 1e9, bytes_per_token=per_token,
-                    tokens_per_second=roofline_tps, share=ours_tps / roofline_tps,
-                    param_dtype=config.param_dtype),
-      provenance=provenance())
-  if reference:
-    hf_decode = _reference("decode", model, prompt, new_tokens, runs)
-    hf_prefill = _reference("prefill", model, long_prompt, new_tokens, runs)
-    result["transformers"] = dict(tokens_per_second=hf_decode["tokens_per_second"],
-                                  prefill_tokens_per_second=hf_prefill["tokens_per_second"],
-                                  details=dict(decode=hf_decode, prefill=hf_prefill))
-    result["speedup"] = dict(
-        decode=ours_tps / hf_decode["tokens_per_second"],
-        prefill=result["ours"]["prefill_tokens_per_second"] / hf_prefill["tokens_per_second"])
-  return result
 
 
 def humaneval_prompts(n: int) -> list[str]:
@@ -305,8 +194,8 @@ def bench_speculative(target: str, draft: str, gamma: int, n_prompts: int = 4,
       ids_file = pathlib.Path(tmp) / "prompts.json"
       ids_file.write_text(json.dumps(prompts))
       common = ("--prompts-file", str(ids_file), "--gamma", str(gamma))
-      run = lambda assistant: _reference("assisted", str(target_dir), [], new_tokens, 1,
-                                         *common, "--assistant", assistant)
+      run = lambda assistant: decode_bench.transformers_reference(
+          "assisted", str(target_dir), [], new_tokens, 1, *common, "--assistant", assistant)
       hf = {"greedy": run("none"), "lookup": run("lookup")}
       if model_draft:
         hf["assisted"] = run(str(draft_dir))
@@ -330,8 +219,11 @@ def main(argv=None) -> int:
   decode.add_argument("--model", required=True)
   decode.add_argument("--new-tokens", type=int, default=128)
   decode.add_argument("--runs", type=int, default=3)
-  decode.add_argument("--weights", choices=("f32", "int8"), default="f32",
-                      help="our decode's weights (transformers stays f32)")
+  decode.add_argument("--weights", default="f32,bf16,int8",
+                      help="our decode's weight precisions, measured side by side (speedups "
+                      "against the first)")
+  decode.add_argument("--reference", default="f32,bf16",
+                      help="transformers' dtypes (its speedup column is against the first)")
   decode.add_argument("--no-reference", action="store_true", help="skip transformers")
   decode.add_argument("--json", action="store_true")
   spec = sub.add_parser("speculative", help="speculative decoding on HumanEval prompts")
@@ -360,8 +252,9 @@ def main(argv=None) -> int:
     return train_bench.main(args)
   try:
     if args.what == "decode":
-      result = bench_decode(args.model, args.new_tokens, args.runs,
-                            reference=not args.no_reference, weights=args.weights)
+      result = decode_bench.bench_decode(
+          args.model, args.weights.split(","), () if args.no_reference else
+          args.reference.split(","), args.new_tokens, args.runs)
     else:
       result = bench_speculative(args.target, args.draft, args.gamma, args.prompts,
                                  args.new_tokens, reference=not args.no_reference,
@@ -376,17 +269,7 @@ def main(argv=None) -> int:
   elif args.what == "speculative":
     print_speculative(result)
   else:
-    ours, roof = result["ours"], result["roofline"]
-    print(f"decode  ours ({result['weights']}) {ours['tokens_per_second']:.1f} tokens/s, "
-          f"{100 * roof['share']:.0f}% of the {roof['tokens_per_second']:.1f} tokens/s roofline "
-          f"({roof['copy_bandwidth_gb_s']:.1f} GB/s copy, "
-          f"{roof['bytes_per_token'] / 1e6:.0f} MB/token)")
-    print(f"prefill ours {ours['prefill_tokens_per_second']:.0f} tokens/s (512-token prompt)")
-    if "transformers" in result:
-      hf, speedup = result["transformers"], result["speedup"]
-      print(f"transformers decode {hf['tokens_per_second']:.1f} tokens/s, prefill "
-            f"{hf['prefill_tokens_per_second']:.0f} tokens/s; speedup decode "
-            f"{speedup['decode']:.2f}x, prefill {speedup['prefill']:.2f}x")
+    decode_bench.print_decode(result)
   return 0
 
 

@@ -17,12 +17,15 @@ import torch
 import transformers
 
 
-def load(model: str):
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
+
+
+def load(model: str, dtype: str = "f32"):
   path = pathlib.Path(model)
   if path.suffix == ".gguf":
     return transformers.LlamaForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, torch_dtype=torch.float32).eval()
-  return transformers.LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+        path.parent, gguf_file=path.name, torch_dtype=DTYPES[dtype]).eval()
+  return transformers.LlamaForCausalLM.from_pretrained(path, torch_dtype=DTYPES[dtype]).eval()
 
 
 def timed(fn, runs: int) -> list[float]:
@@ -73,11 +76,13 @@ def main():
   parser.add_argument("--gamma", type=int, default=4)
   parser.add_argument("--new-tokens", type=int, default=128)
   parser.add_argument("--runs", type=int, default=3)
+  parser.add_argument("--dtype", choices=sorted(DTYPES), default="f32",
+                      help="the model's weights and compute")
   args = parser.parse_args()
   torch.set_num_threads(os.cpu_count())
-  model = load(args.model)
+  model = load(args.model, args.dtype)
   result = dict(torch=torch.__version__, transformers=transformers.__version__,
-                torch_threads=torch.get_num_threads())
+                torch_threads=torch.get_num_threads(), dtype=args.dtype)
   if args.what == "assisted":
     result.update(assisted(model, args))
     print(json.dumps(result))
