@@ -7,6 +7,7 @@ Each row has its own seed and its own stop ids, so a row's output does not depen
 import dataclasses
 import functools
 import math
+import time
 from typing import Sequence
 
 import jax
@@ -259,6 +260,7 @@ def bucket(n: int, minimum: int = 16) -> int:
 class Generation:
   tokens: list[list[int]]  # new tokens per row, a stop token included when one ended the row
   stopped: list[bool]      # whether the row ended on a stop id (else it ran out of budget)
+  first_token_at: float | None = None  # time.perf_counter() when the first tokens' logits were in
 
 
 @dataclasses.dataclass
@@ -324,6 +326,8 @@ def generate(params, config: model_lib.ModelConfig, prompts: Sequence[Sequence[i
   first_logits, cache = prefill(params, config, jnp.asarray(request.tokens),
                                 jnp.asarray(request.lens, jnp.int32),
                                 cache_len=prompt_len + buffer_len)
+  jax.block_until_ready(first_logits)
+  first_token_at = time.perf_counter()
   out, counts = decode(params, config, first_logits, cache, jnp.int32(max_new_tokens),
                        jnp.asarray(request.seeds), jnp.asarray(request.stops),
                        jnp.float32(sampling.temperature), jnp.int32(sampling.top_k),
@@ -331,4 +335,4 @@ def generate(params, config: model_lib.ModelConfig, prompts: Sequence[Sequence[i
   out, counts = np.asarray(out), np.asarray(counts)
   rows = [out[row, :counts[row]].tolist() for row in range(len(request.lens))]
   stopped = [bool(r) and r[-1] in set(request.row_stops[i]) for i, r in enumerate(rows)]
-  return Generation(tokens=rows, stopped=stopped)
+  return Generation(tokens=rows, stopped=stopped, first_token_at=first_token_at)

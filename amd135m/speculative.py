@@ -14,6 +14,7 @@ accepted run) is filled in for the cost of one wider forward. Rollback is moving
 import dataclasses
 import functools
 import pathlib
+import time
 from typing import Protocol, Sequence
 
 import jax
@@ -305,6 +306,7 @@ class SpeculativeResult:
   stopped: list[bool]
   rows: list[dict]         # statistics per row (see `statistics`)
   totals: dict             # the same over the batch; target_calls there are batched forwards
+  first_token_at: float | None = None  # time.perf_counter() when the first logits were in
 
 
 def statistics(drafted, accepted, target_calls, verified_tokens, accepted_at, drafted_at,
@@ -461,6 +463,8 @@ def speculative_generate(target_params, target_config: model_lib.ModelConfig, dr
   lens = jnp.asarray(request.lens, jnp.int32)
   first_logits, target_cache, hidden = _prefill(target_params, target_config, tokens, lens,
                                                 seq_width, draft.feature_layers)
+  jax.block_until_ready(first_logits)
+  first_token_at = time.perf_counter()
   draft_state = draft.start(draft_params, tokens, lens, seq_width, target_config=target_config,
                             target_params=target_params, target_cache=target_cache,
                             features=hidden)
@@ -492,7 +496,7 @@ def speculative_generate(target_params, target_config: model_lib.ModelConfig, dr
   totals.update(target_calls=int(out["iterations"]),
                 row_target_calls=int(out["target_calls"].sum()),
                 new_tokens=int(out["new_tokens"].sum()))
-  return SpeculativeResult(rows_tokens, stopped, rows_stats, totals)
+  return SpeculativeResult(rows_tokens, stopped, rows_stats, totals, first_token_at)
 
 
 def shares_target_layers(draft_config: model_lib.ModelConfig, draft_params,

@@ -66,6 +66,8 @@ def test_json_lines(cli_records, tokenizer):
     shown = ids[:-1] if r["stopped"] else ids
     assert r["completion"] == tokenizer.decode(shown)
     assert r["seconds"] > 0 and r["tokens_per_second"] > 0
+    # the first token comes after encoding and prefill, before the rest of the batch's tokens
+    assert 0 < r["first_token_seconds"] < r["seconds"] and r["compile_seconds"] >= 0
 
 
 def test_greedy_cli_matches_in_process_generate(cli_records, smollm2, tokenizer):

@@ -337,6 +337,7 @@ def test_cli_reports_speculative_statistics(smollm2, smollm2_gguf, monkeypatch, 
   assert generate.main(base + ["--draft", "ngram", "--gamma", "3"]) == 0
   record = json.loads(capsys.readouterr().out)
   assert record["token_ids"] == plain["token_ids"]
+  assert 0 < record["first_token_seconds"] < record["seconds"]
   # The CLI reports the library's statistics for this prompt, not another row's or a default.
   config, params = smollm2
   tokenizer = load_tokenizer(smollm2_gguf)
