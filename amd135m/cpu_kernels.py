@@ -72,8 +72,10 @@ def _compile() -> pathlib.Path:
 
 @functools.cache
 def available() -> bool:
-  """Whether the kernels are built and registered with XLA (compiling them on first call)."""
-  if os.environ.get("AMD135M_CPU_KERNELS", "1") == "0":
+  """Whether the kernels are built and registered with XLA (compiling them on first call): on
+  hosts whose default JAX backend is the CPU, where jit places the programs that call them. (A
+  program lowered there for another platform must run with AMD135M_CPU_KERNELS=0.)"""
+  if os.environ.get("AMD135M_CPU_KERNELS", "1") == "0" or jax.default_backend() != "cpu":
     return False
   try:
     library = ctypes.cdll.LoadLibrary(str(_compile()))
@@ -103,15 +105,16 @@ def _kernel(x: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
 
 
 def _xla(x: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
-  # bf16 weights widened to x's f32: the kernel's arithmetic (XLA fuses the convert into the dot)
-  return jnp.einsum("NK,VK->NV" if transposed else "NK,KV->NV", x, w.astype(x.dtype))
+  # bf16 weights widened to x's f32: the kernel's arithmetic (XLA fuses the convert into the dot).
+  # dot_general rather than einsum: this is traced some 240 times per SmolLM2 program.
+  return jax.lax.dot_general(x, w.astype(x.dtype), (((1,), (1 if transposed else 0,)), ((), ())))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _small_matmul(x, w, transposed):
-  # The kernel on CPUs; the same product through XLA where the program is lowered for a GPU.
-  return jax.lax.platform_dependent(x, w, cpu=lambda x, w: _kernel(x, w, transposed),
-                                    default=lambda x, w: _xla(x, w, transposed))
+  # Decided when tracing (available()), not by lax.platform_dependent, which traced both
+  # branches at each of a SmolLM2 program's 241 kernel calls: seconds of every first generate.
+  return _kernel(x, w, transposed)
 
 
 def _forward(x, w, transposed):
@@ -178,8 +181,7 @@ def matmul_int8(x: jax.Array, values: jax.Array, scale: jax.Array) -> jax.Array:
   products): integer dot products in a kernel for 1-8 rows on CPUs with AVX2, XLA's equal
   arithmetic (int8_reference) otherwise. No gradient: inference weights."""
   if x.shape[0] <= MAX_ROWS and x.ndim == 2 and available():
-    return jax.lax.platform_dependent(x.astype(jnp.float32), values, scale, cpu=_int8_kernel,
-                                      default=int8_reference)
+    return _int8_kernel(x.astype(jnp.float32), values, scale)
   return int8_reference(x, values, scale)
 
 
@@ -207,10 +209,9 @@ def _attention_kernel(q, k, v, k_cache, v_cache, length):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def cached_attention(reference, q, k, v, k_cache, v_cache, length):
   """reference(q, k, v, k_cache, v_cache, length) -> (out [B, T, N, H], k_cache, v_cache): XLA's
-  form, which this computes in one kernel call on CPUs; it runs on other platforms and gives the
-  gradient. q [B, T, N, H]; k, v [B, T, K, H]; caches [B, S, K, H]; length [B]."""
-  return jax.lax.platform_dependent(q, k, v, k_cache, v_cache, length, cpu=_attention_kernel,
-                                    default=reference)
+  form, which this computes in one kernel call (callers check attention_applies); the reference
+  gives the gradient. q [B, T, N, H]; k, v [B, T, K, H]; caches [B, S, K, H]; length [B]."""
+  return _attention_kernel(q, k, v, k_cache, v_cache, length)
 
 
 def _attention_forward(reference, *args):

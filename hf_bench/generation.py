@@ -16,7 +16,6 @@ import time
 import torch
 import transformers
 
-
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
 
 

@@ -74,13 +74,21 @@ def _lowered(rows, platforms=None, dtype=jnp.float32):
   return (lowered.lower(lowering_platforms=platforms) if platforms else lowered.lower()).as_text()
 
 
-def test_only_few_f32_rows_on_cpu_reach_the_kernel():
+def test_only_few_f32_rows_on_cpu_reach_the_kernel(monkeypatch):
   assert "amd135m_small_matmul" in _lowered(1)
   assert "amd135m_small_matmul" in _lowered(cpu_kernels.MAX_ROWS)
   assert "amd135m_small_matmul" not in _lowered(cpu_kernels.MAX_ROWS + 1)
   assert "amd135m_small_matmul" not in _lowered(2, dtype=jnp.bfloat16)
-  # A program lowered for a GPU takes XLA's product.
-  assert "amd135m_small_matmul" not in _lowered(2, platforms=("cuda",))
+  # Where the default backend is not the CPU (a GPU host), XLA's product, lowered for a GPU.
+  monkeypatch.setattr(cpu_kernels.jax, "default_backend", lambda: "gpu")
+  cpu_kernels.available.cache_clear()
+  try:
+    assert not cpu_kernels.available()
+    assert "amd135m_small_matmul" not in _lowered(2, platforms=("cuda",))
+  finally:
+    monkeypatch.undo()
+    cpu_kernels.available.cache_clear()
+  assert cpu_kernels.available()
 
 
 def test_the_model_decodes_through_the_kernel():
