@@ -11,7 +11,8 @@ a dozen small ops scoring every cache slot). Everything else (more rows, other d
 gradients) stays with XLA.
 
 The kernels are compiled with the system's C++ compiler on first use and cached per CPU under
-$AMD135M_CACHE/kernels. Without a compiler, or with AMD135M_CPU_KERNELS=0, XLA does all of it
+$AMD135M_CACHE/kernels. Each product is split over the cores (at most 8; AMD135M_KERNEL_THREADS=N
+sets N). Without a compiler, or with AMD135M_CPU_KERNELS=0, XLA does all of it
 (the numbers agree to f32 rounding; only speed differs).
 """
 import ctypes
