@@ -1,0 +1,64 @@
+"""Where a SmolLM2 decode step's time goes, per weight precision: one jitted step at 200 cached
+positions (the cache donated, medians of 30), as is; with every weight product replaced by zeros;
+and with attention skipped too. Prints one dict of milliseconds, each setting measured `--repeats`
+times in turn. A development tool (it swaps library internals), not a benchmark with provenance.
+
+python tools/decode_step_breakdown.py [--repeats 2]
+"""
+import argparse
+import time
+
+import fetch_test_models
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from amd135m import checkpoints, compilation_cache, cpu_kernels, model as model_lib, quantize
+
+
+def step_ms(config, params, runs: int = 30) -> float:
+  def step(p, token, cache):
+    logits, cache = model_lib.forward(p, config, token, cache)
+    return jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32), cache
+  step = jax.jit(step, donate_argnums=2)
+  cache = model_lib.init_cache(config, 1, 512).replace(length=jnp.array([200], jnp.int32))
+  token = jnp.zeros((1, 1), jnp.int32)
+  token, cache = step(params, token, cache)
+  jax.block_until_ready(token)
+  times = []
+  for _ in range(runs):
+    start = time.perf_counter()
+    token, cache = step(params, token, cache)
+    jax.block_until_ready(token)
+    times.append(time.perf_counter() - start)
+  return float(np.median(times) * 1e3)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--repeats", type=int, default=2)
+  args = parser.parse_args()
+  compilation_cache.enable()
+  config, params = checkpoints.load_params(fetch_test_models.smollm2_path())
+  params = jax.device_put(params)
+  weights = {w: quantize.cast_weights(params, config, w) for w in quantize.WEIGHTS}
+  real = cpu_kernels.matmul_int8, cpu_kernels.matmul, model_lib.attend_cached
+  zeros = lambda x, n: jnp.zeros((x.shape[0], n), jnp.float32) + x[:, :1] * 0
+  results = {}
+  for _ in range(args.repeats):
+    cpu_kernels.matmul_int8, cpu_kernels.matmul, model_lib.attend_cached = real
+    for name, p in weights.items():
+      results.setdefault(name, []).append(step_ms(config, p))
+    cpu_kernels.matmul_int8 = lambda x, values, scale: zeros(x, values.shape[0])
+    cpu_kernels.matmul = lambda x, w, transposed=False: zeros(x, w.shape[0 if transposed else 1])
+    results.setdefault("int8, no products", []).append(step_ms(config, weights["int8"]))
+    model_lib.attend_cached = lambda q, k, v, k_cache, v_cache, length, dtype: (q, k_cache,
+                                                                                   v_cache)
+    results.setdefault("int8, no products, no attention", []).append(
+        step_ms(config, weights["int8"]))
+  cpu_kernels.matmul_int8, cpu_kernels.matmul, model_lib.attend_cached = real
+  print({name: [round(t, 2) for t in times] for name, times in results.items()})
+
+
+if __name__ == "__main__":
+  main()
