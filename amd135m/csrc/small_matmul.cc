@@ -26,6 +26,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include <immintrin.h>
@@ -151,13 +152,67 @@ int64_t MatmulNNColumns(const float* __restrict x, const W* __restrict w,
   return end;
 }
 
+#if !defined(__AVX512F__)
+// One row times a bf16 weight [K, N] on AVX2, 64 columns at a time: 16 weights loaded at once and
+// widened by unpacking with zeros (one instruction per 8, where zero-extend and shift are two),
+// which leaves columns 0-3 and 8-11 in one vector, 4-7 and 12-15 in the other. The accumulators
+// keep that order and are permuted on their way from and to `out`; each element is still the
+// same FMAs in the same order, so the result is bitwise the generic path's.
+int64_t MatmulNNBf16Row(const float* __restrict x, const uint16_t* __restrict w,
+                        float* __restrict out, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  constexpr int KB = 8;
+  constexpr int P = 4;                // pairs of vectors: 64 columns
+  constexpr int64_t width = P * 16;
+  const int64_t end = n0 + (n1 - n0) / width * width;
+  const __m256i zero = _mm256_setzero_si256();
+  for (int64_t k = 0; k + KB <= K; k += KB) {
+    const uint16_t* wk = w + k * N;
+    for (int64_t n = n0; n < end; n += width) {
+      if (k + 2 * KB <= K)
+        for (int j = 0; j < KB; ++j)
+          for (int64_t c = 0; c < width; c += 32) __builtin_prefetch(wk + (KB + j) * N + n + c);
+      __m256 lo[P], hi[P];
+      for (int p = 0; p < P; ++p) {
+        const __m256 a = _mm256_loadu_ps(out + n + 16 * p);
+        const __m256 b = _mm256_loadu_ps(out + n + 16 * p + 8);
+        lo[p] = _mm256_permute2f128_ps(a, b, 0x20);
+        hi[p] = _mm256_permute2f128_ps(a, b, 0x31);
+      }
+      for (int j = 0; j < KB; ++j) {
+        const vec b = Broadcast(x + k + j);
+        __m256 xv;
+        __builtin_memcpy(&xv, &b, sizeof(xv));
+        for (int p = 0; p < P; ++p) {
+          const __m256i raw =
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + j * N + n + 16 * p));
+          const __m256 w_lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw));
+          const __m256 w_hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw));
+          lo[p] = _mm256_fmadd_ps(xv, w_lo, lo[p]);
+          hi[p] = _mm256_fmadd_ps(xv, w_hi, hi[p]);
+        }
+      }
+      for (int p = 0; p < P; ++p) {
+        _mm256_storeu_ps(out + n + 16 * p, _mm256_permute2f128_ps(lo[p], hi[p], 0x20));
+        _mm256_storeu_ps(out + n + 16 * p + 8, _mm256_permute2f128_ps(lo[p], hi[p], 0x31));
+      }
+    }
+  }
+  return end;
+}
+#endif
+
 template <int M, typename W>
 void MatmulNN(const float* __restrict x, const W* __restrict w, float* __restrict out,
               int64_t K, int64_t N, int64_t n0, int64_t n1) {
   constexpr int KB = 8;
   for (int m = 0; m < M; ++m) std::fill(out + m * N + n0, out + m * N + n1, 0.f);
   const int64_t k_end = K / KB * KB;
-  int64_t n = MatmulNNColumns<M, ColumnVectors<M>(), W>(x, w, out, K, N, n0, n1);
+  int64_t n = n0;
+#if !defined(__AVX512F__)
+  if constexpr (M == 1 && std::is_same_v<W, uint16_t>)
+    n = MatmulNNBf16Row(x, w, out, K, N, n, n1);
+#endif
+  n = MatmulNNColumns<M, ColumnVectors<M>(), W>(x, w, out, K, N, n, n1);
   if (ColumnVectors<M>() > 1) n = MatmulNNColumns<M, 1, W>(x, w, out, K, N, n, n1);
   for (; n < n1; ++n)  // the last columns, one at a time, in the same order over k
     for (int64_t k = 0; k < k_end; k += KB)
