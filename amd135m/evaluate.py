@@ -14,7 +14,7 @@ import sys
 
 from absl import logging as absl_logging
 
-from amd135m import compilation_cache
+from amd135m import compilation_cache, quantize
 from amd135m.errors import ArgumentParser, UserError
 from amd135m.evaluation import humaneval, multiple_choice, perplexity
 
@@ -60,6 +60,8 @@ def parse_args(argv):
 
   for s in (p, h, m):
     s.add_argument("--model", required=True, help="a .gguf file or a Hugging Face directory")
+    s.add_argument("--weights", choices=quantize.WEIGHTS, default="f32",
+                   help="the precision the model's weights are used in (as generate's)")
     s.add_argument("--json", action="store_true", help="print the full result as JSON")
   return parser.parse_args(argv)
 
@@ -69,17 +71,19 @@ def run_command(args) -> tuple[dict, str]:
   if args.command == "perplexity":
     result = perplexity.run(args.model, args.dataset, args.split, args.eval_fraction,
                             seq_len=args.seq_len, max_tokens=args.max_tokens,
-                            batch_size=args.batch_size)
+                            batch_size=args.batch_size, weights=args.weights)
     return result, perplexity.table(result)
   if args.command == "humaneval":
     result = humaneval.run(args.model, samples_per_problem=args.samples_per_problem,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                            max_new_tokens=args.max_new_tokens, num_problems=args.problems,
                            timeout=args.timeout, seed=args.seed, batch_size=args.batch_size,
-                           workers=args.workers, prompt_style=args.prompt_style)
+                           workers=args.workers, prompt_style=args.prompt_style,
+                           weights=args.weights)
     return result, humaneval.table(result)
   result = multiple_choice.run(args.model, args.task, args.data, limit=args.limit,
-                               batch_size=args.batch_size, add_bos=args.add_bos)
+                               batch_size=args.batch_size, add_bos=args.add_bos,
+                               weights=args.weights)
   return result, multiple_choice.table(result)
 
 

@@ -243,6 +243,14 @@ def test_perplexity_cli(tiny, tiny_dataset, tmp_path, capsys):
                                  progress=False)
   assert result["documents"] == 6 and result["tokens"] == expected["tokens"] > 0
   assert result["nll"] == pytest.approx(expected["nll"], rel=1e-5)
+  # --weights: the same evaluation on the bf16 / int8 copy, close to f32 but its own numbers
+  for weights in ("bf16", "int8"):
+    code = evaluate_cli.main(["perplexity", "--model", str(tmp_path / "model"), "--dataset", spec,
+                              "--eval-fraction", "0.1", "--seq-len", "32", "--json",
+                              "--weights", weights])
+    low = json.loads(capsys.readouterr().out)
+    assert code == 0 and low["weights"] == weights and low["tokens"] == expected["tokens"]
+    assert low["nll"] != expected["nll"] and low["nll"] == pytest.approx(expected["nll"], rel=0.02)
   code = evaluate_cli.main(["perplexity", "--model", str(tmp_path / "model"), "--dataset", spec,
                             "--split", "all", "--seq-len", "32", "--max-tokens", "64"])
   table = capsys.readouterr().out
@@ -265,7 +273,7 @@ def test_perplexity_of_a_workdir_holds_out_what_its_training_held_out(tiny, tiny
   model, _ = tiny
   spec = f"local_text@{tiny_dataset}:*.txt"
   config = _training_workdir(tmp_path / "workdir", spec, eval_fraction=0.1)
-  monkeypatch.setattr(models, "load_model", lambda path: model)
+  monkeypatch.setattr(models, "load_model", lambda path, weights="f32": model)
   # No --eval-fraction: the workdir's 0.1 (6 of 60 documents), not the default 0.02 (1).
   result = perplexity.run(tmp_path / "workdir", spec, seq_len=32)
   assert result["eval_fraction"] == 0.1 and result["documents"] == 6

@@ -216,12 +216,13 @@ def evaluate(model: models.Model, samples_per_problem: int = 1, temperature: flo
   return result
 
 
-def run(model_path: str | os.PathLike, **kwargs) -> dict:
-  """`evaluate` on the model at model_path (what `python -m amd135m.evaluate humaneval` runs)."""
+def run(model_path: str | os.PathLike, weights: str = "f32", **kwargs) -> dict:
+  """`evaluate` on the model at model_path, its weights at precision `weights` (what `python -m
+  amd135m.evaluate humaneval` runs)."""
   check_settings(**kwargs)  # before the model loads
-  model = models.load_model(model_path)
+  model = models.load_model(model_path, weights)
   result = evaluate(model, **kwargs)
-  result["model"] = str(model_path)
+  result.update(model=str(model_path), weights=weights)
   return result
 
 

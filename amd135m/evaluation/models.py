@@ -5,7 +5,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from amd135m import checkpoints, model as model_lib, tokenizer as tokenizer_lib
+from amd135m import checkpoints, model as model_lib, quantize, tokenizer as tokenizer_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,8 +16,10 @@ class Model:
   tokenizer: tokenizer_lib.Tokenizer
 
 
-def load_model(path: str | os.PathLike) -> Model:
-  """Whatever `checkpoints.load_params` accepts (HF directory, .gguf, ...), with its tokenizer."""
+def load_model(path: str | os.PathLike, weights: str = "f32") -> Model:
+  """Whatever `checkpoints.load_params` accepts (HF directory, .gguf, ...), with its tokenizer,
+  the weights at the precision `weights` (quantize.WEIGHTS: f32, bf16, int8)."""
   config, params = checkpoints.load_params(path)
   tokenizer = tokenizer_lib.load_tokenizer(path)
-  return Model(config, jax.tree.map(jnp.asarray, params), tokenizer)
+  params = quantize.cast_weights(jax.tree.map(jnp.asarray, params), config, weights)
+  return Model(config, params, tokenizer)

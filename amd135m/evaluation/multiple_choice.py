@@ -294,15 +294,16 @@ def evaluate(model: models.Model, task: str, data: str | os.PathLike, limit: int
   return result
 
 
-def run(model_path: str | os.PathLike, task: str, data: str | os.PathLike, **kwargs) -> dict:
+def run(model_path: str | os.PathLike, task: str, data: str | os.PathLike, weights: str = "f32",
+        **kwargs) -> dict:
   """`evaluate` on the model at model_path (what `python -m amd135m.evaluate multiple-choice` runs).
 
   The task, the data file and the numbers are checked before the model is loaded.
   """
   check_counts(limit=kwargs.get("limit"), batch_size=kwargs.get("batch_size"))
   read_docs(task, data, limit=kwargs.get("limit"))
-  result = evaluate(models.load_model(model_path), task, data, **kwargs)
-  result["model"] = str(model_path)
+  result = evaluate(models.load_model(model_path, weights), task, data, **kwargs)
+  result.update(model=str(model_path), weights=weights)
   return result
 
 

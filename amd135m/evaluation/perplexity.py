@@ -131,16 +131,16 @@ def heldout_fraction(model_path: str | os.PathLike, eval_fraction: float | None)
 
 
 def run(model_path: str | os.PathLike, dataset: str, split: str = "heldout",
-        eval_fraction: float | None = None, **kwargs) -> dict:
+        eval_fraction: float | None = None, weights: str = "f32", **kwargs) -> dict:
   """`evaluate` on the model at model_path over a dataset spec (what the CLI runs).
   eval_fraction None: the training workdir's, or the default for any other model."""
   check_counts(max_tokens=kwargs.get("max_tokens"), batch_size=kwargs.get("batch_size"))
   if split == "heldout":
     eval_fraction = heldout_fraction(model_path, eval_fraction)
   documents = load_text_documents(dataset, split, eval_fraction)  # checked before the model
-  model = models.load_model(model_path)
+  model = models.load_model(model_path, weights)
   result = evaluate(model, documents, **kwargs)
-  result.update(model=str(model_path), dataset=dataset, split=split,
+  result.update(model=str(model_path), weights=weights, dataset=dataset, split=split,
                 eval_fraction=eval_fraction if split == "heldout" else None)
   return result
 
