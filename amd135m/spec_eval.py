@@ -23,7 +23,14 @@ import sys
 import time
 from typing import Callable, Iterable, Mapping, Sequence
 
-from amd135m import bench, checkpoints, compilation_cache, sampling, speculative
+from amd135m import (
+  checkpoints,
+  compilation_cache,
+  provenance as provenance_lib,
+  sampling,
+  speculative,
+)
+from amd135m.benchmarks import spec_bench
 from amd135m.errors import ArgumentParser, UserError, check_dir_creatable, make_dir
 from amd135m.model_config import ModelConfig
 from amd135m.tokenizer import load_tokenizer
@@ -103,7 +110,7 @@ def speculative_table(target_params, target_config: ModelConfig, draft: speculat
     tokens_per_target_call: tokens the verification rounds produced / target forwards.
     target_tokens_per_s, speculative_tokens_per_s: new tokens / wall seconds, prefill included,
       summed over prompts; speedup: their ratio (AMD's throughput speedup).
-    cost_ratio: c, a draft round's time (bench.draft_round_cost, when `predicted`) per drafted
+    cost_ratio: c, a draft round's time (spec_bench.draft_round_cost, when `predicted`) per drafted
       token over a target-only token's (prefill included, as the speedup); predicted_speedup:
       (1 - a^(gamma+1)) / ((1 - a)(gamma c + 1)) of Leviathan et al. (fixed gamma only).
     exact: for greedy settings, whether every speculative output equals the target-only one
@@ -146,8 +153,8 @@ def speculative_table(target_params, target_config: ModelConfig, draft: speculat
 
   @functools.cache
   def round_cost(gamma: int) -> float:
-    return bench.draft_round_cost(draft, draft_params, target_params, target_config, encoded[0],
-                                  gamma)
+    return spec_bench.draft_round_cost(draft, draft_params, target_params, target_config,
+                                       encoded[0], gamma)
 
   rows, outputs = [], {}
   for name, knobs in settings.items():
@@ -315,7 +322,7 @@ def save_table(table: SpecTable, out_dir: str | os.PathLike, setup: dict,
     writer = csv.DictWriter(f, ROW_FIELDS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(table.rows)
-  provenance = bench.provenance()
+  provenance = provenance_lib.provenance()
   provenance["command"] = " ".join(["python", "-m", "amd135m.spec_eval", *sys.argv[1:]])
   paths["json"].write_text(json.dumps(dict(
       setup=setup, rows=table.rows, prompt_tokens=table.prompt_tokens,
@@ -344,7 +351,7 @@ def humaneval_prompts(n: int, one_shot: bool) -> tuple[list[str], list[str]]:
   """(task ids, prompt texts) of the first n HumanEval problems, after AMD's prefix if one_shot."""
   if not 1 <= n <= HUMANEVAL_SIZE:
     raise UserError(f"--prompts must be between 1 and {HUMANEVAL_SIZE} (HumanEval's size), got {n}")
-  texts = bench.humaneval_prompts(n)
+  texts = spec_bench.humaneval_prompts(n)
   return ([f"HumanEval/{i}" for i in range(n)],
           [ONE_SHOT_PREFIX + t if one_shot else t for t in texts])
 

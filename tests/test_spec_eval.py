@@ -13,13 +13,14 @@ import jax
 import numpy as np
 import pytest
 
-from amd135m import bench, checkpoints, model as model_lib, sampling, spec_eval, speculative
+from amd135m import checkpoints, model as model_lib, sampling, spec_eval, speculative
+from amd135m.benchmarks import spec_bench
 from amd135m.data import spm
 from amd135m.tokenizer import load_tokenizer
 
 # Paper prompts (AMD's prefix + HumanEval/0 and /2) of one length bucket, so that the programs
 # compiled here serve the paper command's run too: compiles are most of this file's time.
-PROMPTS = [spec_eval.ONE_SHOT_PREFIX + text for text in bench.humaneval_prompts(3)[::2]]
+PROMPTS = [spec_eval.ONE_SHOT_PREFIX + text for text in spec_bench.humaneval_prompts(3)[::2]]
 MAX_NEW = 6
 TARGET = model_lib.ModelConfig(vocab_size=32016, dim=32, n_layers=1, n_heads=4, n_kv_heads=2,
                                ffn_dim=64, max_seq_len=2048)
@@ -149,7 +150,7 @@ def test_paper_setting_end_to_end_on_a_32000_32016_pair(pair, tmp_path, capsys):
   assert "[PYTHON]" in setup["prompt_template"] and setup["adaptive"] is True
   assert setup["settings"]["sampling"] == dict(temperature=0.1, top_k=10, top_p=0.95)
   assert setup["stop_ids"] == list(pair["tokenizer"].stop_ids)
-  texts = bench.humaneval_prompts(1)
+  texts = spec_bench.humaneval_prompts(1)
   assert saved["prompt_tokens"] == [
       len(pair["tokenizer"].encode(spec_eval.ONE_SHOT_PREFIX + t)) for t in texts]
   greedy = [r for r in saved["rows"] if r["setting"] == "greedy"]

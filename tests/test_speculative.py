@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import hf_reference as ref
-from amd135m import bench, model as model_lib, sampling, speculative
+from amd135m import model as model_lib, sampling, speculative
+from amd135m.benchmarks import spec_bench
 from amd135m.errors import UserError
 from amd135m.tokenizer import load_tokenizer
 
@@ -223,7 +224,7 @@ def test_predicted_speedup_is_tokens_per_round_over_round_cost():
 
 def test_verification_cost_times_both_forwards(target):
   config, params = target
-  cost = bench.verification_cost(params, config, gamma=3, context=5, cache_len=16, repeats=2)
+  cost = spec_bench.verification_cost(params, config, gamma=3, context=5, cache_len=16, repeats=2)
   assert 0 < cost["step_seconds"] < 10 and 0 < cost["verify_seconds"] < 10
   assert cost["ratio"] == cost["verify_seconds"] / cost["step_seconds"]
 
@@ -232,9 +233,9 @@ def test_benchmark_interleaves_methods_and_takes_medians(monkeypatch):
   """bench speculative: a warm-up pass, then every prompt through every method in turn, per pass;
   each prompt's time is the median over passes (one slow pass does not move it)."""
   calls, clock = [], iter([0, 1, 0, 2, 0, 1, 0, 3, 0, 9, 0, 5, 0, 1, 0, 8, 0, 1, 0, 3])
-  monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+  monkeypatch.setattr(spec_bench.time, "perf_counter", lambda: next(clock))
   runs = {name: (lambda p, name=name: calls.append((name, p)) or f"{name}{p}") for name in "ab"}
-  timed = bench._interleaved(runs, ["x", "y"], repeats=2)
+  timed = spec_bench._interleaved(runs, ["x", "y"], repeats=2)
   pass_order = [("a", "x"), ("b", "x"), ("a", "y"), ("b", "y")]
   assert calls == pass_order * 3  # the warm-up pass, then 2 timed passes
   # a on x took 1 then 9 s, b on x 2 then 5, a on y 1 then 1, b on y 3 then 8: medians.

