@@ -131,24 +131,27 @@ def test_int8_decode_equals_the_reference_arithmetic_and_tracks_f32(smollm2):
   assert agreement >= 0.8, agreement
 
 
-def test_int8_draft_refuses_an_int8_target(smollm2):
-  config, params = smollm2
-  with pytest.raises(UserError, match="int8 already"):
-    speculative.load_draft("int8", config, quantize.quantize_params(params, config))
-
-
 def test_generate_refuses_a_bad_weights_choice_in_one_line(smollm2_gguf):
   proc = subprocess.run([sys.executable, "-m", "amd135m.generate", "--model", str(smollm2_gguf),
                          "--prompt", "x", "--weights", "int3"], capture_output=True, text=True)
   assert proc.returncode == 2
   assert len(proc.stderr.strip().splitlines()) == 1 and "int3" in proc.stderr
+
+
+@pytest.mark.parametrize("spec", ["int8", "bf16"])
+def test_a_low_precision_draft_needs_an_f32_target(spec, smollm2, smollm2_gguf):
+  config, params = smollm2
+  for stored, low in [("int8", quantize.quantize_params(params, config)),
+                      ("bf16", quantize.to_bfloat16(params))]:
+    with pytest.raises(UserError, match=f"{stored} already"):
+      speculative.load_draft(spec, config, low)
   proc = subprocess.run([sys.executable, "-m", "amd135m.generate", "--model", str(smollm2_gguf),
-                         "--prompt", "x", "--weights", "int8", "--draft", "int8"],
+                         "--prompt", "x", "--weights", spec, "--draft", spec],
                         capture_output=True, text=True)
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines() == [
-      "amd135m.generate: error: --draft int8 drafts for an f32 target: drop --weights int8, or "
-      "pick another draft"]
+      f"amd135m.generate: error: --draft {spec} drafts for an f32 target: drop --weights {spec}, "
+      "or pick another draft"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,17 +211,3 @@ def test_bf16_decode_is_f32_decode_on_the_rounded_weights(smollm2):
   cache = model_lib.init_cache(config, 1, 32)
   step = jax.jit(lambda p, c: model_lib.forward(p, config, jnp.asarray([[504, 3074]]), c)[0])
   assert np.array_equal(np.asarray(step(bf16, cache)), np.asarray(step(widened, cache)))
-
-
-def test_low_precision_drafts_refuse_a_low_precision_target(smollm2):
-  config, params = smollm2
-  for spec in ("int8", "bf16"):
-    with pytest.raises(UserError, match="bf16 already"):
-      speculative.load_draft(spec, config, quantize.to_bfloat16(params))
-  proc = subprocess.run([sys.executable, "-m", "amd135m.generate", "--model", "unused.gguf",
-                         "--prompt", "x", "--weights", "bf16", "--draft", "bf16"],
-                        capture_output=True, text=True)
-  assert proc.returncode == 2
-  assert proc.stderr.strip().splitlines() == [
-      "amd135m.generate: error: --draft bf16 drafts for an f32 target: drop --weights bf16, or "
-      "pick another draft"]

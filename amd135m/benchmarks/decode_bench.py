@@ -143,14 +143,12 @@ def measure_decode(config: ModelConfig, params, prompt: list[int], long_prompt: 
   for w in weights:
     params = quantize.cast_weights(f32_params, config, w)
 
-    def first_token(params=params):  # a short prompt's prefill and first pick
-      logits, cache = sampling.prefill(params, config, jnp.asarray(tokens), lens,
-                                       cache_len=prompt_len + buffer_len)
-      return jnp.argmax(logits, -1), cache
+    def first_token(params=params):  # a short prompt's prefill: logits for the first pick
+      return sampling.prefill(params, config, jnp.asarray(tokens), lens,
+                              cache_len=prompt_len + buffer_len)
 
-    def decode(params=params):
-      logits, cache = sampling.prefill(params, config, jnp.asarray(tokens), lens,
-                                       cache_len=prompt_len + buffer_len)
+    def decode(params=params, start=first_token()):
+      logits, cache = start
       return lambda: sampling.decode(
           params, config, logits, cache, jnp.int32(new_tokens), jnp.zeros((1,), jnp.uint32),
           no_stops, jnp.float32(0), jnp.int32(0), jnp.float32(1), buffer_len=buffer_len)
