@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Callable
 
-from amd135m import compilation_cache, config_lib
+from amd135m import compilation_cache, config_lib, text_table
 from amd135m.errors import ArgumentParser, UserError, make_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -239,7 +239,6 @@ def _train_head(target: str, head_dir: pathlib.Path, spec: Preset, log) -> None:
 
 def format_comparison(rows: list[dict]) -> str:
   """One line per (setting, draft) at its best gamma, after a target-only line per setting."""
-  from amd135m import spec_eval  # noqa: PLC0415
   header = ["setting", "draft", "gamma", "tokens/s", "acceptance", "tok/call", "speedup",
             "exact"]
   lines = []
@@ -251,8 +250,8 @@ def format_comparison(rows: list[dict]) -> str:
       best = max((r for r in mine if r["draft"] == draft), key=lambda r: r["speedup"])
       lines.append([setting, draft, str(best["gamma"]), f"{best['speculative_tokens_per_s']:.1f}",
                     f"{best['acceptance']:.3f}", f"{best['tokens_per_target_call']:.2f}",
-                    f"{best['speedup']:.2f}x", spec_eval._fmt(best["exact"], "")])
-  return (spec_eval._aligned(header, lines) + "\n(target-only tokens/s: the mean of its runs "
+                    f"{best['speedup']:.2f}x", text_table.cell(best["exact"], "")])
+  return (text_table.aligned(header, lines) + "\n(target-only tokens/s: the mean of its runs "
           "beside each draft; speedup: over the target-only run beside it; AMD's CodeLlama-7b: "
           "acceptance 0.65-0.74, 2.6-3.9x)")
 

@@ -33,6 +33,7 @@ from amd135m import (
 from amd135m.benchmarks import spec_bench
 from amd135m.errors import ArgumentParser, UserError, check_dir_creatable, make_dir
 from amd135m.model_config import ModelConfig
+from amd135m.text_table import aligned, cell
 from amd135m.tokenizer import load_tokenizer
 
 # AMD's one-shot prefix, verbatim from clip_input() in speculative_decoding/codellama_spec.py of
@@ -236,21 +237,6 @@ def amd_ranges() -> dict[str, dict[str, tuple[float, float]]]:
   return out
 
 
-def _fmt(value, spec: str) -> str:
-  if value is None:
-    return "-"
-  if isinstance(value, bool):
-    return "yes" if value else "NO"
-  return format(value, spec)
-
-
-def _aligned(header: list[str], lines: list[list[str]]) -> str:
-  widths = [max(len(c) for c in column) for column in zip(header, *lines)]
-  text = [" | ".join(c.rjust(w) for c, w in zip(row, widths)) for row in [header, *lines]]
-  text.insert(1, "-+-".join("-" * w for w in widths))
-  return "\n".join(text)
-
-
 def format_table(rows: Sequence[dict], amd_reference: bool = True) -> str:
   """Our rows with AMD's reported range for the same setting beside each, then (amd_reference)
   AMD's table."""
@@ -262,14 +248,14 @@ def format_table(rows: Sequence[dict], amd_reference: bool = True) -> str:
     amd = ranges.get(r["setting"])
     lines.append([
         r["setting"], f"{r['gamma']}{' adaptive' if r['adaptive'] else ''}",
-        _fmt(r["acceptance"], ".3f"), _fmt(r["amd_acceptance"], ".3f"),
-        _fmt(r["tokens_per_target_call"], ".2f"), _fmt(r["target_tokens_per_s"], ".1f"),
-        _fmt(r["speculative_tokens_per_s"], ".1f"), _fmt(r["speedup"], ".2f") + "x",
+        cell(r["acceptance"], ".3f"), cell(r["amd_acceptance"], ".3f"),
+        cell(r["tokens_per_target_call"], ".2f"), cell(r["target_tokens_per_s"], ".1f"),
+        cell(r["speculative_tokens_per_s"], ".1f"), cell(r["speedup"], ".2f") + "x",
         "-" if r["predicted_speedup"] is None else f"{r['predicted_speedup']:.2f}x",
-        _fmt(r["exact"], ""),
+        cell(r["exact"], ""),
         "-" if amd is None else "{:.2f}-{:.2f}".format(*amd["acceptance"]),
         "-" if amd is None else "{:.2f}-{:.2f}x".format(*amd["speedup"])])
-  ours = (f"{_aligned(header, lines)}\n\naccept: accepted / proposed draft tokens; AMD's fig.: "
+  ours = (f"{aligned(header, lines)}\n\naccept: accepted / proposed draft tokens; AMD's fig.: "
           "their script's (produced - target calls) / draft calls")
   if not amd_reference:
     return ours
@@ -278,7 +264,7 @@ def format_table(rows: Sequence[dict], amd_reference: bool = True) -> str:
   amd_lines = [[r["target_device"], r["draft_device"], r["setting"],
                 f"{100 * r['target_pass_at_1']:.2f}%", f"{100 * r['speculative_pass_at_1']:.2f}%",
                 f"{r['acceptance']:.3f}", f"{r['speedup']:.2f}x"] for r in AMD_REFERENCE]
-  return f"{ours}\n\nAMD's reported table ({AMD_SOURCE}):\n{_aligned(amd_header, amd_lines)}"
+  return f"{ours}\n\nAMD's reported table ({AMD_SOURCE}):\n{aligned(amd_header, amd_lines)}"
 
 
 def plot_table(rows: Sequence[dict], path: str | os.PathLike) -> None:
