@@ -279,7 +279,7 @@ class FeatureDraft:
     def draw(h, i):  # h [B, 1, D] -> target ids [B], q [B, V_target]
       logits = apply(head, config, "logits", h)[:, 0]                            # [B, K]
       step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
-      index, q_draft = sampling.draw_with_probabilities(logits, step_keys, *knobs)
+      index, q_draft = sampling.draw_with_probabilities(logits, step_keys, knobs)
       q = jnp.zeros((batch, target_vocab), jnp.float32).at[:, vocab].set(q_draft)
       return vocab[index], q
 

@@ -22,10 +22,18 @@ PAD_ID = -1  # fills the output buffer after a row stops; never a real token id
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-  """temperature 0 means greedy; top_k 0 and top_p 1 disable those filters."""
-  temperature: float = 0.0
-  top_k: int = 0
-  top_p: float = 1.0
+  """temperature 0 means greedy; top_k 0 and top_p 1 disable those filters.
+
+  A pytree: the jitted loops (`decode`, speculative decoding's) take it with device scalars in
+  its fields (`traced`), so a new temperature runs the same compiled program."""
+  temperature: float | jax.Array = 0.0
+  top_k: int | jax.Array = 0
+  top_p: float | jax.Array = 1.0
+
+  def traced(self) -> "SamplingParams":
+    """The same knobs as f32 / int32 device scalars: what the jitted loops take."""
+    return SamplingParams(jnp.float32(self.temperature), jnp.int32(self.top_k),
+                          jnp.float32(self.top_p))
 
   def validate(self) -> None:
     if not 0 <= self.temperature < float("inf"):
@@ -35,6 +43,10 @@ class SamplingParams:
       raise UserError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
     if not 0.0 < self.top_p <= 1.0:
       raise UserError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
+
+
+jax.tree_util.register_dataclass(SamplingParams, data_fields=["temperature", "top_k", "top_p"],
+                                 meta_fields=[])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,20 +113,21 @@ def argmax(x: jax.Array) -> jax.Array:
   return jnp.minimum(jnp.min(jnp.where(x == top, ids, x.shape[-1]), axis=-1), x.shape[-1] - 1)
 
 
-def _shaped(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
+def _shaped(logits: jax.Array, knobs: SamplingParams) -> jax.Array:
   """softmax of the filtered logits: the distribution a sampled token is drawn from. [..., V]."""
-  return jax.nn.softmax(filter_logits(logits, temperature, top_k, top_p), axis=-1)
+  return jax.nn.softmax(filter_logits(logits, knobs.temperature, knobs.top_k, knobs.top_p),
+                        axis=-1)
 
 
-def probabilities(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
+def probabilities(logits: jax.Array, knobs: SamplingParams) -> jax.Array:
   """The distribution tokens are drawn from: one-hot argmax when temperature is 0. [..., V]."""
   def greedy(logits):
     return jax.nn.one_hot(argmax(logits), logits.shape[-1], dtype=jnp.float32)
 
   def sampled(logits):
-    return _shaped(logits, temperature, top_k, top_p)
+    return _shaped(logits, knobs)
 
-  return jax.lax.cond(temperature > 0, sampled, greedy, logits)  # greedy skips the filters
+  return jax.lax.cond(knobs.temperature > 0, sampled, greedy, logits)  # greedy: no filters
 
 
 def monotone_cdf(probs: jax.Array) -> jax.Array:
@@ -143,32 +156,32 @@ def pick(probs: jax.Array, keys: jax.Array, temperature) -> jax.Array:
   return jax.lax.cond(temperature > 0, lambda p: draw(p, keys), argmax, probs)
 
 
-def draw_with_probabilities(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p
+def draw_with_probabilities(logits: jax.Array, keys: jax.Array, knobs: SamplingParams
                             ) -> tuple[jax.Array, jax.Array]:
   """A speculative draft step's token and the distribution q it came from: `probabilities`, then
   `pick`, but a greedy step takes the argmax of the logits once and makes q its one-hot.
   logits [B, V]; returns tokens [B] int32 and q [B, V] f32."""
   def sampled(logits):
-    q = _shaped(logits, temperature, top_k, top_p)
+    q = _shaped(logits, knobs)
     return draw(q, keys), q
 
   def greedy(logits):
     token = argmax(logits)
     return token, jax.nn.one_hot(token, logits.shape[-1], dtype=jnp.float32)
 
-  return jax.lax.cond(temperature > 0, sampled, greedy, logits)
+  return jax.lax.cond(knobs.temperature > 0, sampled, greedy, logits)
 
 
-def choose_tokens(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p) -> jax.Array:
+def choose_tokens(logits: jax.Array, keys: jax.Array, knobs: SamplingParams) -> jax.Array:
   """One token per row. logits: [B, V] f32; keys: [B] PRNG keys. Returns [B] int32."""
   def sample(logits):
-    return draw(_shaped(logits, temperature, top_k, top_p), keys)
+    return draw(_shaped(logits, knobs), keys)
 
   def greedy(logits):
     return argmax(logits)
 
   # A traced branch: greedy runs skip the filters and the random numbers entirely.
-  return jax.lax.cond(temperature > 0, sample, greedy, logits)
+  return jax.lax.cond(knobs.temperature > 0, sample, greedy, logits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,9 +218,10 @@ jax.tree_util.register_dataclass(
 
 @functools.partial(jax.jit, static_argnames=("config", "buffer_len"))
 def decode(params, config: model_lib.ModelConfig, first_logits: jax.Array, cache: model_lib.Cache,
-           max_new_tokens: jax.Array, seeds: jax.Array, stop_ids: jax.Array, temperature: jax.Array,
-           top_k: jax.Array, top_p: jax.Array, buffer_len: int):
-  """The decode loop. first_logits: [B, V]; seeds: [B] uint32; stop_ids: [B, K] int32 (-1 pads).
+           max_new_tokens: jax.Array, seeds: jax.Array, stop_ids: jax.Array,
+           knobs: SamplingParams, buffer_len: int):
+  """The decode loop. first_logits: [B, V]; seeds: [B] uint32; stop_ids: [B, K] int32 (-1 pads);
+  knobs: SamplingParams of device scalars (`traced`).
 
   Token i of row b is drawn with key fold_in(key(seeds[b]), i). Returns (tokens [B, buffer_len],
   num_tokens [B]). One forward per token after the first, which comes from the prefill logits.
@@ -216,7 +230,7 @@ def decode(params, config: model_lib.ModelConfig, first_logits: jax.Array, cache
 
   def pick(logits, step, done):
     step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
-    token = choose_tokens(logits, step_keys, temperature, top_k, top_p)
+    token = choose_tokens(logits, step_keys, knobs)
     return jnp.where(done, PAD_ID, token)
 
   def record(state_tokens, num_tokens, done, token, step):
@@ -330,8 +344,7 @@ def generate(params, config: model_lib.ModelConfig, prompts: Sequence[Sequence[i
   first_token_at = time.perf_counter()
   out, counts = decode(params, config, first_logits, cache, jnp.int32(max_new_tokens),
                        jnp.asarray(request.seeds), jnp.asarray(request.stops),
-                       jnp.float32(sampling.temperature), jnp.int32(sampling.top_k),
-                       jnp.float32(sampling.top_p), buffer_len=buffer_len)
+                       sampling.traced(), buffer_len=buffer_len)
   out, counts = np.asarray(out), np.asarray(counts)
   rows = [out[row, :counts[row]].tolist() for row in range(len(request.lens))]
   stopped = [bool(r) and r[-1] in set(request.row_stops[i]) for i, r in enumerate(rows)]

@@ -46,8 +46,8 @@ class Draft(Protocol):
     is done: its cache, and with feature_layers its hidden states [B, P, F] at every position."""
 
   def propose(self, params, state, seq: jax.Array, seq_len: jax.Array, gamma: jax.Array,
-              max_gamma: int, keys: jax.Array, knobs: tuple, target_vocab: int,
-              features: jax.Array):
+              max_gamma: int, keys: jax.Array, knobs: sampling.SamplingParams,
+              target_vocab: int, features: jax.Array):
     """Inside the loop: gamma (traced, <= max_gamma) proposals per row after the committed
     seq[:, :seq_len], the distributions they came from, and the new state.
 
@@ -103,7 +103,7 @@ class ModelDraft:
 
     def draw(logits, i):  # [B, V_draft] -> token [B], q [B, V_target]
       step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
-      token, q = sampling.draw_with_probabilities(logits, step_keys, *knobs)
+      token, q = sampling.draw_with_probabilities(logits, step_keys, knobs)
       return token, jnp.pad(q, ((0, 0), (0, target_vocab - vocab)))
 
     first, q_first = draw(logits[:, 0], 0)
@@ -169,8 +169,18 @@ class NgramDraft:
 
 
 @dataclasses.dataclass(frozen=True)
+class _Rows:
+  """What each row asked for: constant through the loop."""
+  seeds: jax.Array           # [B] uint32; row b's draws use keys from key(seeds[b])
+  max_new_tokens: jax.Array  # scalar int32, each row's budget (its stop token included)
+  stop_ids: jax.Array        # [B, K] int32, -1 pads
+
+
+@dataclasses.dataclass(frozen=True)
 class _State:
-  iteration: jax.Array     # scalar int32
+  """The loop's carry. Row b has committed seq[b, :seq_len[b]]; the target's cache holds one
+  position less (the newest token is fed at the next verification)."""
+  iteration: jax.Array     # scalar int32, rounds so far (a key for each round's draws)
   seq: jax.Array           # [B, W] prompt + committed tokens
   seq_len: jax.Array       # [B] committed length L
   new_tokens: jax.Array    # [B] tokens generated so far (a stop token included)
@@ -187,8 +197,11 @@ class _State:
   drafted_at: jax.Array    # [B, G]
 
 
-jax.tree_util.register_dataclass(
-    _State, data_fields=[f.name for f in dataclasses.fields(_State)], meta_fields=[])
+for _cls in (_Rows, _State):
+  jax.tree_util.register_dataclass(
+      _cls, data_fields=[f.name for f in dataclasses.fields(_cls)], meta_fields=[])
+
+_fold_rows = jax.vmap(jax.random.fold_in, in_axes=(0, None))  # a key per row, then per index
 
 
 def _residual(p: jax.Array, q: jax.Array) -> jax.Array:
@@ -198,98 +211,116 @@ def _residual(p: jax.Array, q: jax.Array) -> jax.Array:
   return jnp.where(total > 0, r / jnp.where(total > 0, total, 1.0), p)
 
 
-@functools.partial(jax.jit, static_argnames=("target_config", "draft", "max_gamma", "adaptive",
-                                             "seq_width"))
-def _loop(target_params, draft_params, target_config, draft, first_logits, target_cache,
-          draft_state, features, seq, prompt_lens, max_new_tokens, seeds, stop_ids, temperature,
-          top_k, top_p, gamma, max_gamma: int, adaptive: bool, seq_width: int):
-  knobs = (temperature, top_k, top_p)
-  batch = seq.shape[0]
-  vocab = target_config.vocab_size
-  keys = jax.vmap(jax.random.key)(seeds)
-  vmap_fold = jax.vmap(jax.random.fold_in, in_axes=(0, None))
-
-  # The first token comes from the target's prefill logits (step key 0, as in sampling.decode).
-  first = sampling.choose_tokens(first_logits, vmap_fold(keys, 0), *knobs)
-  seq = jnp.where(jnp.arange(seq_width)[None] == prompt_lens[:, None], first[:, None], seq)
-  done = jnp.any(first[:, None] == stop_ids, axis=-1) | (max_new_tokens <= 1)
+def _first_state(first_logits, target_cache, draft_state, features, seq, prompt_lens,
+                 rows: _Rows, keys, knobs: sampling.SamplingParams, gamma,
+                 max_gamma: int) -> _State:
+  """Before the first round: the first token from the target's prefill logits (step key 0, as
+  in sampling.decode), written after each prompt."""
+  batch, width = seq.shape
+  first = sampling.choose_tokens(first_logits, _fold_rows(keys, 0), knobs)
+  seq = jnp.where(jnp.arange(width)[None] == prompt_lens[:, None], first[:, None], seq)
+  done = jnp.any(first[:, None] == rows.stop_ids, axis=-1) | (rows.max_new_tokens <= 1)
   zeros = jnp.zeros((batch,), jnp.int32)
   zeros_at = jnp.zeros((batch, max_gamma), jnp.int32)
-  state = _State(jnp.int32(0), seq, prompt_lens + 1, zeros + 1, done, gamma, target_cache,
-                 draft_state, features, zeros, zeros, zeros, zeros_at, zeros_at)
+  return _State(jnp.int32(0), seq, prompt_lens + 1, zeros + 1, done, gamma, target_cache,
+                draft_state, features, zeros, zeros, zeros, zeros_at, zeros_at)
 
-  def cond(s: _State):
-    return ~jnp.all(s.done)
 
-  def body(s: _State):
-    active = ~s.done
-    it_keys = vmap_fold(vmap_fold(keys, 1), s.iteration)  # per row, per iteration
-    draft_keys = vmap_fold(it_keys, 0)
-    accept_keys, residual_keys = vmap_fold(it_keys, 1), vmap_fold(it_keys, 2)
+def _verify(target_params, target_config, draft, s: _State, proposals, knobs):
+  """The target's one forward over the newest committed token and the proposals, at each row's
+  own offset: its distributions p [B, G+1, V], its cache, and (for a feature draft) the hidden
+  states it computed anyway."""
+  newest = jnp.take_along_axis(s.seq, s.seq_len[:, None] - 1, axis=1)
+  verify = jnp.concatenate([newest, proposals], axis=1)                          # [B, G+1]
+  cache = s.target_cache.replace(length=s.seq_len - 1)
+  if draft.feature_layers:
+    logits, cache, features = model_lib.forward_with_hidden(
+        target_params, target_config, verify, cache, draft.feature_layers)
+  else:
+    logits, cache = model_lib.forward(target_params, target_config, verify, cache)
+    features = s.features
+  return sampling.probabilities(logits, knobs), cache, features
 
+
+def _accept(p, q, proposals, gamma, max_gamma: int, accept_keys, residual_keys, temperature):
+  """Each row's accepted prefix length n [B] and the token after it: accept x ~ q with
+  probability min(1, p(x)/q(x)), i.e. u * q(x) < p(x) with u ~ U[0, 1); then draw from the
+  residual at a rejection, or a bonus token from p after all gamma."""
+  p_x = jnp.take_along_axis(p[:, :-1], proposals[..., None], axis=-1)[..., 0]    # [B, G]
+  q_x = jnp.take_along_axis(q, proposals[..., None], axis=-1)[..., 0]
+  u = jax.vmap(lambda k: jax.random.uniform(k, (max_gamma,)))(accept_keys)
+  in_gamma = jnp.arange(max_gamma)[None] < gamma
+  ok = (u * q_x < p_x) & in_gamma
+  n_accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)       # [B]
+  p_n = jnp.take_along_axis(p, n_accepted[:, None, None], axis=1)[:, 0]
+  q_n = jnp.take_along_axis(jnp.pad(q, ((0, 0), (0, 1), (0, 0))), n_accepted[:, None, None],
+                            axis=1)[:, 0]
+  all_passed = (n_accepted == gamma)[:, None]
+  final_dist = jnp.where(all_passed, p_n, _residual(p_n, q_n))
+  return n_accepted, sampling.pick(final_dist, residual_keys, temperature)
+
+
+def _commit(s: _State, rows: _Rows, proposals, n_accepted, final, cache, draft_state, features,
+            max_gamma: int, adaptive: bool) -> _State:
+  """The round's new tokens (proposals[:n], then `final`), cut at a stop id and at the budget,
+  written after each row's committed ones; the caches rolled back to what was accepted; the
+  statistics; and (adaptive) the next gamma."""
+  active = ~s.done
+  slot = jnp.arange(max_gamma + 1)[None]
+  candidates = jnp.where(slot < n_accepted[:, None],
+                         jnp.pad(proposals, ((0, 0), (0, 1))), final[:, None])    # [B, G+1]
+  is_stop = jnp.any(candidates[..., None] == rows.stop_ids[:, None, :], axis=-1) & (
+      slot <= n_accepted[:, None])
+  first_stop = jnp.where(jnp.any(is_stop, axis=1), jnp.argmax(is_stop, axis=1), max_gamma + 1)
+  produced = jnp.minimum(n_accepted + 1, first_stop + 1)
+  produced = jnp.minimum(produced, rows.max_new_tokens - s.new_tokens)
+  produced = jnp.where(active, produced, 0)
+
+  index = jnp.arange(s.seq.shape[1])[None] - s.seq_len[:, None]
+  write = (index >= 0) & (index < produced[:, None])
+  seq = jnp.where(write, jnp.take_along_axis(candidates, jnp.clip(index, 0, max_gamma), axis=1),
+                  s.seq)
+  new_tokens = s.new_tokens + produced
+  done = s.done | (active & ((first_stop <= n_accepted) | (new_tokens >= rows.max_new_tokens)))
+
+  count = active.astype(jnp.int32)
+  in_gamma = jnp.arange(max_gamma)[None] < s.gamma
+  accepted_at = s.accepted_at + (count[:, None] * (slot[:, :-1] < n_accepted[:, None]))
+  drafted_at = s.drafted_at + count[:, None] * in_gamma
+  if adaptive:  # HF's heuristic, per batch: +2 after an all-accepted round, else -1
+    all_ok = jnp.all(jnp.where(active, n_accepted == s.gamma, True))
+    gamma = jnp.clip(jnp.where(all_ok, s.gamma + 2, s.gamma - 1), 1, max_gamma)
+  else:
+    gamma = s.gamma
+  return _State(s.iteration + 1, seq, s.seq_len + produced, new_tokens, done, gamma,
+                cache.replace(length=s.seq_len + n_accepted), draft_state, features,
+                s.target_calls + count, s.drafted + count * s.gamma,
+                s.accepted + count * n_accepted, accepted_at, drafted_at)
+
+
+@functools.partial(jax.jit, static_argnames=("target_config", "draft", "max_gamma", "adaptive"))
+def _loop(target_params, draft_params, first_logits, target_cache, draft_state, features, seq,
+          prompt_lens, rows: _Rows, knobs: sampling.SamplingParams, gamma, *, target_config,
+          draft, max_gamma: int, adaptive: bool):
+  """Rounds of propose, verify, accept and commit until every row is done; knobs are device
+  scalars (SamplingParams.traced)."""
+  keys = jax.vmap(jax.random.key)(rows.seeds)
+  state = _first_state(first_logits, target_cache, draft_state, features, seq, prompt_lens,
+                       rows, keys, knobs, gamma, max_gamma)
+
+  def round_(s: _State) -> _State:
+    round_keys = _fold_rows(_fold_rows(keys, 1), s.iteration)  # per row, per round
+    draft_keys, accept_keys, residual_keys = (_fold_rows(round_keys, i) for i in range(3))
     proposals, q, draft_state = draft.propose(draft_params, s.draft_state, s.seq, s.seq_len,
-                                              s.gamma, max_gamma, draft_keys, knobs, vocab,
-                                              s.features)
-    # Target: the newest committed token and the proposals, at each row's own offset.
-    newest = jnp.take_along_axis(s.seq, s.seq_len[:, None] - 1, axis=1)
-    verify = jnp.concatenate([newest, proposals], axis=1)                        # [B, G+1]
-    cache = s.target_cache.replace(length=s.seq_len - 1)
-    if draft.feature_layers:  # the draft reads what this forward computes anyway
-      logits, cache, features = model_lib.forward_with_hidden(
-          target_params, target_config, verify, cache, draft.feature_layers)
-    else:
-      logits, cache = model_lib.forward(target_params, target_config, verify, cache)
-      features = s.features
-    p = sampling.probabilities(logits, *knobs)                                   # [B, G+1, V]
+                                              s.gamma, max_gamma, draft_keys, knobs,
+                                              target_config.vocab_size, s.features)
+    p, cache, features = _verify(target_params, target_config, draft, s, proposals, knobs)
+    n_accepted, final = _accept(p, q, proposals, s.gamma, max_gamma, accept_keys, residual_keys,
+                                knobs.temperature)
+    return _commit(s, rows, proposals, n_accepted, final, cache, draft_state, features,
+                   max_gamma, adaptive)
 
-    # Accept x ~ q with probability min(1, p(x)/q(x)): u * q(x) < p(x), u ~ U[0, 1).
-    p_x = jnp.take_along_axis(p[:, :-1], proposals[..., None], axis=-1)[..., 0]  # [B, G]
-    q_x = jnp.take_along_axis(q, proposals[..., None], axis=-1)[..., 0]
-    u = jax.vmap(lambda k: jax.random.uniform(k, (max_gamma,)))(accept_keys)
-    in_gamma = jnp.arange(max_gamma)[None] < s.gamma
-    ok = (u * q_x < p_x) & in_gamma
-    n_accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)     # [B]
-
-    # The token after the accepted prefix: residual at a rejection, bonus from p after all gamma.
-    p_n = jnp.take_along_axis(p, n_accepted[:, None, None], axis=1)[:, 0]
-    q_n = jnp.take_along_axis(jnp.pad(q, ((0, 0), (0, 1), (0, 0))), n_accepted[:, None, None],
-                              axis=1)[:, 0]
-    all_passed = (n_accepted == s.gamma)[:, None]
-    final_dist = jnp.where(all_passed, p_n, _residual(p_n, q_n))
-    final = sampling.pick(final_dist, residual_keys, temperature)
-
-    # New tokens: proposals[:n] then `final`, cut at a stop id and at the budget.
-    slot = jnp.arange(max_gamma + 1)[None]
-    candidates = jnp.where(slot < n_accepted[:, None],
-                           jnp.pad(proposals, ((0, 0), (0, 1))), final[:, None])  # [B, G+1]
-    is_stop = jnp.any(candidates[..., None] == stop_ids[:, None, :], axis=-1) & (
-        slot <= n_accepted[:, None])
-    first_stop = jnp.where(jnp.any(is_stop, axis=1), jnp.argmax(is_stop, axis=1), max_gamma + 1)
-    produced = jnp.minimum(n_accepted + 1, first_stop + 1)
-    produced = jnp.minimum(produced, max_new_tokens - s.new_tokens)
-    produced = jnp.where(active, produced, 0)
-
-    index = jnp.arange(seq_width)[None] - s.seq_len[:, None]
-    write = (index >= 0) & (index < produced[:, None])
-    seq = jnp.where(write, jnp.take_along_axis(candidates, jnp.clip(index, 0, max_gamma), axis=1),
-                    s.seq)
-    new_tokens = s.new_tokens + produced
-    done = s.done | (active & ((first_stop <= n_accepted) | (new_tokens >= max_new_tokens)))
-
-    count = active.astype(jnp.int32)
-    accepted_at = s.accepted_at + (count[:, None] * (slot[:, :-1] < n_accepted[:, None]))
-    drafted_at = s.drafted_at + count[:, None] * in_gamma
-    if adaptive:  # HF's heuristic, per batch: +2 after an all-accepted round, else -1
-      all_ok = jnp.all(jnp.where(active, n_accepted == s.gamma, True))
-      gamma = jnp.clip(jnp.where(all_ok, s.gamma + 2, s.gamma - 1), 1, max_gamma)
-    else:
-      gamma = s.gamma
-    return _State(s.iteration + 1, seq, s.seq_len + produced, new_tokens, done, gamma,
-                  cache.replace(length=s.seq_len + n_accepted), draft_state, features,
-                  s.target_calls + count, s.drafted + count * s.gamma,
-                  s.accepted + count * n_accepted, accepted_at, drafted_at)
-
-  final = jax.lax.while_loop(cond, body, state)
+  final = jax.lax.while_loop(lambda s: ~jnp.all(s.done), round_, state)
   return dict(seq=final.seq, new_tokens=final.new_tokens, target_calls=final.target_calls,
               drafted=final.drafted, accepted=final.accepted, accepted_at=final.accepted_at,
               drafted_at=final.drafted_at, iterations=final.iteration,
@@ -472,12 +503,11 @@ def speculative_generate(target_params, target_config: model_lib.ModelConfig, dr
   features = jnp.zeros((batch, max_gamma + 1, hidden.shape[-1]), jnp.float32)
   features = features.at[:, 0].set(hidden[jnp.arange(batch), lens - 1])
   seq = jnp.pad(tokens, ((0, 0), (0, seq_width - prompt_len)))
-  out = _loop(target_params, draft_params, target_config, draft, first_logits, target_cache,
-              draft_state, features, seq, lens, jnp.int32(max_new_tokens),
-              jnp.asarray(request.seeds), jnp.asarray(request.stops),
-              jnp.float32(sampling_params.temperature), jnp.int32(sampling_params.top_k),
-              jnp.float32(sampling_params.top_p), jnp.int32(gamma), max_gamma=max_gamma,
-              adaptive=adaptive, seq_width=seq_width)
+  rows = _Rows(seeds=jnp.asarray(request.seeds), max_new_tokens=jnp.int32(max_new_tokens),
+               stop_ids=jnp.asarray(request.stops))
+  out = _loop(target_params, draft_params, first_logits, target_cache, draft_state, features, seq,
+              lens, rows, sampling_params.traced(), jnp.int32(gamma), target_config=target_config,
+              draft=draft, max_gamma=max_gamma, adaptive=adaptive)
   out.pop("draft_state")
   out = jax.tree.map(np.asarray, out)
   per_token = draft.forwards_per_token

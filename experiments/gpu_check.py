@@ -169,8 +169,7 @@ def measure_decode(spec: dict) -> dict:
   def run():
     out, counts = sampling.decode(params, model_config, first_logits, cache,
                                   jnp.int32(new_tokens), jnp.zeros((1,), jnp.uint32), no_stops,
-                                  jnp.float32(0), jnp.int32(0), jnp.float32(1),
-                                  buffer_len=buffer_len)
+                                  sampling.SamplingParams().traced(), buffer_len=buffer_len)
     return np.asarray(out), int(np.asarray(counts)[0])
 
   start = time.perf_counter()

@@ -38,7 +38,8 @@ def test_sampled_tokens_follow_the_distribution():
   """20000 draws from a 6-token distribution pass a chi-square test at the 0.1% level."""
   logits = jnp.log(jnp.asarray([0.4, 0.25, 0.15, 0.1, 0.07, 0.03]))
   keys = jax.random.split(jax.random.key(0), 20000)
-  draws = jax.jit(jax.vmap(lambda k: sampling.choose_tokens(logits[None], k[None], 1.0, 0, 1.0)))(
+  draws = jax.jit(jax.vmap(lambda k: sampling.choose_tokens(logits[None], k[None],
+                                                              sampling.SamplingParams(1.0))))(
       keys)[:, 0]
   counts = np.bincount(np.asarray(draws), minlength=6)
   expected = 20000 * np.array([0.4, 0.25, 0.15, 0.1, 0.07, 0.03])
@@ -146,8 +147,9 @@ def test_draw_with_probabilities_is_probabilities_then_pick(temperature, top_k, 
   logits = 3 * jax.random.normal(jax.random.key(5), (6, 300))
   logits = logits.at[2, 11].set(20.0).at[2, 250].set(20.0)    # a tie: the first index wins
   keys = jax.random.split(jax.random.key(6), 6)
-  token, q = jax.jit(sampling.draw_with_probabilities)(logits, keys, temperature, top_k, top_p)
-  want_q = sampling.probabilities(logits, temperature, top_k, top_p)
+  knobs = sampling.SamplingParams(temperature, top_k, top_p)
+  token, q = jax.jit(sampling.draw_with_probabilities)(logits, keys, knobs)
+  want_q = sampling.probabilities(logits, knobs)
   np.testing.assert_array_equal(token, sampling.pick(want_q, keys, temperature))
   np.testing.assert_allclose(q, want_q, rtol=1e-6, atol=1e-7)
   if temperature == 0:

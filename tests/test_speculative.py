@@ -120,7 +120,7 @@ def exact_token_distributions(config, params, prompt, knobs, length: int) -> lis
   for _ in range(length):
     tokens = jnp.asarray([prompt + p for p in prefixes])
     logits, _ = model_lib.forward(params, config, tokens)
-    probs = np.asarray(sampling.probabilities(logits[:, -1], *knobs))       # [prefixes, V]
+    probs = np.asarray(sampling.probabilities(logits[:, -1], sampling.SamplingParams(*knobs)))
     joint = weights[:, None] * probs
     marginals.append(joint.sum(0))
     prefixes = [p + [t] for p in prefixes for t in range(VOCAB)]

@@ -151,7 +151,7 @@ def measure_decode(config: ModelConfig, params, prompt: list[int], long_prompt: 
       logits, cache = start
       return lambda: sampling.decode(
           params, config, logits, cache, jnp.int32(new_tokens), jnp.zeros((1,), jnp.uint32),
-          no_stops, jnp.float32(0), jnp.int32(0), jnp.float32(1), buffer_len=buffer_len)
+          no_stops, sampling.SamplingParams().traced(), buffer_len=buffer_len)
 
     jobs[w] = dict(
         params=params, decode=decode(), first_token=first_token,

@@ -72,7 +72,7 @@ def draft_round_cost(draft, draft_params, params, config, prompt: list[int], gam
   seq = jnp.pad(tokens, ((0, 0), (0, width - len(prompt))))
   features = jnp.zeros((1, gamma + 1, hidden.shape[-1]), jnp.float32)
   keys = jax.vmap(jax.random.key)(jnp.zeros((1,), jnp.uint32))
-  knobs = (jnp.float32(0.0), jnp.int32(0), jnp.float32(1.0))
+  knobs = sampling.SamplingParams().traced()  # greedy
   propose = jax.jit(lambda dp, st, f: draft.propose(dp, st, seq, lens + 1, jnp.int32(gamma),
                                                     gamma, keys, knobs, config.vocab_size, f))
   best = float("inf")
