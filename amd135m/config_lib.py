@@ -11,7 +11,7 @@ import sys
 
 import ml_collections
 
-from amd135m import model as model_lib
+from amd135m import attention as attention_lib, model as model_lib
 from amd135m.data import splits
 from amd135m.errors import UserError
 from amd135m.model_config import ModelConfig
@@ -200,9 +200,9 @@ def model_config(model: ml_collections.ConfigDict) -> ModelConfig:
     raise UserError(f"config.model lacks {missing}: set them in the config file")
   config = ModelConfig(**model.to_dict())
   config.validate(prefix="--config.model.")
-  if config.attention not in model_lib.ATTENTION_IMPLS:
+  if config.attention not in attention_lib.ATTENTION_IMPLS:
     raise UserError(f"--config.model.attention={config.attention}: choose one of "
-                    f"{', '.join(model_lib.ATTENTION_IMPLS)}")
+                    f"{', '.join(attention_lib.ATTENTION_IMPLS)}")
   remat = ("none", *sorted(model_lib.REMAT_POLICIES))
   if config.remat not in remat:
     raise UserError(f"--config.model.remat={config.remat}: choose one of {', '.join(remat)}")

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amd135m import model as model_lib, sampling
+from amd135m import attention as attention_lib, model as model_lib, sampling
 from amd135m.model_config import ModelConfig
 
 
@@ -127,14 +127,14 @@ class FeatureHead(nn.Module):
 
   def logits(self, h: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, K] f32
     rows = self.norm(h).reshape(-1, h.shape[-1])
-    out = model_lib._product(rows, self.head, transposed=True)
+    out = model_lib._product(rows, self.head, transposed=True, allow_cpu_kernels=True)
     return out.reshape(*h.shape[:-1], -1).astype(jnp.float32)
 
 
 def _causal_core(q, k, v):
   t = q.shape[1]
   mask = jnp.tril(jnp.ones((t, t), bool))[None]
-  out, _ = model_lib._grouped_attention(q, k, v, jnp.broadcast_to(mask, (q.shape[0], t, t)),
+  out, _ = attention_lib._grouped_attention(q, k, v, jnp.broadcast_to(mask, (q.shape[0], t, t)),
                                         jnp.float32)
   return out.reshape(q.shape), (k, v)
 
@@ -142,8 +142,8 @@ def _causal_core(q, k, v):
 def _cache_core(k_cache, v_cache, length):
   """Attention to a one-layer cache that the new keys and values are written into."""
   def core(q, k, v):
-    out, k_cache_new, v_cache_new = model_lib.attend_cached(q, k, v, k_cache, v_cache, length,
-                                                            jnp.float32)
+    out, k_cache_new, v_cache_new = attention_lib.attend_cached(
+        q, k, v, k_cache, v_cache, length, jnp.float32, allow_cpu_kernels=True)
     return out, (k_cache_new, v_cache_new)
   return core
 
@@ -165,7 +165,7 @@ def _ttt_core(previous: list, mask: np.ndarray):
     keys = jnp.concatenate([kv[0] for kv in previous] + [k], axis=1)
     values = jnp.concatenate([kv[1] for kv in previous] + [v], axis=1)
     full = jnp.broadcast_to(jnp.asarray(mask)[None], (q.shape[0], *mask.shape))
-    out, _ = model_lib._grouped_attention(q, keys, values, full, jnp.float32)
+    out, _ = attention_lib._grouped_attention(q, keys, values, full, jnp.float32)
     return out.reshape(q.shape), (k, v)
   return core
 
@@ -250,10 +250,10 @@ class FeatureDraft:
                       f"({self.config.target}), not this one ({target_config}): train a head for "
                       "this target (python -m amd135m.draft_head train --target ...)")
 
-  def start(self, params, tokens, prompt_lens, cache_len: int, *, features, **target):
+  def start(self, params, tokens, prompt_lens, cache_size: int, *, features, **target):
     """The cache after the prompts: positions 0 .. P-2 of each row, fed (the target's features at
     i, the embedding of token i + 1). Position P-1 waits for the first generated token."""
-    return _start(self, params, tokens, prompt_lens, features, cache_len)
+    return _start(self, params, tokens, prompt_lens, features, cache_size)
 
   def propose(self, params, state: model_lib.Cache, seq, seq_len, gamma, max_gamma: int, keys,
               knobs, target_vocab: int, features):
@@ -304,14 +304,14 @@ class FeatureDraft:
     return tokens, q, cache.replace(length=seq_len - 1)
 
 
-@functools.partial(jax.jit, static_argnames=("draft", "cache_len"))
-def _start(draft: FeatureDraft, params, tokens, prompt_lens, features, cache_len: int):
+@functools.partial(jax.jit, static_argnames=("draft", "cache_size"))
+def _start(draft: FeatureDraft, params, tokens, prompt_lens, features, cache_size: int):
   config = draft.config
   batch, width = tokens.shape
   next_ids = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
   embeddings = jnp.take(params["embedding"], next_ids, axis=0).astype(jnp.float32)
   c = config.layer_config
-  shape = (batch, cache_len, c.n_kv_heads, c.head_dim)
+  shape = (batch, cache_size, c.n_kv_heads, c.head_dim)
   empty = model_lib.Cache((jnp.zeros(shape, jnp.float32),), (jnp.zeros(shape, jnp.float32),),
                           jnp.zeros((batch,), jnp.int32))
   positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32)[None], (batch, width))

@@ -187,16 +187,16 @@ def choose_tokens(logits: jax.Array, keys: jax.Array, knobs: SamplingParams) -> 
 # ---------------------------------------------------------------------------------------------
 # Jitted programs.
 
-@functools.partial(jax.jit, static_argnames=("config", "cache_len"))
+@functools.partial(jax.jit, static_argnames=("config", "cache_size"))
 def prefill(params, config: model_lib.ModelConfig, tokens: jax.Array, prompt_lens: jax.Array,
-            cache_len: int):
+            cache_size: int):
   """Runs the padded prompts through the model into a fresh cache.
 
   tokens: [B, P] int32 (right-padded); prompt_lens: [B] int32.
   Returns the logits at each row's last prompt token [B, V] and the cache with length = prompt_lens;
   the padded slots beyond are never attended and get overwritten by decode.
   """
-  logits, cache = model_lib.prefill(params, config, tokens, cache_len,
+  logits, cache = model_lib.prefill(params, config, tokens, cache_size,
                                     logit_positions=(prompt_lens - 1)[:, None])
   return logits[:, 0], cache.replace(length=prompt_lens)
 
@@ -339,7 +339,7 @@ def generate(params, config: model_lib.ModelConfig, prompts: Sequence[Sequence[i
   buffer_len = bucket(max_new_tokens)
   first_logits, cache = prefill(params, config, jnp.asarray(request.tokens),
                                 jnp.asarray(request.lens, jnp.int32),
-                                cache_len=prompt_len + buffer_len)
+                                cache_size=prompt_len + buffer_len)
   jax.block_until_ready(first_logits)
   first_token_at = time.perf_counter()
   out, counts = decode(params, config, first_logits, cache, jnp.int32(max_new_tokens),

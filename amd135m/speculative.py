@@ -39,7 +39,7 @@ class Draft(Protocol):
   def check(self, target_config: model_lib.ModelConfig) -> None:
     """A UserError (one line) if this draft cannot draft for that target."""
 
-  def start(self, params, tokens: jax.Array, prompt_lens: jax.Array, cache_len: int, *,
+  def start(self, params, tokens: jax.Array, prompt_lens: jax.Array, cache_size: int, *,
             target_config: model_lib.ModelConfig, target_params, target_cache: model_lib.Cache,
             features: jax.Array | None):
     """The draft's state after the prompts (tokens [B, P], right-padded). The target's prefill
@@ -70,7 +70,7 @@ class ModelDraft:
   def check(self, target_config: model_lib.ModelConfig) -> None:
     check_vocabularies(self.config.vocab_size, target_config.vocab_size)
 
-  def start(self, params, tokens, prompt_lens, cache_len: int, *, target_config=None,
+  def start(self, params, tokens, prompt_lens, cache_size: int, *, target_config=None,
             target_params=None, target_cache=None, features=None):
     """The draft cache after the prompts. A draft that is the target's own first layers takes
     theirs from the target's prefill (see shares_target_layers); any other runs its own."""
@@ -78,12 +78,12 @@ class ModelDraft:
         self.config, params, target_config, target_params)):
       n_layers = self.config.n_layers
       return target_cache.replace(k=target_cache.k[:n_layers], v=target_cache.v[:n_layers])
-    return _draft_init(self, params, tokens, prompt_lens, cache_len)
+    return _draft_init(self, params, tokens, prompt_lens, cache_size)
 
-  def init(self, params, tokens: jax.Array, prompt_lens: jax.Array, cache_len: int):
+  def init(self, params, tokens: jax.Array, prompt_lens: jax.Array, cache_size: int):
     """The draft's own prefill. tokens: [B, P] (ids past the draft's vocabulary -> 0)."""
     tokens = jnp.where(tokens < self.config.vocab_size, tokens, 0)
-    _, cache = model_lib.prefill(params, self.config, tokens, cache_len,
+    _, cache = model_lib.prefill(params, self.config, tokens, cache_size,
                                  logit_positions=(prompt_lens - 1)[:, None])
     return cache.replace(length=prompt_lens)
 
@@ -136,7 +136,7 @@ class NgramDraft:
   def check(self, target_config: model_lib.ModelConfig) -> None:
     pass  # any target: it proposes the sequence's own tokens
 
-  def start(self, params, tokens, prompt_lens, cache_len: int, **target):
+  def start(self, params, tokens, prompt_lens, cache_size: int, **target):
     return ()
 
   def propose(self, params, state, seq, seq_len, gamma, max_gamma: int, keys, knobs,
@@ -543,19 +543,19 @@ def shares_target_layers(draft_config: model_lib.ModelConfig, draft_params,
              for path, leaf in jax.tree_util.tree_leaves_with_path(draft_params))
 
 
-@functools.partial(jax.jit, static_argnames=("draft", "cache_len"))
-def _draft_init(draft, draft_params, tokens, lens, cache_len):
-  return draft.init(draft_params, tokens, lens, cache_len)
+@functools.partial(jax.jit, static_argnames=("draft", "cache_size"))
+def _draft_init(draft, draft_params, tokens, lens, cache_size):
+  return draft.init(draft_params, tokens, lens, cache_size)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "cache_len", "hidden_layers"))
-def _prefill(params, config, tokens, prompt_lens, cache_len: int, hidden_layers: tuple[int, ...]):
+@functools.partial(jax.jit, static_argnames=("config", "cache_size", "hidden_layers"))
+def _prefill(params, config, tokens, prompt_lens, cache_size: int, hidden_layers: tuple[int, ...]):
   """sampling.prefill, plus the hidden states at every prompt position that a feature draft
   reads ([B, P, F]; F = 0 for other drafts)."""
   if not hidden_layers:
-    logits, cache = sampling.prefill(params, config, tokens, prompt_lens, cache_len=cache_len)
+    logits, cache = sampling.prefill(params, config, tokens, prompt_lens, cache_size=cache_size)
     return logits, cache, jnp.zeros((*tokens.shape, 0), jnp.float32)
-  logits, cache, hidden = model_lib.prefill(params, config, tokens, cache_len,
+  logits, cache, hidden = model_lib.prefill(params, config, tokens, cache_size,
                                             logit_positions=(prompt_lens - 1)[:, None],
                                             hidden_layers=hidden_layers)
   return logits[:, 0], cache.replace(length=prompt_lens), hidden

@@ -162,7 +162,7 @@ def measure_decode(spec: dict) -> dict:
                                              dtype=np.int32)
   lens = jnp.asarray([prompt_len], jnp.int32)
   first_logits, cache = jax.jit(
-      lambda p, t: sampling.prefill(p, model_config, t, lens, cache_len=prompt_len + buffer_len))(
+      lambda p, t: sampling.prefill(p, model_config, t, lens, cache_size=prompt_len + buffer_len))(
       params, jnp.asarray(tokens))
   no_stops = jnp.full((1, 1), -1, jnp.int32)
 

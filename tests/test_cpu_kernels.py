@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amd135m import cpu_kernels, model as model_lib
+from amd135m import attention as attention_lib, cpu_kernels, model as model_lib
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
                                 reason="no C++ compiler: the kernel could not be built")
@@ -143,7 +143,7 @@ def test_cached_attention_equals_xla(t, lengths):
   """Ragged rows, an empty cache, a write reaching the last slot and one running past it (dropped,
   as XLA's masked write drops it)."""
   args = _attention_inputs(2, t, 40, lengths)
-  reference = functools.partial(model_lib._cached_attention, dtype="float32")
+  reference = functools.partial(attention_lib._cached_attention, dtype="float32")
   ours = jax.jit(lambda *a: cpu_kernels.cached_attention(reference, *a))(*args)
   xla = jax.jit(reference)(*args)
   np.testing.assert_allclose(ours[0], xla[0], rtol=0, atol=2e-6)
@@ -158,7 +158,7 @@ def test_cached_attention_equals_xla(t, lengths):
 
 def test_cached_attention_gradient_is_xlas():
   args = _attention_inputs(1, 2, 12, [4])
-  reference = functools.partial(model_lib._cached_attention, dtype="float32")
+  reference = functools.partial(attention_lib._cached_attention, dtype="float32")
   loss = lambda f: lambda q, k: (f(q, k, *args[2:])[0] ** 2).sum()
   ours = jax.grad(loss(lambda *a: cpu_kernels.cached_attention(reference, *a)), (0, 1))(*args[:2])
   xla = jax.grad(loss(reference), (0, 1))(*args[:2])

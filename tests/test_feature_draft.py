@@ -69,8 +69,8 @@ class RecordingDraft:
   def check(self, target_config):
     pass
 
-  def start(self, params, tokens, prompt_lens, cache_len, *, features, **target):
-    buffer = jnp.zeros((tokens.shape[0], cache_len + 16, features.shape[-1]))
+  def start(self, params, tokens, prompt_lens, cache_size, *, features, **target):
+    buffer = jnp.zeros((tokens.shape[0], cache_size + 16, features.shape[-1]))
     buffer = buffer.at[:, :features.shape[1]].set(features)
     # Positions past each prompt are not features of it: zero them, the rounds fill them in.
     keep = jnp.arange(buffer.shape[1])[None, :, None] < (prompt_lens - 1)[:, None, None]

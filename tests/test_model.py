@@ -54,7 +54,7 @@ def test_prefill_leaves_the_cache_a_cached_forward_writes(pair):
   cached forward from an empty cache computes, zeros in the slots beyond, and length T."""
   hf, config, params = pair
   tokens = jnp.asarray(np.random.RandomState(4).randint(0, config.vocab_size, (2, 11)))
-  logits, cache = model_lib.prefill(params, config, tokens, cache_len=16)
+  logits, cache = model_lib.prefill(params, config, tokens, cache_size=16)
   expected_logits, expected = model_lib.forward(params, config, tokens,
                                                 model_lib.init_cache(config, 2, 16))
   np.testing.assert_allclose(np.asarray(logits), np.asarray(expected_logits), atol=1e-4, rtol=0)
@@ -74,7 +74,7 @@ def test_multi_token_forward_at_per_row_offsets(pair):
   prompts = rng.randint(0, config.vocab_size, (2, 9))
   new = rng.randint(0, config.vocab_size, (2, 4))
   _, cache = sampling.prefill(params, config, jnp.asarray(prompts), jnp.asarray(lens, jnp.int32),
-                              cache_len=16)
+                              cache_size=16)
   logits, cache = model_lib.forward(params, config, jnp.asarray(new), cache)
   np.testing.assert_array_equal(np.asarray(cache.length), [7, 13])
   for row, n in enumerate(lens):

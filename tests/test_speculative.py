@@ -224,7 +224,7 @@ def test_predicted_speedup_is_tokens_per_round_over_round_cost():
 
 def test_verification_cost_times_both_forwards(target):
   config, params = target
-  cost = spec_bench.verification_cost(params, config, gamma=3, context=5, cache_len=16, repeats=2)
+  cost = spec_bench.verification_cost(params, config, gamma=3, context=5, cache_size=16, repeats=2)
   assert 0 < cost["step_seconds"] < 10 and 0 < cost["verify_seconds"] < 10
   assert cost["ratio"] == cost["verify_seconds"] / cost["step_seconds"]
 
@@ -257,7 +257,7 @@ def test_layer_drafts_reuse_the_target_prompt_cache(target, poor_draft, monkeypa
                                               first_params, config, params)
 
   tokens, lens = jnp.asarray([[5, 9, 2, 7], [11, 3, 0, 0]]), jnp.asarray([4, 2])
-  _, target_cache = sampling.prefill(params, config, tokens, lens, cache_len=16)
+  _, target_cache = sampling.prefill(params, config, tokens, lens, cache_size=16)
   own = speculative._draft_init(speculative.ModelDraft(first), first_params, tokens, lens, 16)
   for i in range(2):  # each row's filled slots
     np.testing.assert_allclose(target_cache.k[0][i, :lens[i]], own.k[0][i, :lens[i]],

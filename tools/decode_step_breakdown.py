@@ -13,7 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amd135m import checkpoints, compilation_cache, cpu_kernels, model as model_lib, quantize
+from amd135m import (
+  attention as attention_lib,
+  checkpoints,
+  compilation_cache,
+  cpu_kernels,
+  model as model_lib,
+  quantize,
+)
 
 
 def step_ms(config, params, runs: int = 30) -> float:
@@ -42,21 +49,21 @@ def main():
   config, params = checkpoints.load_params(fetch_test_models.smollm2_path())
   params = jax.device_put(params)
   weights = {w: quantize.cast_weights(params, config, w) for w in quantize.WEIGHTS}
-  real = cpu_kernels.matmul_int8, cpu_kernels.matmul, model_lib.attend_cached
+  real = cpu_kernels.matmul_int8, cpu_kernels.matmul, attention_lib.attend_cached
   zeros = lambda x, n: jnp.zeros((x.shape[0], n), jnp.float32) + x[:, :1] * 0
   results = {}
   for _ in range(args.repeats):
-    cpu_kernels.matmul_int8, cpu_kernels.matmul, model_lib.attend_cached = real
+    cpu_kernels.matmul_int8, cpu_kernels.matmul, attention_lib.attend_cached = real
     for name, p in weights.items():
       results.setdefault(name, []).append(step_ms(config, p))
     cpu_kernels.matmul_int8 = lambda x, values, scale: zeros(x, values.shape[0])
     cpu_kernels.matmul = lambda x, w, transposed=False: zeros(x, w.shape[0 if transposed else 1])
     results.setdefault("int8, no products", []).append(step_ms(config, weights["int8"]))
-    model_lib.attend_cached = lambda q, k, v, k_cache, v_cache, length, dtype: (q, k_cache,
-                                                                                   v_cache)
+    attention_lib.attend_cached = lambda q, k, v, k_cache, v_cache, length, dtype, **_: (
+        q, k_cache, v_cache)
     results.setdefault("int8, no products, no attention", []).append(
         step_ms(config, weights["int8"]))
-  cpu_kernels.matmul_int8, cpu_kernels.matmul, model_lib.attend_cached = real
+  cpu_kernels.matmul_int8, cpu_kernels.matmul, attention_lib.attend_cached = real
   print({name: [round(t, 2) for t in times] for name, times in results.items()})
 
 

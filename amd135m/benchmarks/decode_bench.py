@@ -145,7 +145,7 @@ def measure_decode(config: ModelConfig, params, prompt: list[int], long_prompt: 
 
     def first_token(params=params):  # a short prompt's prefill: logits for the first pick
       return sampling.prefill(params, config, jnp.asarray(tokens), lens,
-                              cache_len=prompt_len + buffer_len)
+                              cache_size=prompt_len + buffer_len)
 
     def decode(params=params, start=first_token()):
       logits, cache = start
@@ -156,7 +156,7 @@ def measure_decode(config: ModelConfig, params, prompt: list[int], long_prompt: 
     jobs[w] = dict(
         params=params, decode=decode(), first_token=first_token,
         prefill=lambda params=params: sampling.prefill(params, config, long, long_lens,
-                                                       cache_len=prefill_tokens))
+                                                       cache_size=prefill_tokens))
   times = {w: {"decode": [], "first_token": [], "prefill": []} for w in weights}
   for w, job in jobs.items():  # compile and warm up, excluded
     for what in times[w]:

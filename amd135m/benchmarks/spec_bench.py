@@ -84,7 +84,7 @@ def draft_round_cost(draft, draft_params, params, config, prompt: list[int], gam
   return best
 
 
-def verification_cost(params, config, gamma: int, context: int, cache_len: int,
+def verification_cost(params, config, gamma: int, context: int, cache_size: int,
                       repeats: int = 10) -> dict:
   """A cached target forward of gamma + 1 new tokens (a speculative round's verification) against
   one of a single token (a decode step), at the same context and cache size: the best of
@@ -94,7 +94,7 @@ def verification_cost(params, config, gamma: int, context: int, cache_len: int,
   # The cache is donated, as the decode loops update theirs in place: without it XLA copies every
   # layer's cache before the forward writes into it, which the loops never do.
   forward = jax.jit(lambda p, t, c: model_lib.forward(p, config, t, c), donate_argnums=2)
-  cache = model_lib.init_cache(config, 1, cache_len).replace(
+  cache = model_lib.init_cache(config, 1, cache_size).replace(
       length=jnp.full((1,), context, jnp.int32))
   inputs = {n: jnp.zeros((1, n), jnp.int32) for n in (1, gamma + 1)}
   best = dict.fromkeys(inputs, float("inf"))
@@ -166,7 +166,7 @@ def bench_speculative(target: str, draft: str, gamma: int, n_prompts: int = 4,
   # The cost model: a draft round against a target step, and a verification of gamma + 1 tokens.
   context = int(np.mean([len(p) for p in prompts])) + new_tokens // 2
   verify = verification_cost(params, config, gamma, context=context,
-                              cache_len=sampling.bucket(max(map(len, prompts)))
+                              cache_size=sampling.bucket(max(map(len, prompts)))
                               + sampling.bucket(new_tokens) + gamma + 1)
   round_seconds = draft_round_cost(d, dp, params, config, prompts[0], gamma)
   cost_ratio = round_seconds / gamma / verify["step_seconds"]

@@ -28,11 +28,14 @@ class Teacher:
 
 
 def token_nll(params, config: ModelConfig, batch: dict, teacher: Teacher | None = None,
-              teacher_params=None) -> tuple[jax.Array, jax.Array]:
+              teacher_params=None, *, allow_cpu_kernels: bool = True
+              ) -> tuple[jax.Array, jax.Array]:
   """(summed next-token NLL in f32, number of target tokens) of batch {'inputs','targets': [B,T]}
   with an optional 'mask' [B, T] (1 = count the target); with a teacher, the summed
-  distillation loss instead."""
-  logits, _ = model_lib.forward(params, config, batch["inputs"])                 # [B, T, V] f32
+  distillation loss instead. allow_cpu_kernels, here as below: model.forward's; compile_step,
+  which traces these sharded, passes False."""
+  logits, _ = model_lib.forward(params, config, batch["inputs"],                 # [B, T, V] f32
+                                allow_cpu_kernels=allow_cpu_kernels)
   logits = logits.astype(jnp.float32)
   # logsumexp minus the target's logit: no [B, T, V] log-probabilities are written, and the
   # backward is one pass (softmax minus the one-hot), the vocabulary being most of the bytes.
@@ -40,15 +43,17 @@ def token_nll(params, config: ModelConfig, batch: dict, teacher: Teacher | None 
   loss = jax.nn.logsumexp(logits, axis=-1) - target_logits                        # [B, T]
   if teacher is not None:
     loss = (1.0 - teacher.weight) * loss + teacher.weight * _distillation(
-        logits, teacher, teacher_params, batch["inputs"])
+        logits, teacher, teacher_params, batch["inputs"], allow_cpu_kernels=allow_cpu_kernels)
   mask = batch.get("mask")
   mask = jnp.ones_like(loss) if mask is None else mask.astype(jnp.float32)
   return jnp.sum(loss * mask), jnp.sum(mask)
 
 
-def _distillation(logits, teacher: Teacher, teacher_params, inputs) -> jax.Array:
+def _distillation(logits, teacher: Teacher, teacher_params, inputs, *,
+                  allow_cpu_kernels: bool) -> jax.Array:
   """T^2 * KL(softmax(teacher / T) || softmax(student / T)) per position, [B, T]."""
-  taught, _ = model_lib.forward(teacher_params, teacher.config, inputs)
+  taught, _ = model_lib.forward(teacher_params, teacher.config, inputs,
+                                allow_cpu_kernels=allow_cpu_kernels)
   taught = jax.lax.stop_gradient(taught[..., :logits.shape[-1]].astype(jnp.float32))
   t = teacher.temperature
   log_p = jax.nn.log_softmax(taught / t, axis=-1)
@@ -57,13 +62,15 @@ def _distillation(logits, teacher: Teacher, teacher_params, inputs) -> jax.Array
 
 
 def loss_and_grads(params, config: ModelConfig, batch: dict, accum_steps: int,
-                   batch_sharding=None, teacher: Teacher | None = None, teacher_params=None):
+                   batch_sharding=None, teacher: Teacher | None = None, teacher_params=None, *,
+                   allow_cpu_kernels: bool = True):
   """Mean token loss and its gradient over the batch, accumulated over `accum_steps` micro-batches
   with lax.scan. Sums of NLL and gradients are divided by the total token count once, so the result
   equals the one-shot gradient whatever the split (a mean of micro-batch means would weight
   micro-batches with fewer tokens up)."""
   grad_fn = jax.value_and_grad(
-      lambda p, c, b: token_nll(p, c, b, teacher, teacher_params), has_aux=True)
+      lambda p, c, b: token_nll(p, c, b, teacher, teacher_params,
+                                allow_cpu_kernels=allow_cpu_kernels), has_aux=True)
   if accum_steps == 1:
     (nll_sum, count), grads = grad_fn(params, config, batch)
   else:
@@ -88,9 +95,11 @@ def loss_and_grads(params, config: ModelConfig, batch: dict, accum_steps: int,
 
 def train_step(state: dict, batch: dict, teacher_params=None, *, config: ModelConfig, optimizer,
                accum_steps: int, lr_schedule: Callable, batch_sharding=None,
-               teacher: Teacher | None = None) -> tuple[dict, dict]:
+               teacher: Teacher | None = None, allow_cpu_kernels: bool = True
+               ) -> tuple[dict, dict]:
   loss, grads, count = loss_and_grads(state["params"], config, batch, accum_steps, batch_sharding,
-                                      teacher, teacher_params)
+                                      teacher, teacher_params,
+                                      allow_cpu_kernels=allow_cpu_kernels)
   grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state["params"])
   updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
@@ -99,8 +108,9 @@ def train_step(state: dict, batch: dict, teacher_params=None, *, config: ModelCo
   return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
 
-def eval_step(params, batch: dict, *, config: ModelConfig) -> dict:
-  nll_sum, count = token_nll(params, config, batch)
+def eval_step(params, batch: dict, *, config: ModelConfig,
+              allow_cpu_kernels: bool = True) -> dict:
+  nll_sum, count = token_nll(params, config, batch, allow_cpu_kernels=allow_cpu_kernels)
   return {"nll_sum": nll_sum, "tokens": count}
 
 
@@ -162,7 +172,8 @@ def compile_step(config: ModelConfig, optimizer, lr_schedule, mesh: Mesh, rules,
   activation_rules = sharding.activation_rules(rules)
 
   def on_mesh(fn):
-    """fn traced with the activation rules and the mesh in context (jit traces at first call)."""
+    """fn traced with the activation rules and the mesh in context (jit traces at first call);
+    the fns given it pass allow_cpu_kernels=False (the kernels take whole, unsharded arrays)."""
     def wrapped(*args):
       with model_lib.logical_sharding(mesh, activation_rules):
         return fn(*args)
@@ -170,7 +181,7 @@ def compile_step(config: ModelConfig, optimizer, lr_schedule, mesh: Mesh, rules,
 
   step = functools.partial(train_step, config=config, optimizer=optimizer,
                            accum_steps=accum_steps, lr_schedule=lr_schedule,
-                           batch_sharding=batch, teacher=teacher)
+                           batch_sharding=batch, teacher=teacher, allow_cpu_kernels=False)
   if teacher is None:
     step_fn = jax.jit(on_mesh(step), in_shardings=(shardings, batch),
                       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
@@ -182,7 +193,8 @@ def compile_step(config: ModelConfig, optimizer, lr_schedule, mesh: Mesh, rules,
                            out_shardings=(shardings, sharding.replicated(mesh)),
                            donate_argnums=0)
     step_fn = lambda state, b: with_teacher(state, b, teacher_params)  # noqa: E731
-  eval_fn = jax.jit(on_mesh(lambda params, b: eval_step(params, b, config=config)),
+  eval_fn = jax.jit(on_mesh(lambda params, b: eval_step(params, b, config=config,
+                                                        allow_cpu_kernels=False)),
                     in_shardings=(shardings["params"], batch),
                     out_shardings=sharding.replicated(mesh))
   return Compiled(init=jax.jit(init, out_shardings=shardings), step=step_fn, eval=eval_fn,
