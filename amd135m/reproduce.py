@@ -180,7 +180,7 @@ def reproduce(out_dir, preset: str = "demo", target: str | None = None,
   if spec.int8_gammas:
     drafts["int8 copy"] = "int8"  # the target's own weights in int8: no training
 
-  from amd135m import spec_eval  # noqa: PLC0415
+  from amd135m.benchmarks import spec_table  # noqa: PLC0415
   rows = []
   for name, draft_spec in drafts.items():
     table_dir = out / "table" / _slug(name)
@@ -192,7 +192,7 @@ def reproduce(out_dir, preset: str = "demo", target: str | None = None,
       from tqdm.auto import tqdm  # noqa: PLC0415
       log(f"[table] {name} drafting for the target")
       gammas = spec.int8_gammas if draft_spec == "int8" else spec.gammas
-      table, _ = timed(f"table {name}", lambda: spec_eval.run(
+      table, _ = timed(f"table {name}", lambda: spec_table.run(
           target, draft_spec, str(table_dir), n_prompts=spec.prompts, gammas=gammas,
           max_new_tokens=spec.new_tokens, progress=tqdm))
       measured = table.rows
@@ -205,7 +205,7 @@ def reproduce(out_dir, preset: str = "demo", target: str | None = None,
              "total_seconds": round(sum(seconds.values()), 1), "rows": rows}
   summary_path.write_text(json.dumps(summary, indent=1) + "\n")
   for name in drafts:
-    log(f"\n{name}:\n" + spec_eval.format_table([r for r in rows if r["draft"] == name],
+    log(f"\n{name}:\n" + spec_table.format_table([r for r in rows if r["draft"] == name],
                                                  amd_reference=False))
   log("\n" + format_comparison(rows))
   log(f"stages (s): {seconds}; total {summary['total_seconds']} s; outputs in {out}")

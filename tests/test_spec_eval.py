@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 from amd135m import checkpoints, model as model_lib, sampling, spec_eval, speculative
-from amd135m.benchmarks import spec_bench
+from amd135m.benchmarks import spec_bench, spec_table
 from amd135m.data import spm
 from amd135m.tokenizer import load_tokenizer
 
 # Paper prompts (AMD's prefix + HumanEval/0 and /2) of one length bucket, so that the programs
 # compiled here serve the paper command's run too: compiles are most of this file's time.
-PROMPTS = [spec_eval.ONE_SHOT_PREFIX + text for text in spec_bench.humaneval_prompts(3)[::2]]
+PROMPTS = [spec_table.ONE_SHOT_PREFIX + text for text in spec_bench.humaneval_prompts(3)[::2]]
 MAX_NEW = 6
 TARGET = model_lib.ModelConfig(vocab_size=32016, dim=32, n_layers=1, n_heads=4, n_kv_heads=2,
                                ffn_dim=64, max_seq_len=2048)
@@ -50,7 +50,7 @@ def pair(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def table(pair):
-  return spec_eval.speculative_table(pair["target"], TARGET, speculative.ModelDraft(DRAFT),
+  return spec_table.speculative_table(pair["target"], TARGET, speculative.ModelDraft(DRAFT),
                                      pair["draft"], pair["tokenizer"], PROMPTS, gammas=(1, 3),
                                      max_new_tokens=MAX_NEW)
 
@@ -59,7 +59,7 @@ def test_greedy_rows_are_exact_and_report_acceptance_and_speedup(pair, table):
   assert [(r["setting"], r["gamma"]) for r in table.rows] == [
       ("greedy", 1), ("greedy", 3), ("sampling", 1), ("sampling", 3)]
   for row in table.rows:
-    assert set(spec_eval.ROW_FIELDS) <= set(row)
+    assert set(spec_table.ROW_FIELDS) <= set(row)
     assert 0.0 <= row["acceptance"] <= 1.0 and row["speedup"] > 0
     assert row["speedup"] == pytest.approx(row["speculative_tokens_per_s"]
                                            / row["target_tokens_per_s"])
@@ -84,7 +84,7 @@ def test_greedy_outputs_equal_plain_target_decoding(pair, table):
 
 
 def test_draft_equal_to_target_accepts_every_token(pair):
-  table = spec_eval.speculative_table(pair["target"], TARGET, speculative.ModelDraft(TARGET),
+  table = spec_table.speculative_table(pair["target"], TARGET, speculative.ModelDraft(TARGET),
                                       pair["target"], pair["tokenizer"], PROMPTS, gammas=(3,),
                                       max_new_tokens=MAX_NEW, predicted=False)
   greedy, sampled = table.rows
@@ -108,7 +108,7 @@ def test_exact_column_fails_when_outputs_differ(pair, monkeypatch):
     return result
 
   monkeypatch.setattr(speculative, "speculative_generate", off_by_one)
-  table = spec_eval.speculative_table(pair["target"], TARGET, speculative.ModelDraft(DRAFT),
+  table = spec_table.speculative_table(pair["target"], TARGET, speculative.ModelDraft(DRAFT),
                                       pair["draft"], pair["tokenizer"], PROMPTS[:1], gammas=(1,),
                                       max_new_tokens=MAX_NEW, predicted=False,
                                       settings={"greedy": sampling.SamplingParams()})
@@ -117,20 +117,20 @@ def test_exact_column_fails_when_outputs_differ(pair, monkeypatch):
 
 def test_table_files_and_text(pair, table, tmp_path):
   setup = dict(stop_ids=[])
-  paths = spec_eval.save_table(table, tmp_path, setup, decode=pair["tokenizer"].decode)
+  paths = spec_table.save_table(table, tmp_path, setup, decode=pair["tokenizer"].decode)
   with open(paths["csv"]) as f:
     rows = list(csv.DictReader(f))
-  assert list(rows[0]) == spec_eval.ROW_FIELDS and len(rows) == 4
+  assert list(rows[0]) == spec_table.ROW_FIELDS and len(rows) == 4
   assert float(rows[1]["acceptance"]) == pytest.approx(table.rows[1]["acceptance"])
   saved = json.loads(paths["json"].read_text())
   assert saved["rows"] == json.loads(json.dumps(table.rows))
-  assert saved["amd_reference"]["rows"] == spec_eval.AMD_REFERENCE
+  assert saved["amd_reference"]["rows"] == spec_table.AMD_REFERENCE
   assert saved["provenance"]["command"].startswith("python -m amd135m.spec_eval")
   assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert os.path.getsize(paths["png"]) > 10_000
   completions = [json.loads(line) for line in paths["completions"].read_text().splitlines()]
   assert len(completions) == 6 * len(PROMPTS)  # (target + 2 gammas) x 2 settings
-  text = spec_eval.format_table(table.rows)
+  text = spec_table.format_table(table.rows)
   assert "AMD's reported table" in text and "3.88x" in text and "0.650" in text
   assert len(text.splitlines()[0]) == len(text.splitlines()[2])  # aligned columns
 
@@ -146,13 +146,13 @@ def test_paper_setting_end_to_end_on_a_32000_32016_pair(pair, tmp_path, capsys):
   saved = json.loads((tmp_path / "spec_table.json").read_text())
   setup = saved["setup"]
   assert (setup["target_vocab"], setup["draft_vocab"]) == (32016, 32000)
-  assert setup["prompt_template"].startswith(spec_eval.ONE_SHOT_PREFIX)
+  assert setup["prompt_template"].startswith(spec_table.ONE_SHOT_PREFIX)
   assert "[PYTHON]" in setup["prompt_template"] and setup["adaptive"] is True
   assert setup["settings"]["sampling"] == dict(temperature=0.1, top_k=10, top_p=0.95)
   assert setup["stop_ids"] == list(pair["tokenizer"].stop_ids)
   texts = spec_bench.humaneval_prompts(1)
   assert saved["prompt_tokens"] == [
-      len(pair["tokenizer"].encode(spec_eval.ONE_SHOT_PREFIX + t)) for t in texts]
+      len(pair["tokenizer"].encode(spec_table.ONE_SHOT_PREFIX + t)) for t in texts]
   greedy = [r for r in saved["rows"] if r["setting"] == "greedy"]
   assert greedy[0]["exact"] is True and greedy[0]["gamma"] == 1
   ids = {json.loads(line)["task_id"] for line in open(tmp_path / "completions.jsonl")}

@@ -18,7 +18,8 @@ import time
 import jax
 import pytest
 
-from amd135m import sweep as sweep_lib
+from amd135m import sweep as sweep_face
+from amd135m.training import sweep as sweep_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -147,7 +148,7 @@ def read_csv(workdir):
 
 def run(config, workdir, *flags, capsys=None):
   """main() as a user calls it; returns (exit code, stdout, stderr)."""
-  code = sweep_lib.main(["--config", str(config), "--workdir", str(workdir), *flags])
+  code = sweep_face.main(["--config", str(config), "--workdir", str(workdir), *flags])
   out, err = capsys.readouterr()
   return code, out, err
 
@@ -238,8 +239,8 @@ def test_failing_trial_is_reported_and_the_others_kept(tmp_path, fake, capsys):
 
 def test_interrupted_sweep_stops_its_trainers_and_marks_nothing(tmp_path, fake, monkeypatch):
   config, workdir = write_config(tmp_path), tmp_path / "sweep"
-  code = (f"import sys; from amd135m import sweep; sweep.TRAINER = (sys.executable, "
-          f"{str(fake.path)!r}); sys.exit(sweep.main(sys.argv[1:]))")
+  code = (f"import sys; from amd135m import sweep; from amd135m.training import sweep as lib; "
+          f"lib.TRAINER = (sys.executable, {str(fake.path)!r}); sys.exit(sweep.main(sys.argv[1:]))")
   monkeypatch.setenv("FAKE_HANG", "1")
   proc = subprocess.Popen([sys.executable, "-c", code, "--config", str(config), "--workdir",
                            str(workdir), "--parallel", "2"], stdout=subprocess.PIPE,
@@ -278,8 +279,8 @@ def test_kill_9_of_the_sweep_stops_its_trainers_and_the_rerun_ends_with_every_re
   resumes every trial once, and each curve has each step once."""
   config = write_config(tmp_path, GRID.replace("add(lr=lr,", "add(total_steps=8, lr=lr,"))
   workdir = tmp_path / "sweep"
-  code = (f"import sys; from amd135m import sweep; sweep.TRAINER = (sys.executable, "
-          f"{str(fake.path)!r}); sys.exit(sweep.main(sys.argv[1:]))")
+  code = (f"import sys; from amd135m import sweep; from amd135m.training import sweep as lib; "
+          f"lib.TRAINER = (sys.executable, {str(fake.path)!r}); sys.exit(sweep.main(sys.argv[1:]))")
   monkeypatch.setenv("FAKE_STEP_SECONDS", "0.5")  # a trial takes 4 s
   driver = subprocess.Popen([sys.executable, "-c", code, "--config", str(config), "--workdir",
                              str(workdir), "--parallel", "2"], stdout=subprocess.DEVNULL,
@@ -368,7 +369,7 @@ def test_slurm_script_runs_one_trial_per_array_task(tmp_path, fake, capsys):
   assert (workdir / names[2] / "FINISHED").exists()
   subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True)
   assert fake.calls() == [names[2]]  # a finished task exits at once
-  assert sweep_lib.main(["--workdir", str(workdir), "--collect"]) == 0
+  assert sweep_face.main(["--workdir", str(workdir), "--collect"]) == 0
   statuses = [row["status"] for row in read_csv(workdir)]
   assert statuses == ["not run", "not run", "finished", "not run"]
 
