@@ -33,7 +33,7 @@ lint: install
 test: lint models corpora
 	$(PYTHON) -m pytest tests -q --durations=20
 
-# The development loop: everything but the tests marked slow (a few minutes).
+# The development loop: everything but the tests marked slow (tests/slow_tests.txt, measured).
 test-fast: models corpora
 	$(PYTHON) -m pytest tests -q -m "not slow" --durations=10
 

@@ -29,6 +29,18 @@ def pytest_configure(config):
       "model's speculative loops); `make test-fast` skips them")
 
 
+SLOW_TESTS = {line.strip() for line in (ROOT / "tests" / "slow_tests.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#")}
+
+
+def pytest_collection_modifyitems(config, items):
+  """Marks `slow` the test functions that tests/slow_tests.txt lists (measured, over 8 s each;
+  tools/list_slow_tests.py regenerates it from a --durations=0 log)."""
+  for item in items:
+    if item.nodeid.split("[")[0] in SLOW_TESTS:
+      item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> pathlib.Path:
   path = fetch_test_models.smollm2_path()
