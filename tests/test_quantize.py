@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import hf_reference as ref
 from amd135m import cpu_kernels, model as model_lib, quantize, sampling, speculative
 from amd135m.errors import UserError
 
@@ -112,23 +111,44 @@ def test_the_check_catches_a_dropped_tail_and_a_wrong_scale():
 
 @pytest.mark.slow
 def test_int8_decode_equals_the_reference_arithmetic_and_tracks_f32(smollm2):
-  """Greedy decode with int8 weights (the kernels, a row per step) equals the argmax of a full
-  forward through XLA's form of the same operands (int8_reference: more than 8 rows), up to
-  each prompt's first near-tie; and its choices agree with the f32 model on the dequantized
-  weights at most positions (the activations' rounding is the only other difference)."""
+  """Greedy decode with int8 weights (the kernels, a row per step) picks the argmax of its own
+  step logits; the same steps through XLA's form of the same operands (int8_reference, kernels
+  off) choose the same tokens at nearly every position and stay within INT8_PATH_BOUND; the
+  choices agree with the f32 model on the dequantized weights at most positions.
+
+  Why not the margin rule of the f32 tests: activations are rounded to int8 per block of 32, so
+  the f32 rounding difference between the kernel's integer dots and XLA's f32 GEMM can flip an
+  activation by one quantum, and 30 layers carry that to the logits: measured 0.4-1.3 on
+  SmolLM2's logits (scale ~20) at the positions of this prompt (2026-12-06, AMD EPYC), with every
+  choice equal. A wrong scale or a dropped block breaks the product tests above."""
   config, params = smollm2
   int8 = quantize.quantize_params(params, config)
-  prompts = [[1, 504, 3074, 4303, 282, 253, 1345, 314, 2, 1348, 30, 2210]]
-  tokens = sampling.generate(int8, config, prompts, 24).tokens[0]
-  sequence = jnp.asarray([prompts[0] + tokens])
+  prompt = [1, 504, 3074, 4303, 282, 253, 1345, 314, 2, 1348, 30, 2210]
+  tokens = sampling.generate(int8, config, [prompt], 24).tokens[0]
+
+  def step_logits(allow_cpu_kernels):
+    logits, cache = jax.jit(lambda p, t: model_lib.prefill(p, config, t, 64))(
+        int8, jnp.asarray([prompt]))
+    step = jax.jit(lambda p, t, c: model_lib.forward(p, config, t, c,
+                                                     allow_cpu_kernels=allow_cpu_kernels))
+    out = [np.asarray(logits[0, -1])]
+    for token in tokens[:-1]:
+      logits, cache = step(int8, jnp.asarray([[token]]), cache)
+      out.append(np.asarray(logits[0, -1]))
+    return np.stack(out)
+
+  kernel, xla = step_logits(True), step_logits(False)
+  assert tokens == np.argmax(kernel, -1).tolist()
+  assert np.max(np.abs(kernel - xla)) < INT8_PATH_BOUND
+  assert np.mean(np.argmax(kernel, -1) == np.argmax(xla, -1)) >= 0.9
+  sequence = jnp.asarray([prompt + tokens])
   logits, _ = model_lib.forward(int8, config, sequence)
-  chosen = np.asarray(logits[0, len(prompts[0]) - 1:-1])
-  cut = ref.first_small_margin(chosen)
-  cut = len(tokens) if cut is None else cut
-  assert tokens[:cut] == np.argmax(chosen, -1).tolist()[:cut]
   f32, _ = model_lib.forward(quantize.dequantize_params(int8, config), config, sequence)
   agreement = np.mean(np.argmax(np.asarray(f32[0]), -1) == np.argmax(np.asarray(logits[0]), -1))
   assert agreement >= 0.8, agreement
+
+
+INT8_PATH_BOUND = 2.0  # logits; see the test above (measured up to 1.27)
 
 
 def test_generate_refuses_a_bad_weights_choice_in_one_line(smollm2_gguf):
