@@ -134,7 +134,7 @@ class FeatureHead(nn.Module):
 def _causal_core(q, k, v):
   t = q.shape[1]
   mask = jnp.tril(jnp.ones((t, t), bool))[None]
-  out, _ = attention_lib._grouped_attention(q, k, v, jnp.broadcast_to(mask, (q.shape[0], t, t)),
+  out, _ = attention_lib.grouped_attention(q, k, v, jnp.broadcast_to(mask, (q.shape[0], t, t)),
                                         jnp.float32)
   return out.reshape(q.shape), (k, v)
 
@@ -165,7 +165,7 @@ def _ttt_core(previous: list, mask: np.ndarray):
     keys = jnp.concatenate([kv[0] for kv in previous] + [k], axis=1)
     values = jnp.concatenate([kv[1] for kv in previous] + [v], axis=1)
     full = jnp.broadcast_to(jnp.asarray(mask)[None], (q.shape[0], *mask.shape))
-    out, _ = attention_lib._grouped_attention(q, keys, values, full, jnp.float32)
+    out, _ = attention_lib.grouped_attention(q, keys, values, full, jnp.float32)
     return out.reshape(q.shape), (k, v)
   return core
 
