@@ -11,15 +11,7 @@ token; int8: one scale per output channel, a quarter), activations and the KV ca
 import json
 import sys
 
-from amd135m import (
-  checkpoints,
-  compilation_cache,
-  inference,
-  quantize,
-  sampling,
-  speculative,
-  tokenizer as tokenizer_lib,
-)
+from amd135m import compilation_cache, inference, quantize, sampling, speculative
 from amd135m.errors import ArgumentParser, UserError
 
 
@@ -44,93 +36,20 @@ def parse_args(argv):
   return parser.parse_args(argv)
 
 
-def _check_text(prompt: str, where: str) -> str:
-  """A prompt the tokenizer can take: Python hands non-UTF-8 argv bytes over as lone surrogates
-  (and JSON may spell one, "\\ud800"), which the tokenizer rejects with a TypeError."""
-  try:
-    prompt.encode("utf-8")
-  except UnicodeEncodeError as e:
-    char = ord(prompt[e.start])
-    what = (f"byte 0x{char - 0xdc00:02x}" if 0xdc80 <= char <= 0xdcff
-            else f"lone surrogate U+{char:04X}")
-    raise UserError(f"{where}: not UTF-8 text ({what} at character {e.start}); pass the prompt "
-                    "as UTF-8") from None
-  return prompt
-
-
-def read_prompts(args) -> list[str]:
-  prompts = [_check_text(prompt, f"--prompt #{i}") for i, prompt in enumerate(args.prompt, 1)]
-  if args.prompts_file:
-    name = args.prompts_file
-    try:
-      with open(name, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-          if not line.strip():
-            continue
-          try:
-            record = json.loads(line)
-          except json.JSONDecodeError as e:
-            # Parsed one line at a time, so e.lineno is always 1: report the file's line number.
-            raise UserError(f"{name}:{number}: not valid JSON ({e.msg})") from e
-          # A non-string prompt would otherwise fail deep inside the tokenizer with a TypeError.
-          if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise UserError(f"{name}:{number}: expected an object with a string 'prompt'")
-          prompts.append(_check_text(record["prompt"], f"{name}:{number}"))
-    except OSError as e:
-      raise UserError(f"cannot read --prompts-file: {e.strerror}: {name}") from e
-    except UnicodeDecodeError as e:
-      raise UserError(f"{name}: not UTF-8 text ({e.reason})") from e
-  if not prompts and args.prompts_file:
-    raise UserError(f"--prompts-file {args.prompts_file} holds no prompt: one JSON object with "
-                    "a 'prompt' string per line")
-  if not prompts:
-    raise UserError("no prompt given: pass --prompt TEXT or --prompts-file F.jsonl")
-  return prompts
-
-
 def main(argv=None) -> int:
   args = parse_args(argv)
   compilation_cache.enable()
   try:
-    # Every flag is checked before a model loads (seconds here, minutes for a 7B).
-    prompts = read_prompts(args)
-    sampling_params = sampling.SamplingParams(args.temperature, args.top_k, args.top_p)
-    sampling_params.validate()
-    if args.max_new_tokens < 1:
-      raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.draft is None and (args.gamma is not None or args.adaptive_gamma):
-      raise UserError("--gamma and --adaptive-gamma set speculative decoding: add --draft "
-                      "DRAFT|ngram, or drop them")
-    if not 0 <= args.seed <= 2**32 - len(prompts):
-      raise UserError(f"--seed {args.seed} is out of range: 0 to 2**32 - {len(prompts)} for "
-                      f"{len(prompts)} prompt(s) (row i uses seed + i)")
-    if args.weights != "f32" and args.draft in ("int8", "bf16"):
-      raise UserError(f"--draft {args.draft} drafts for an f32 target: drop --weights "
-                      f"{args.weights}, or pick another draft")
-    gamma = 4 if args.gamma is None else args.gamma
-    if gamma < 1:
-      raise UserError(f"--gamma must be >= 1, got {gamma}")
-    config, params = checkpoints.load_params(args.model)
-    tokenizer = tokenizer_lib.load_tokenizer(args.model)
-    draft, draft_params = (None, None) if args.draft is None else speculative.load_draft(
-        args.draft, config, params, tokenizer)
-    params = quantize.cast_weights(params, config, args.weights)
-    records = inference.generate_text(
-        params, config, tokenizer, prompts, args.max_new_tokens,
-        sampling_params, args.seed, draft=draft, draft_params=draft_params, gamma=gamma,
+    records = inference.load_and_generate(
+        args.model, args.prompt, args.prompts_file, max_new_tokens=args.max_new_tokens,
+        sampling_params=sampling.SamplingParams(args.temperature, args.top_k, args.top_p),
+        seed=args.seed, weights=args.weights, draft=args.draft, gamma=args.gamma,
         adaptive_gamma=args.adaptive_gamma)
   except UserError as e:
     print(f"amd135m.generate: error: {e}", file=sys.stderr)
     return 2
   for record in records:
-    if args.json:
-      print(json.dumps(record, ensure_ascii=False))
-    else:
-      stats = f"{record['new_tokens']} tokens, {record['tokens_per_second']:.1f} tokens/s"
-      if "acceptance_rate" in record:
-        stats += (f", acceptance {record['acceptance_rate']:.2f}, "
-                  f"{record['tokens_per_target_call']:.2f} tokens per target call")
-      print(f"{record['prompt']}{record['completion']}\n  [{stats}]\n")
+    print(json.dumps(record, ensure_ascii=False) if args.json else inference.format_record(record))
   return 0
 
 

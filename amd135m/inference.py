@@ -1,12 +1,113 @@
 """Text in, records out: what the generate CLI and notebooks call, plain or speculative."""
 import contextlib
+import json
 import time
 from typing import Sequence
 
 import jax
 
-from amd135m import model as model_lib, sampling, speculative
+from amd135m import (
+  checkpoints,
+  model as model_lib,
+  quantize,
+  sampling,
+  speculative,
+  tokenizer as tokenizer_lib,
+)
 from amd135m.errors import UserError
+
+
+def load_and_generate(model: str, prompts: Sequence[str], prompts_file: str | None = None, *,
+                      max_new_tokens: int = 128,
+                      sampling_params: sampling.SamplingParams = sampling.SamplingParams(),
+                      seed: int = 0, weights: str = "f32", draft: str | None = None,
+                      gamma: int | None = None, adaptive_gamma: bool = False) -> list[dict]:
+  """`python -m amd135m.generate`: the model at `model` (GGUF, HF directory or workdir) continues
+  `prompts` and those of `prompts_file` (JSONL) as one batch; one record per prompt.
+
+  Every setting is checked before a model loads (seconds here, minutes for a 7B); a mistake is a
+  UserError naming the generate flag. `draft` is a --draft spec (speculative.load_draft), `gamma`
+  None its default 4; `weights` the precision decode reads the weights in (quantize.WEIGHTS).
+  """
+  prompts = read_prompts(prompts, prompts_file)
+  sampling_params.validate()
+  if max_new_tokens < 1:
+    raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+  if draft is None and (gamma is not None or adaptive_gamma):
+    raise UserError("--gamma and --adaptive-gamma set speculative decoding: add --draft "
+                    "DRAFT|ngram, or drop them")
+  if not 0 <= seed <= 2**32 - len(prompts):
+    raise UserError(f"--seed {seed} is out of range: 0 to 2**32 - {len(prompts)} for "
+                    f"{len(prompts)} prompt(s) (row i uses seed + i)")
+  if weights != "f32" and draft in ("int8", "bf16"):
+    raise UserError(f"--draft {draft} drafts for an f32 target: drop --weights {weights}, or "
+                    "pick another draft")
+  gamma = 4 if gamma is None else gamma
+  if gamma < 1:
+    raise UserError(f"--gamma must be >= 1, got {gamma}")
+  config, params = checkpoints.load_params(model)
+  tokenizer = tokenizer_lib.load_tokenizer(model)
+  draft_model, draft_params = (None, None) if draft is None else speculative.load_draft(
+      draft, config, params, tokenizer)
+  params = quantize.cast_weights(params, config, weights)
+  return generate_text(params, config, tokenizer, prompts, max_new_tokens, sampling_params, seed,
+                       draft=draft_model, draft_params=draft_params, gamma=gamma,
+                       adaptive_gamma=adaptive_gamma)
+
+
+def read_prompts(prompts: Sequence[str], prompts_file: str | None = None) -> list[str]:
+  """The --prompt texts, then the 'prompt' of each line of the JSONL `prompts_file`; at least one.
+  A mistake is a UserError naming the flag or the file's line."""
+  prompts = [_check_text(prompt, f"--prompt #{i}") for i, prompt in enumerate(prompts, 1)]
+  if prompts_file:
+    name = prompts_file
+    try:
+      with open(name, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+          if not line.strip():
+            continue
+          try:
+            record = json.loads(line)
+          except json.JSONDecodeError as e:
+            # Parsed one line at a time, so e.lineno is always 1: report the file's line number.
+            raise UserError(f"{name}:{number}: not valid JSON ({e.msg})") from e
+          # A non-string prompt would otherwise fail deep inside the tokenizer with a TypeError.
+          if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise UserError(f"{name}:{number}: expected an object with a string 'prompt'")
+          prompts.append(_check_text(record["prompt"], f"{name}:{number}"))
+    except OSError as e:
+      raise UserError(f"cannot read --prompts-file: {e.strerror}: {name}") from e
+    except UnicodeDecodeError as e:
+      raise UserError(f"{name}: not UTF-8 text ({e.reason})") from e
+  if not prompts and prompts_file:
+    raise UserError(f"--prompts-file {prompts_file} holds no prompt: one JSON object with "
+                    "a 'prompt' string per line")
+  if not prompts:
+    raise UserError("no prompt given: pass --prompt TEXT or --prompts-file F.jsonl")
+  return prompts
+
+
+def _check_text(prompt: str, where: str) -> str:
+  """A prompt the tokenizer can take: Python hands non-UTF-8 argv bytes over as lone surrogates
+  (and JSON may spell one, "\\ud800"), which the tokenizer rejects with a TypeError."""
+  try:
+    prompt.encode("utf-8")
+  except UnicodeEncodeError as e:
+    char = ord(prompt[e.start])
+    what = (f"byte 0x{char - 0xdc00:02x}" if 0xdc80 <= char <= 0xdcff
+            else f"lone surrogate U+{char:04X}")
+    raise UserError(f"{where}: not UTF-8 text ({what} at character {e.start}); pass the prompt "
+                    "as UTF-8") from None
+  return prompt
+
+
+def format_record(record: dict) -> str:
+  """A record as generate prints it without --json: the text, then its statistics."""
+  stats = f"{record['new_tokens']} tokens, {record['tokens_per_second']:.1f} tokens/s"
+  if "acceptance_rate" in record:
+    stats += (f", acceptance {record['acceptance_rate']:.2f}, "
+              f"{record['tokens_per_target_call']:.2f} tokens per target call")
+  return f"{record['prompt']}{record['completion']}\n  [{stats}]\n"
 
 
 def generate_text(params, config: model_lib.ModelConfig, tokenizer, texts: Sequence[str],

@@ -9,7 +9,7 @@ import sys
 import jax
 import pytest
 
-from amd135m import generate, inference, sampling, tokenizer as tokenizer_lib
+from amd135m import checkpoints, generate, inference, sampling, tokenizer as tokenizer_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROMPTS = ["The capital of France is", "Once upon a time"]
@@ -90,7 +90,7 @@ def test_sampling_flags_reach_generate_text(smollm2, smollm2_gguf, monkeypatch, 
 
   monkeypatch.setattr(inference, "generate_text", spy)
   # The session's params, not a second GGUF read; same batch shapes as above, so no new compile.
-  monkeypatch.setattr(generate.checkpoints, "load_params", lambda *args, **kwargs: smollm2)
+  monkeypatch.setattr(checkpoints, "load_params", lambda *args, **kwargs: smollm2)
 
   def sample(seed):
     argv = ["--model", str(smollm2_gguf), "--max-new-tokens", str(MAX_NEW), "--json",

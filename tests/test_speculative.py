@@ -329,8 +329,8 @@ def test_cli_reports_speculative_statistics(smollm2, smollm2_gguf, monkeypatch, 
   carries acceptance_rate, tokens_per_target_call and target_calls."""
   import json
 
-  from amd135m import generate
-  monkeypatch.setattr(generate.checkpoints, "load_params", lambda *args, **kwargs: smollm2)
+  from amd135m import checkpoints, generate
+  monkeypatch.setattr(checkpoints, "load_params", lambda *args, **kwargs: smollm2)
   base = ["--model", str(smollm2_gguf), "--prompt", "def add(a, b):\n    return a + b\n\n\ndef",
           "--max-new-tokens", "24", "--json"]
   assert generate.main(base) == 0
