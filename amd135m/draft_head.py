@@ -62,7 +62,8 @@ class Settings:
   code_every: int = 4          # of every N prompts, N - 1 are stdlib headers, one Gutenberg
   generate_every: int = 1      # of every N chunks, one is the target's own continuations of
                                # short prompts, the rest whole stdlib functions / Gutenberg
-                               # passages read as they are (a prefill: ~5x cheaper a position)
+                               # passages read as they are (a prefill: ~15x cheaper a position);
+                               # 0: read text only, the target generates nothing
   batch: int = 8               # rows per training step
   unroll: int = 2              # draft steps trained per position (training-time test)
   lr: float = 3e-3
@@ -76,9 +77,12 @@ class Settings:
 
   def check(self, target_vocab: int) -> None:
     for name in ("vocab", "seq_len", "prompt_tokens", "collect_batch", "top_k", "batch",
-                 "unroll", "eval_rows", "generate_every"):
+                 "unroll", "eval_rows"):
       if getattr(self, name) < 1:
         raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+    if self.generate_every < 0:
+      raise UserError(f"--generate-every must be >= 0 (0: read text only), got "
+                      f"{self.generate_every}")
     if self.vocab > target_vocab:
       raise UserError(f"--vocab {self.vocab} is larger than the target's vocabulary of "
                       f"{target_vocab}: choose K <= {target_vocab}")
@@ -119,14 +123,6 @@ def _collect(params, config: model_lib.ModelConfig, tokens, lens, layers: tuple[
   decode step s (position lens[b] + s), and the new tokens new_ids [B, seq_len]."""
   batch, width = tokens.shape
 
-  def top(logits):  # [..., V] -> ids, log-probs [..., k], by XLA's TopK kernel
-    # As a 2-D array of a fused operand: over [B, T, V] XLA's CPU backend sorted the whole
-    # vocabulary instead (14 s for a batch's prompts).
-    flat = logits.reshape(-1, logits.shape[-1])
-    logp, ids = jax.lax.top_k(flat - jax.nn.logsumexp(flat, axis=-1, keepdims=True), top_k)
-    shape = (*logits.shape[:-1], top_k)
-    return ids.astype(jnp.int32).reshape(shape), logp.reshape(shape)
-
   def top_in_loop(logits):  # [B, V]: k rounds of max, first index, mask
     # Inside the decode loop the logits come from a custom call (cpu_kernels' head), and XLA
     # sorts the vocabulary for top_k there (85 ms a step); k passes cost a few ms.
@@ -142,7 +138,7 @@ def _collect(params, config: model_lib.ModelConfig, tokens, lens, layers: tuple[
 
   logits, cache, hidden = model_lib.prefill(params, config, tokens, width + seq_len,
                                             hidden_layers=layers)
-  prompt_ids, prompt_logp = top(logits)
+  prompt_ids, prompt_logp = _top_k(logits, top_k)
   first = jnp.take_along_axis(prompt_ids[..., 0], (lens - 1)[:, None], axis=1)[:, 0]
   cache = cache.replace(length=lens)
   steps = seq_len - jnp.min(lens)
@@ -169,17 +165,40 @@ def _collect(params, config: model_lib.ModelConfig, tokens, lens, layers: tuple[
               new_logp=buffers[3])
 
 
+@functools.partial(jax.jit, static_argnames=("config", "layers", "top_k"))
+def _read(params, config: model_lib.ModelConfig, tokens, layers: tuple[int, ...], top_k: int):
+  """The target reads tokens [B, S] (one forward, nothing generated): its hidden states and
+  top-k next-token log-probabilities at every position."""
+  logits, _, hidden = model_lib.forward_with_hidden(params, config, tokens, None, layers)
+  ids, logp = _top_k(logits, top_k)
+  return dict(hidden=hidden, ids=ids, logp=logp)
+
+
+def _top_k(logits, top_k: int):  # [..., V] -> ids, log-probs [..., k], by XLA's TopK kernel
+  # As a 2-D array of a fused operand: over [B, T, V] XLA's CPU backend sorted the whole
+  # vocabulary instead (14 s for a batch's prompts).
+  flat = logits.reshape(-1, logits.shape[-1])
+  logp, ids = jax.lax.top_k(flat - jax.nn.logsumexp(flat, axis=-1, keepdims=True), top_k)
+  shape = (*logits.shape[:-1], top_k)
+  return ids.astype(jnp.int32).reshape(shape), logp.reshape(shape)
+
+
 def collect_rows(params, config, prompts: list[list[int]], layers, settings: Settings) -> dict:
   """Runs the target on one batch of token prompts (at most seq_len tokens; shorter ones are
   continued greedily); returns numpy rows of seq_len positions: tokens [B, S], features
   [B, S, F], top_ids [B, S, k], top_logp [B, S, k], prompt_lens [B]."""
   # Two widths only (each one compilation): short prompts padded to prompt_tokens, or seq_len.
   s = settings.seq_len
+  lens = np.asarray([len(p) for p in prompts], np.int32)
+  if (lens == s).all():  # text to read: one forward, no decode loop to compile
+    out = jax.tree.map(np.asarray, _read(params, config, jnp.asarray(prompts, jnp.int32),
+                                         tuple(layers), settings.top_k))
+    return dict(tokens=np.asarray(prompts, np.int32), features=out["hidden"],
+                top_ids=out["ids"], top_logp=out["logp"], prompt_lens=lens)
   width = settings.prompt_tokens if max(map(len, prompts)) <= settings.prompt_tokens else s
   tokens = np.zeros((len(prompts), width), np.int32)
   for row, prompt in enumerate(prompts):
     tokens[row, :len(prompt)] = prompt
-  lens = np.asarray([len(p) for p in prompts], np.int32)
   out = jax.tree.map(np.asarray, _collect(params, config, jnp.asarray(tokens), jnp.asarray(lens),
                                           tuple(layers), s, settings.top_k))
   rows = {k: [] for k in ("tokens", "features", "top_ids", "top_logp")}
@@ -222,11 +241,11 @@ def collect(params, config, tokenizer, workdir: pathlib.Path, layers, settings: 
   from amd135m.data import prompts as prompts_lib  # noqa: PLC0415 (reads the corpora)
   (workdir / DATA_DIR).mkdir(exist_ok=True)
   every, rows = settings.generate_every, settings.collect_batch
-  n_generated = -(-max_chunks // every)
+  n_generated = -(-max_chunks // every) if every else 0
   texts = prompts_lib.mixed_prompts(n_generated * rows * 2, settings.seed, settings.code_every)
-  encoded = _encode_prompts(tokenizer, texts, settings.prompt_tokens)
+  encoded = _encode_prompts(tokenizer, texts, settings.prompt_tokens) if n_generated else []
   windows = []
-  if every > 1:  # long texts, cut to exactly seq_len tokens: the target only reads them
+  if every != 1:  # long texts, cut to exactly seq_len tokens: the target only reads them
     n_corpus = (max_chunks - n_generated) * rows
     code = prompts_lib.stdlib_functions(n_corpus * 2, settings.seed)
     prose = prompts_lib.gutenberg_passages(n_corpus // settings.code_every + 1, settings.seed,
@@ -236,10 +255,10 @@ def collect(params, config, tokenizer, workdir: pathlib.Path, layers, settings: 
         if len(w) == settings.seq_len]
 
   def batch_of(index: int) -> list[list[int]] | None:
-    if index % every == 0:
+    if every and index % every == 0:
       source, start = encoded, index // every * rows
     else:
-      source, start = windows, (index - index // every - 1) * rows
+      source, start = windows, (index - (index // every + 1 if every else 0)) * rows
     return source[start:start + rows] if start + rows <= len(source) else None
 
   while max_chunks and batch_of(max_chunks - 1) is None:  # a corpus ran out
@@ -648,7 +667,7 @@ def main(argv=None) -> int:
   train.add_argument("--batch", type=int, default=defaults.batch)
   train.add_argument("--generate-every", type=int, default=defaults.generate_every,
                      help="of every N collected chunks one is the target's own continuations, "
-                          "the others corpus text it reads (cheaper)")
+                          "the others corpus text it reads (cheaper); 0: read text only")
   train.add_argument("--seed", type=int, default=defaults.seed)
   train.add_argument("--resume", action="store_true", help="continue the head in --workdir")
   train.add_argument("--json", action="store_true", help="print the summary as JSON")

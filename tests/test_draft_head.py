@@ -193,3 +193,12 @@ def test_corpus_chunks_read_whole_functions_as_they_are(tiny_target, tmp_path):
   from amd135m import model as model_lib
   logits, _ = model_lib.forward(params, config, jax.numpy.asarray([first]))
   assert corpus["top_ids"][0, :, 0].tolist() == np.argmax(logits[0], -1).tolist()
+  # generate_every=0: every chunk is read text, the same windows in the same order.
+  read_only = tmp_path / "read_only"
+  read_only.mkdir()
+  settings = draft_head.Settings(**{**SMALL.__dict__, "generate_every": 0})
+  assert draft_head.collect(params, config, tokenizer, read_only, (1, 2), settings, 1, None) == 1
+  only = dict(np.load(read_only / "data" / "chunk-00000.npz"))
+  assert only.keys() == corpus.keys()
+  for key in corpus:
+    np.testing.assert_array_equal(only[key], corpus[key])
