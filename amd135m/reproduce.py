@@ -52,12 +52,11 @@ PRESETS = {
                                       vocab=1024, eval_rows=4),
                    int8_gammas=()),  # its loop is tested in test_speculative
     # make demo: a short variant of every step (<= 15 minutes on a 2-core CPU; see README).
-    # The head reads mostly corpus text (one chunk in 8 is the target's own continuations):
-    # here an 8-row decode step costs ~5 single-row steps, a prefill position ~1/8 of that.
+    # The head only reads corpus text (a prefill: no decode loop to compile or run; the target's
+    # own continuations teach more a row but cost far more a row: docs/RESULTS.md, issue 15).
     "demo": Preset(20, 20, 0, 0, 0, 2, 48, (2,),
                    ("batch_size=8", "data.seq_len=128", "eval_every=20"),
-                   head=dict(minutes=4), head_settings=dict(generate_every=8,
-                                                            collect_share=0.6)),
+                   head=dict(minutes=4), head_settings=dict(generate_every=0)),
     # make reproduce: a longer run (README: its table and runtime on this 2-core CPU).
     "full": Preset(250, 250, 96, 96, 120, 6, 96, (1, 2, 4),
                    ("batch_size=8", "eval_every=50"),
