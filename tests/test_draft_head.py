@@ -202,3 +202,9 @@ def test_corpus_chunks_read_whole_functions_as_they_are(tiny_target, tmp_path):
   assert only.keys() == corpus.keys()
   for key in corpus:
     np.testing.assert_array_equal(only[key], corpus[key])
+
+
+def test_generate_every_zero_reads_only_and_a_negative_one_is_refused():
+  draft_head.Settings(**{**SMALL.__dict__, "generate_every": 0}).check(49152)
+  with pytest.raises(UserError, match="--generate-every must be >= 0"):
+    draft_head.Settings(**{**SMALL.__dict__, "generate_every": -1}).check(49152)
