@@ -125,7 +125,7 @@ def _collect(params, config: model_lib.ModelConfig, tokens, lens, layers: tuple[
 
   def top_in_loop(logits):  # [B, V]: k rounds of max, first index, mask
     # Inside the decode loop the logits come from a custom call (cpu_kernels' head), and XLA
-    # sorts the vocabulary for top_k there (85 ms a step); k passes cost a few ms.
+    # sorts the vocabulary for top_k there; k passes of a max cost far less.
     logp = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
     ids = []
     for _ in range(top_k):

@@ -61,7 +61,7 @@ def _order_keys(x: jax.Array) -> jax.Array:
 def _smallest_key(keys: jax.Array, holds) -> jax.Array:
   """The smallest uint32 k with holds(k) for each row ([..., 1]), holds monotone in k and true
   at the row's largest key. 32 halvings of the key range, each one pass over the vocabulary:
-  cheaper on CPU than sorting 49k logits (about 9 ms a row here)."""
+  cheaper on CPU than sorting 49k logits (docs/RESULTS.md)."""
   lo = jnp.min(keys, axis=-1, keepdims=True)
   hi = jnp.max(keys, axis=-1, keepdims=True)
 
@@ -105,8 +105,8 @@ def filter_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
 
 def argmax(x: jax.Array) -> jax.Array:
   """jnp.argmax over the last axis (the first index of the max) as a max, then the first index
-  equal to it: XLA's CPU argmax, a reduce over (value, index) pairs, took 0.69 ms for 5 x 49152
-  logits (a speculative round's verification), this 0.17 ms. A row holding NaN, where jnp.argmax
+  equal to it: XLA's CPU argmax, a reduce over (value, index) pairs, ran about 4x slower over a
+  speculative round's 5 x 49152 logits. A row holding NaN, where jnp.argmax
   returns the NaN's index, gets the last id instead. [...] int32."""
   top = jnp.max(x, axis=-1, keepdims=True)
   ids = jnp.arange(x.shape[-1], dtype=jnp.int32)
@@ -141,7 +141,7 @@ def monotone_cdf(probs: jax.Array) -> jax.Array:
 
 def draw(probs: jax.Array, keys: jax.Array) -> jax.Array:
   """One token per row from probs [B, V] by the inverse CDF: one uniform per row rather than
-  jax.random.categorical's Gumbel noise over the whole vocabulary (1.4 ms a row on this CPU).
+  jax.random.categorical's Gumbel noise over the whole vocabulary (a draw per id).
   A zero-probability token is never drawn. Returns [B] int32."""
   cdf = monotone_cdf(probs)
   u = jax.vmap(lambda key: jax.random.uniform(key, ()))(keys) * cdf[:, -1]
