@@ -62,3 +62,18 @@ def smollm2_hf(smollm2_gguf):
   """transformers' own GGUF loading of the same file (dequantised to f32), the reference."""
   import hf_reference
   return hf_reference.load_transformers_gguf(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm2_slice(smollm2_gguf, tmp_path_factory) -> pathlib.Path:
+  """SmolLM2's first 2 layers (its weights, final norm, tied head, tokenizer: `--draft first:2`)
+  as a Hugging Face directory: a target with the real vocabulary and text whose programs compile
+  in seconds, for tests whose claim does not depend on depth. Exactness on the 30-layer model
+  keeps its own tests (test_speculative, test_feature_draft, test_model)."""
+  from amd135m import checkpoints, speculative
+  from amd135m.tokenizer import load_tokenizer
+  config, params = checkpoints.load_params(smollm2_gguf)
+  draft, sliced = speculative.load_draft("first:2", config, params)
+  path = tmp_path_factory.mktemp("smollm2_first2")
+  checkpoints.save_hf(path, draft.config, sliced, load_tokenizer(smollm2_gguf))
+  return path

@@ -92,9 +92,12 @@ def _train_in_subprocess(target, workdir, *extra_code, steps=6):
 
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_target, tmp_path):
   """Killed right after step 3 (its last checkpoint is step 2), rerun with --resume: the final
-  weights and the metrics of every step equal an uninterrupted run's, bitwise."""
+  weights and the metrics of every step equal an uninterrupted run's, bitwise. The uninterrupted
+  run is in-process (what it computes does not depend on the process); the killed run and its
+  resume are processes of their own, as a user's are."""
   whole, broken = tmp_path / "whole", tmp_path / "broken"
-  assert _train_in_subprocess(tiny_target, whole).returncode == 0
+  draft_head.train_head(str(tiny_target), whole, steps=6, prompts=24, settings=SMALL,
+                        resume=True, checkpoint_every=2, progress=False, log=lambda *_: None)
   killed = _train_in_subprocess(tiny_target, broken, "kill_after_step=3")
   assert killed.returncode == -9
   assert head_io.finished_steps(broken) == [2]
@@ -115,9 +118,19 @@ def run_cli(*args):
   return proc.returncode, proc.stdout, proc.stderr
 
 
+def run_main(*args, capsys):
+  """run_cli's (exit status, stdout, stderr), from draft_head.main in this process."""
+  try:
+    code = draft_head.main([str(a) for a in args])
+  except SystemExit as e:  # argparse's usage errors
+    code = e.code
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
 @pytest.mark.parametrize("case", ["missing target", "minutes 0", "vocab too large",
                                   "unwritable workdir", "no budget", "existing head"])
-def test_bad_input_is_one_line(case, tiny_target, trained, tmp_path):
+def test_bad_input_is_one_line(case, tiny_target, trained, tmp_path, capsys):
   workdir = tmp_path / "w"
   args = {"missing target": ["--target", tmp_path / "nope.gguf", "--workdir", workdir,
                              "--steps", 1],
@@ -129,7 +142,9 @@ def test_bad_input_is_one_line(case, tiny_target, trained, tmp_path):
           "no budget": ["--target", tiny_target, "--workdir", workdir],
           "existing head": ["--target", tiny_target, "--workdir", trained[0], "--steps", 1],
           }[case]
-  code, out, err = run_cli("train", *args)
+  # One case through the command's own process; the others call its main here (seconds each).
+  code, out, err = (run_cli("train", *args) if case == "missing target"
+                    else run_main("train", *args, capsys=capsys))
   assert code == 2, (case, err)
   assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
   expected = {"missing target": "no such file", "minutes 0": "--minutes must be",
@@ -148,18 +163,24 @@ def _run_module(module, *args):
 
 
 def test_a_head_workdir_is_a_draft_in_generate_bench_and_spec_eval(trained, tiny_target,
-                                                                    tmp_path):
+                                                                    tmp_path, capsys):
   workdir, _ = trained
-  plain = json.loads(_run_module("amd135m.generate", "--model", tiny_target, "--prompt",
-                                 "def add(a, b):", "--max-new-tokens", 12, "--json"))
+  # The plain run in-process (the generate CLI's own process is tested in test_cli), the
+  # speculative one through the command.
+  from amd135m import generate
+  assert generate.main(["--model", str(tiny_target), "--prompt", "def add(a, b):",
+                        "--max-new-tokens", "12", "--json"]) == 0
+  plain = json.loads(capsys.readouterr().out)
   spec = json.loads(_run_module("amd135m.generate", "--model", tiny_target, "--prompt",
                                 "def add(a, b):", "--max-new-tokens", 12, "--draft", workdir,
                                 "--gamma", 3, "--json"))
   assert spec["completion"] == plain["completion"] and spec["target_calls"] >= 1
 
+  # gamma 2, 8 tokens, HumanEval prompts: spec_eval below finds these programs in the compile
+  # cache.
   bench = json.loads(_run_module("amd135m.bench", "speculative", "--target", tiny_target,
                                  "--draft", workdir, "--prompts", 2, "--new-tokens", 8,
-                                 "--repeats", 1, "--no-reference", "--json"))
+                                 "--gamma", 2, "--repeats", 1, "--no-reference", "--json"))
   assert bench["speculative"]["equals_target_only"] is True
   assert bench["ngram"]["equals_target_only"] is True
   assert bench["draft_round"]["cost_ratio"] > 0

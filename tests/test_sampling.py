@@ -113,6 +113,10 @@ def test_zero_probability_tokens_are_never_drawn():
   width (about 7e-6 of draws, found in review); the sampling CDF must give each of them exactly
   its left neighbour's value, so the inverse-CDF draw cannot land on one."""
   logits = jax.random.normal(jax.random.key(0), (4, 49152)) * 2
+  # probs is an argument, not a closed-over constant: one compile for the three settings, and
+  # XLA does not fold the CDF of a 4 x 49152 constant at compile time (most of a minute).
+  many_draws = jax.jit(jax.vmap(lambda k, probs: sampling.draw(probs, jax.random.split(k, 4)),
+                                in_axes=(0, None)))
   for knobs in [(1.0, 0, 0.9), (1.0, 1000, 1.0), (0.7, 40, 0.95)]:
     probs = jax.nn.softmax(sampling.filter_logits(logits, *knobs), axis=-1)
     cdf = np.asarray(jax.jit(sampling.monotone_cdf)(probs))
@@ -120,8 +124,7 @@ def test_zero_probability_tokens_are_never_drawn():
     assert zero.any() and np.all(np.diff(cdf, axis=-1) >= 0)
     previous = np.concatenate([np.zeros((4, 1)), cdf[:, :-1]], axis=1)
     np.testing.assert_array_equal(cdf[zero], previous[zero])
-    draws = jax.jit(jax.vmap(lambda k: sampling.draw(probs, jax.random.split(k, 4))))(
-        jax.random.split(jax.random.key(1), 2000))
+    draws = many_draws(jax.random.split(jax.random.key(1), 2000), probs)
     assert not zero[np.arange(4)[None, :], np.asarray(draws)].any()
 
 
