@@ -62,7 +62,7 @@ class Settings:
   code_every: int = 4          # of every N prompts, N - 1 are stdlib headers, one Gutenberg
   generate_every: int = 1      # of every N chunks, one is the target's own continuations of
                                # short prompts, the rest whole stdlib functions / Gutenberg
-                               # passages read as they are (a prefill: 3-4x cheaper a position);
+                               # passages read as they are (a prefill: ~3x cheaper a position);
                                # 0: read text only, the target generates nothing
   batch: int = 8               # rows per training step
   unroll: int = 2              # draft steps trained per position (training-time test)
