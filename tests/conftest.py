@@ -34,7 +34,7 @@ SLOW_TESTS = {line.strip() for line in (ROOT / "tests" / "slow_tests.txt").read_
 
 
 def pytest_collection_modifyitems(config, items):
-  """Marks `slow` the test functions that tests/slow_tests.txt lists (measured, over 8 s each;
+  """Marks `slow` the test functions that tests/slow_tests.txt lists (measured, over 3 s each;
   tools/list_slow_tests.py regenerates it from a --durations=0 log)."""
   for item in items:
     if item.nodeid.split("[")[0] in SLOW_TESTS:

@@ -2,7 +2,7 @@
 `--durations=0`: every test function whose setup, call and teardown took more than --seconds
 (summed over its parametrizations). The suite marks the listed functions `slow` (conftest.py).
 
-python tools/list_slow_tests.py LOG [--seconds 8]
+python tools/list_slow_tests.py LOG [--seconds 3]
 """
 import argparse
 import collections
@@ -16,7 +16,7 @@ LINE = re.compile(r"^([0-9.]+)s (?:setup|call|teardown)\s+(\S+)")
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("log", type=pathlib.Path)
-  parser.add_argument("--seconds", type=float, default=8.0)
+  parser.add_argument("--seconds", type=float, default=3.0)
   args = parser.parse_args()
   seconds = collections.Counter()
   for line in args.log.read_text(errors="replace").splitlines():
