@@ -1,5 +1,6 @@
 """The one exception type for mistakes a user can fix; faces print it as one line."""
 import argparse
+import json
 import os
 import pathlib
 import tempfile
@@ -7,6 +8,26 @@ import tempfile
 
 class UserError(Exception):
   """Bad input from the user: the message says what is wrong and what to do."""
+
+
+def jsonl_records(path, flag: str):
+  """(where, record) for each non-blank line of a JSON Lines file, where = 'PATH:LINE'; a
+  UserError naming the line for bad JSON, or `flag` for a file that cannot be read."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      for number, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError as e:
+          # Parsed one line at a time, so e.lineno is always 1: report the file's line number.
+          raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from e
+        yield f"{path}:{number}", record
+  except OSError as e:
+    raise UserError(f"cannot read {flag}: {e.strerror}: {path}") from e
+  except UnicodeDecodeError as e:
+    raise UserError(f"{path}: not UTF-8 text ({e.reason})") from e
 
 
 def check_counts(**counts) -> None:

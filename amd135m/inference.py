@@ -1,6 +1,5 @@
 """Text in, records out: what the generate CLI and notebooks call, plain or speculative."""
 import contextlib
-import json
 import time
 from typing import Sequence
 
@@ -14,7 +13,7 @@ from amd135m import (
   speculative,
   tokenizer as tokenizer_lib,
 )
-from amd135m.errors import UserError
+from amd135m.errors import UserError, jsonl_records
 
 
 def load_and_generate(model: str, prompts: Sequence[str], prompts_file: str | None = None, *,
@@ -60,25 +59,11 @@ def read_prompts(prompts: Sequence[str], prompts_file: str | None = None) -> lis
   A mistake is a UserError naming the flag or the file's line."""
   prompts = [_check_text(prompt, f"--prompt #{i}") for i, prompt in enumerate(prompts, 1)]
   if prompts_file:
-    name = prompts_file
-    try:
-      with open(name, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-          if not line.strip():
-            continue
-          try:
-            record = json.loads(line)
-          except json.JSONDecodeError as e:
-            # Parsed one line at a time, so e.lineno is always 1: report the file's line number.
-            raise UserError(f"{name}:{number}: not valid JSON ({e.msg})") from e
-          # A non-string prompt would otherwise fail deep inside the tokenizer with a TypeError.
-          if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise UserError(f"{name}:{number}: expected an object with a string 'prompt'")
-          prompts.append(_check_text(record["prompt"], f"{name}:{number}"))
-    except OSError as e:
-      raise UserError(f"cannot read --prompts-file: {e.strerror}: {name}") from e
-    except UnicodeDecodeError as e:
-      raise UserError(f"{name}: not UTF-8 text ({e.reason})") from e
+    for where, record in jsonl_records(prompts_file, "--prompts-file"):
+      # A non-string prompt would otherwise fail deep inside the tokenizer with a TypeError.
+      if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+        raise UserError(f"{where}: expected an object with a string 'prompt'")
+      prompts.append(_check_text(record["prompt"], where))
   if not prompts and prompts_file:
     raise UserError(f"--prompts-file {prompts_file} holds no prompt: one JSON object with "
                     "a 'prompt' string per line")

@@ -30,7 +30,6 @@ computes it (the "byte-length" normalisation of its docs; equal to bytes for ASC
 Standard errors are lm-eval's: sample standard deviation / sqrt(n).
 """
 import dataclasses
-import json
 import math
 import os
 import re
@@ -40,7 +39,7 @@ from typing import Callable, Sequence
 import numpy as np
 import tqdm
 
-from amd135m.errors import UserError, check_counts
+from amd135m.errors import UserError, check_counts, jsonl_records
 from amd135m.evaluation import models, scoring
 
 TASKS = ("sciq", "piqa", "arc_easy", "arc_challenge", "winogrande", "hellaswag", "lambada")
@@ -182,22 +181,11 @@ def read_docs(task: str, path: str | os.PathLike, limit: int | None = None) -> l
   """The Docs of a JSONL file of `task` records (blank lines skipped), the first `limit`."""
   check_task(task)
   docs = []
-  try:
-    with open(path, encoding="utf-8") as f:
-      for number, line in enumerate(f, 1):
-        if limit is not None and len(docs) >= limit:
-          break
-        if not line.strip():
-          continue
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from e
-        docs.append(build_doc(task, record, f"{path}:{number}"))
-  except OSError as e:
-    raise UserError(f"cannot read --data: {e.strerror}: {path}") from e
-  except UnicodeDecodeError as e:
-    raise UserError(f"{path}: not UTF-8 text ({e.reason})") from e
+  records = jsonl_records(path, "--data") if limit is None or limit > 0 else ()
+  for where, record in records:
+    docs.append(build_doc(task, record, where))
+    if limit is not None and len(docs) >= limit:
+      break  # the lines after it are not read
   if not docs:
     raise UserError(f"{path} holds no rows: give a JSONL file with one record per line")
   return docs
