@@ -13,10 +13,11 @@ from amd135m import checkpoints, draft_head, feature_draft, sampling, speculativ
 from amd135m.checkpoints import head_io
 from amd135m.errors import UserError
 from amd135m.tokenizer import load_tokenizer
+from amd135m.training import feature_head
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Small enough for seconds on a 2-core CPU: 8 rows of 40 tokens per chunk.
-SMALL = draft_head.Settings(seq_len=40, prompt_tokens=24, collect_batch=8, batch=4, unroll=2,
+SMALL = feature_head.Settings(seq_len=40, prompt_tokens=24, collect_batch=8, batch=4, unroll=2,
                             vocab=512, eval_rows=4, warmup_steps=2, lr=3e-3)
 
 
@@ -37,7 +38,7 @@ def tiny_target(tmp_path_factory, smollm2_gguf):
 @pytest.fixture(scope="module")
 def trained(tiny_target, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("head") / "head"
-  summary = draft_head.train_head(str(tiny_target), workdir, steps=30, prompts=24,
+  summary = feature_head.train_head(str(tiny_target), workdir, steps=30, prompts=24,
                                   settings=SMALL, eval_every=10, progress=False)
   return workdir, summary
 
@@ -80,11 +81,11 @@ def test_the_head_refuses_another_target(trained, smollm2):
 
 
 def _train_in_subprocess(target, workdir, *extra_code, steps=6):
-  code = (f"from amd135m import draft_head\n"
+  code = (f"from amd135m.training import feature_head\n"
           f"import dataclasses\n"
-          f"settings = dataclasses.replace(draft_head.Settings(), **{SMALL.__dict__!r})\n"
-          f"hooks = draft_head.Hooks({', '.join(extra_code)})\n"
-          f"draft_head.train_head({str(target)!r}, {str(workdir)!r}, steps={steps}, prompts=24,"
+          f"settings = dataclasses.replace(feature_head.Settings(), **{SMALL.__dict__!r})\n"
+          f"hooks = feature_head.Hooks({', '.join(extra_code)})\n"
+          f"feature_head.train_head({str(target)!r}, {str(workdir)!r}, steps={steps}, prompts=24,"
           f" settings=settings, resume=True, checkpoint_every=2, progress=False, hooks=hooks)\n")
   return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                         env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
@@ -199,8 +200,8 @@ def test_corpus_chunks_read_whole_functions_as_they_are(tiny_target, tmp_path):
   config, params = checkpoints.load_params(tiny_target)
   params = jax.tree.map(jax.numpy.asarray, params)
   tokenizer = load_tokenizer(tiny_target)
-  settings = draft_head.Settings(**{**SMALL.__dict__, "generate_every": 2})
-  chunks = draft_head.collect(params, config, tokenizer, tmp_path, (1, 2), settings, 2, None)
+  settings = feature_head.Settings(**{**SMALL.__dict__, "generate_every": 2})
+  chunks = feature_head.collect(params, config, tokenizer, tmp_path, (1, 2), settings, 2, None)
   assert chunks == 2
   generated = dict(np.load(tmp_path / "data" / "chunk-00000.npz"))
   corpus = dict(np.load(tmp_path / "data" / "chunk-00001.npz"))
@@ -216,8 +217,8 @@ def test_corpus_chunks_read_whole_functions_as_they_are(tiny_target, tmp_path):
   # generate_every=0: every chunk is read text, the same windows in the same order.
   read_only = tmp_path / "read_only"
   read_only.mkdir()
-  settings = draft_head.Settings(**{**SMALL.__dict__, "generate_every": 0})
-  assert draft_head.collect(params, config, tokenizer, read_only, (1, 2), settings, 1, None) == 1
+  settings = feature_head.Settings(**{**SMALL.__dict__, "generate_every": 0})
+  assert feature_head.collect(params, config, tokenizer, read_only, (1, 2), settings, 1, None) == 1
   only = dict(np.load(read_only / "data" / "chunk-00000.npz"))
   assert only.keys() == corpus.keys()
   for key in corpus:
@@ -225,6 +226,6 @@ def test_corpus_chunks_read_whole_functions_as_they_are(tiny_target, tmp_path):
 
 
 def test_generate_every_zero_reads_only_and_a_negative_one_is_refused():
-  draft_head.Settings(**{**SMALL.__dict__, "generate_every": 0}).check(49152)
+  feature_head.Settings(**{**SMALL.__dict__, "generate_every": 0}).check(49152)
   with pytest.raises(UserError, match="--generate-every must be >= 0"):
-    draft_head.Settings(**{**SMALL.__dict__, "generate_every": -1}).check(49152)
+    feature_head.Settings(**{**SMALL.__dict__, "generate_every": -1}).check(49152)

@@ -165,8 +165,8 @@ def test_sampling_with_a_pruned_vocabulary_matches_the_target_distribution(monke
 
 def test_smollm2_greedy_with_random_and_trained_pruned_heads_equals_target_only(
     smollm2, smollm2_gguf, tmp_path):
-  from amd135m import draft_head
   from amd135m.tokenizer import load_tokenizer
+  from amd135m.training import feature_head
   config, params = smollm2
   tokenizer = load_tokenizer(smollm2_gguf)
   prompts = [tokenizer.encode("def fibonacci(n):\n"), tokenizer.encode("The capital of France is")]
@@ -181,9 +181,9 @@ def test_smollm2_greedy_with_random_and_trained_pruned_heads_equals_target_only(
   random = random_head(config, params, layers, list(range(0, 49152, 24)))
   # A head trained on SmolLM2 itself (briefly: what matters here is that it is a real workdir's
   # head, with a vocabulary chosen from the target's own predictions).
-  settings = draft_head.Settings(seq_len=48, prompt_tokens=32, batch=4, unroll=2, vocab=2048,
+  settings = feature_head.Settings(seq_len=48, prompt_tokens=32, batch=4, unroll=2, vocab=2048,
                                  eval_rows=2)
-  draft_head.train_head(str(smollm2_gguf), tmp_path / "head", steps=4, prompts=8,
+  feature_head.train_head(str(smollm2_gguf), tmp_path / "head", steps=4, prompts=8,
                         settings=settings, progress=False, log=lambda *_: None)
   trained = speculative.load_draft(str(tmp_path / "head"), config, params)
   for draft, draft_params in (random, trained):

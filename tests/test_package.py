@@ -24,8 +24,18 @@ def test_no_source_file_imports_them_lazily():
   assert offenders == []
 
 
-FACES = ["bench", "data.__main__", "evaluate", "reproduce", "spec_eval", "sweep", "convert",
-         "generate", "train"]
+FACES = ["bench", "data.__main__", "draft_head", "evaluate", "reproduce", "spec_eval", "sweep",
+         "convert", "generate", "train"]
+
+
+def test_every_face_is_short():
+  """A face parses flags, calls one library function and prints (docs/DESIGN.md): its logic lives
+  in the library, where tests, notebooks and the reproduction import it."""
+  import pathlib
+  package = pathlib.Path(__file__).resolve().parents[1] / "amd135m"
+  lengths = {name: len((package / (name.replace(".", "/") + ".py")).read_text().splitlines())
+             for name in FACES}
+  assert all(n <= 120 for n in lengths.values()), lengths
 
 
 def test_every_face_reports_a_usage_mistake_in_one_line(capsys):

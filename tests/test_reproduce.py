@@ -2,6 +2,7 @@
 import json
 
 from amd135m import reproduce
+from amd135m.benchmarks import reproduction
 
 
 def test_shortened_reproduction_runs_end_to_end(tmp_path, smollm2_slice):
@@ -9,7 +10,7 @@ def test_shortened_reproduction_runs_end_to_end(tmp_path, smollm2_slice):
   what is checked here; greedy exactness on the whole SmolLM2 has tests of its own per draft
   (test_speculative, test_feature_draft), and `make demo` runs this on the whole model."""
   lines = []
-  summary = reproduce.reproduce(tmp_path / "out", "test", str(smollm2_slice), log=lines.append)
+  summary = reproduction.reproduce(tmp_path / "out", "test", str(smollm2_slice), log=lines.append)
   out = tmp_path / "out"
   for stage in ("pretrain", "code", "distill"):
     assert (out / stage / "COMPLETE").exists(), stage
@@ -43,7 +44,7 @@ def test_shortened_reproduction_runs_end_to_end(tmp_path, smollm2_slice):
                                               "comparison.png")}
   before = stamps()
   lines.clear()
-  again = reproduce.reproduce(out, "test", str(smollm2_slice), log=lines.append)
+  again = reproduction.reproduce(out, "test", str(smollm2_slice), log=lines.append)
   # pretrain, code, distill, head, and the three drafts' tables
   assert sum("skipped" in line for line in lines) == 7
   assert stamps() == before
