@@ -30,12 +30,18 @@ corpora: install
 lint: install
 	$(PYTHON) -m ruff check .
 
+# Two pytest-xdist workers, a test file each at a time (module fixtures are built once): most of a
+# test's time is single-threaded tracing and compiling, so two workers on two cores halve the wall
+# time (docs/RESULTS.md, "Test suite time"). TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
+PYTEST := $(PYTHON) -m pytest tests -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
+
 test: lint models corpora
-	$(PYTHON) -m pytest tests -q --durations=20
+	$(PYTEST) --durations=20
 
 # The development loop: everything but the tests marked slow (tests/slow_tests.txt, measured).
 test-fast: models corpora
-	$(PYTHON) -m pytest tests -q -m "not slow" --durations=10
+	$(PYTEST) -m "not slow" --durations=10
 
 # The main job on embedded defaults: SmolLM2-135M generates; then the AMD-135M workflow in
 # miniature: a draft pretrained on Gutenberg and fine-tuned on the Python stdlib, and a feature

@@ -31,6 +31,7 @@ DEV_REQUIRES = [
     "transformers==5.24.0",
     "accelerate==1.15.0",
     "pytest",
+    "pytest-xdist==3.8.0",  # `make test` runs the suite on two workers
     "nbmake==1.5.5",
     "ruff==0.17.5",  # lint and import order (pyproject.toml), run by `make test`
 ]
