@@ -24,6 +24,10 @@ from amd135m import (
 
 
 def step_ms(config, params, runs: int = 30) -> float:
+  # The decoder layer is jitted on its own (model._apply_layer) and its trace cached by shapes:
+  # without this, a swapped kernel below would reuse the layer traced with the real one.
+  jax.clear_caches()
+
   def step(p, token, cache):
     logits, cache = model_lib.forward(p, config, token, cache)
     return jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32), cache

@@ -482,10 +482,15 @@ QuantizedRows QuantizeRows(const float* x, int64_t M, int64_t K) {
 }
 
 // The 32-product integer dot of one block as 8 int32 lanes: |q| * (w with q's signs), pairwise
-// to int16 (at most 2 * 127 * 127, no saturation), then pairs to int32.
+// to int16 (at most 2 * 127 * 127, no saturation), then pairs to int32; with AVX512-VNNI one
+// instruction sums each 4 products straight to int32 (the same integers: nothing saturates).
 inline __m256i BlockDot(__m256i abs_q, __m256i q, __m256i w) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), abs_q, _mm256_sign_epi8(w, q));
+#else
   const __m256i products = _mm256_maddubs_epi16(abs_q, _mm256_sign_epi8(w, q));
   return _mm256_madd_epi16(products, _mm256_set1_epi16(1));
+#endif
 }
 
 inline float Sum8(__m256 v) {
@@ -517,8 +522,10 @@ void Int8Rows(const QuantizedRows& x, const int8_t* __restrict w, const float* _
   };
   int64_t n = n0;
   for (; n + VB <= n1; n += VB) {
-    for (int j = 0; j < VB; ++j)
-      if (n + 2 * VB <= n1) __builtin_prefetch(w + (n + VB + j) * K);
+    // Every 64-byte line of the rows two groups ahead: the first line of each next row alone
+    // left a 576-wide product streaming 13-15 GB/s on two Zen 4 threads, all lines 15-18.
+    if (n + 3 * VB <= n1)
+      for (int64_t c = 0; c < VB * K; c += 64) __builtin_prefetch(w + (n + 2 * VB) * K + c);
     for (int m0 = 0; m0 < M; m0 += RG) {
       const int rows = std::min(RG, M - m0);
       __m256 acc[RG][VB];
