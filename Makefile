@@ -30,9 +30,9 @@ corpora: install
 lint: install
 	$(PYTHON) -m ruff check .
 
-# Two pytest-xdist workers, a test file each at a time (module fixtures are built once): most of a
-# test's time is single-threaded tracing and compiling, so two workers on two cores halve the wall
-# time (docs/RESULTS.md, "Test suite time"). TEST_WORKERS=0 runs in this process.
+# Two pytest-xdist workers, a test file each at a time (module fixtures are built once): much of a
+# test's time is single-threaded tracing and compiling, so two workers on two cores take about 2/3
+# of the wall time (docs/RESULTS.md, "Test suite time"). TEST_WORKERS=0 runs in this process.
 TEST_WORKERS ?= 2
 PYTEST := $(PYTHON) -m pytest tests -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
