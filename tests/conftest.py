@@ -55,8 +55,9 @@ def _release_memory_after_each_module():
   yield
   jax.clear_caches()
   gc.collect()
-  if hasattr(ctypes.CDLL(None), "malloc_trim"):  # glibc
-    ctypes.CDLL(None).malloc_trim(0)
+  libc = ctypes.CDLL(None)
+  if hasattr(libc, "malloc_trim"):  # glibc
+    libc.malloc_trim(0)
 
 
 @pytest.fixture(scope="session")
