@@ -7,6 +7,8 @@ import json
 import pathlib
 import re
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -199,3 +201,18 @@ def test_a_full_disk_during_a_save_leaves_nothing_half_written(tmp_path, monkeyp
   ckpt.save(3, _state(3), {"position": 3}, {})
   ckpt.close()
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "3"]
+
+
+def test_cleanup_is_done_when_opened_so_a_run_that_stops_before_saving_exits_clean(tmp_path):
+  # Orbax cleans up in a thread it waits for only at the first save: a run that stopped with a
+  # one-line error before saving left the leftovers and died under the thread at exit ("cannot
+  # schedule new futures after interpreter shutdown", a traceback after the error line).
+  leftovers = [tmp_path / "checkpoints" / f"{i}.orbax-checkpoint-tmp-{i}" for i in range(200)]
+  for path in leftovers:
+    path.mkdir(parents=True)
+  script = ("import sys; from amd135m.checkpoints import orbax_io; "
+            "orbax_io.TrainCheckpoints(sys.argv[1], cleanup=True).close()")
+  run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                       text=True, timeout=120)
+  assert run.returncode == 0 and run.stderr == "", run.stderr[-2000:]
+  assert not any(path.exists() for path in leftovers)

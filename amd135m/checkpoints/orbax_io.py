@@ -197,6 +197,11 @@ class TrainCheckpoints:
               cleanup_tmp_directories=cleanup))
     finally:
       absl_logger.setLevel(logging.WARNING)  # orbax logs every file it touches
+    if cleanup:
+      # Orbax starts the clean-up in a thread and waits for it only in its first save: a run
+      # that stops before saving (a one-line error) would exit under the thread, which then
+      # raises at interpreter shutdown and leaves the leftovers in place.
+      getattr(self.manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
     self._lead = jax.process_index() == 0
     self._unsealed = []  # steps saved (or saving) whose checksums are not written yet
 
