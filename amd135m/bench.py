@@ -23,7 +23,7 @@ def main(argv=None) -> int:
   decode.add_argument("--model", required=True)
   decode.add_argument("--new-tokens", type=int, default=128)
   decode.add_argument("--runs", type=int, default=3)
-  decode.add_argument("--weights", default="f32,bf16,int8",
+  decode.add_argument("--weights", default="f32,bf16,int8,int4",
                       help="our decode's weight precisions, measured side by side (speedups "
                       "against the first)")
   decode.add_argument("--reference", default="f32,bf16",

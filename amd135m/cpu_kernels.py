@@ -5,7 +5,8 @@ CPUs XLA runs the first as a matrix-vector kernel and the second as a GEMM that 
 on every call, so verifying 5 tokens cost 1.6 single-token steps where reading the weights once
 should cost about 1. `matmul` sends products of 1-8 f32 rows to a kernel that streams each weight
 once for all rows (f32 weights, or bf16 widened in registers: half the bytes, the same sums),
-`matmul_int8` integer products with int8 weights (a quarter of the bytes), and
+`matmul_int8` integer products with int8 weights (a quarter of the bytes), `matmul_int4` with
+4-bit ones in GGUF's Q4_1 arithmetic (a scale and a minimum per 32 inputs: 3/16 of the bytes), and
 `cached_attention` does a layer's cached attention for 1-8 new tokens in one call (XLA ran it as
 a dozen small ops scoring every cache slot). Everything else (more rows, other dtypes, GPUs,
 gradients) stays with XLA.
@@ -37,6 +38,7 @@ _TARGET = "amd135m_small_matmul"
 _BF16 = "amd135m_small_matmul_bf16"
 _ATTENTION = "amd135m_cached_attention"
 _INT8 = "amd135m_small_matmul_int8"
+_INT4 = "amd135m_small_matmul_int4"
 
 
 def _cpu_signature() -> str:
@@ -87,6 +89,8 @@ def available() -> bool:
     jax.ffi.register_ffi_target(_INT8, jax.ffi.pycapsule(library.Amd135mSmallMatmulInt8),
                                 platform="cpu")
     jax.ffi.register_ffi_target(_BF16, jax.ffi.pycapsule(library.Amd135mSmallMatmulBf16),
+                                platform="cpu")
+    jax.ffi.register_ffi_target(_INT4, jax.ffi.pycapsule(library.Amd135mSmallMatmulInt4),
                                 platform="cpu")
     return True
   except (OSError, RuntimeError) as e:
@@ -184,6 +188,43 @@ def matmul_int8(x: jax.Array, values: jax.Array, scale: jax.Array) -> jax.Array:
   if x.shape[0] <= MAX_ROWS and x.ndim == 2 and available():
     return _int8_kernel(x.astype(jnp.float32), values, scale)
   return int8_reference(x, values, scale)
+
+
+def _int4_kernel(x, nibbles, scale, minimum):
+  if not available():
+    raise RuntimeError("the CPU kernels are unavailable (see the warning above)")
+  call = jax.ffi.ffi_call(_INT4, jax.ShapeDtypeStruct((x.shape[0], nibbles.shape[0]),
+                                                      jnp.float32), vmap_method="sequential")
+  return call(x, nibbles, scale, minimum)
+
+
+def unpack_nibbles(nibbles: jax.Array) -> jax.Array:
+  """uint8 [N, B * 16] (per block of 32 inputs, byte i holds input i in its low nibble and input
+  16 + i in its high one, as GGUF's Q4_1) -> the 4-bit values [N, B, 32] as uint8."""
+  blocks = nibbles.reshape(*nibbles.shape[:-1], -1, 16)
+  return jnp.concatenate([blocks & 0xF, blocks >> 4], axis=-1)
+
+
+def int4_reference(x, nibbles, scale, minimum):
+  """XLA's form of matmul_int4: x quantized per block as the kernel does, times the weight it
+  stands for (scale * u + minimum per block), as f32 in one GEMM; the sums differ from the
+  kernel's per-block integer dots by f32 rounding only."""
+  m, k = x.shape
+  q, x_scale = quantize_activations(x.astype(jnp.float32))
+  activations = (q * x_scale[..., None]).reshape(m, -1)
+  weight = unpack_nibbles(nibbles).astype(jnp.float32) * scale[..., None] + minimum[..., None]
+  return jnp.einsum("MK,NK->MN", activations, weight.reshape(weight.shape[0], -1))
+
+
+def matmul_int4(x: jax.Array, nibbles: jax.Array, scale: jax.Array,
+                minimum: jax.Array) -> jax.Array:
+  """x [M, K] @ W.T for a 4-bit weight W [N, K] stored as nibbles [N, B * 16] with a scale and a
+  minimum [N, B] per block of 32 inputs (B = ceil(K / 32); quantize.Int4Weight), x quantized to
+  int8 per block as for matmul_int8: integer dot products in a kernel for 1-8 rows on CPUs with
+  AVX2, XLA's equal arithmetic (int4_reference) otherwise. No gradient: inference weights."""
+  if x.shape[0] <= MAX_ROWS and x.ndim == 2 and available():
+    return _int4_kernel(x.astype(jnp.float32), nibbles, scale, minimum)
+  return int4_reference(x, nibbles, scale, minimum)
 
 
 # ---------------------------------------------------------------------------------------------

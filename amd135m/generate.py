@@ -3,10 +3,11 @@
 PATH is a GGUF file or a Hugging Face Llama directory. --temperature 0 (the default) is greedy.
 With --draft DRAFT --gamma K it decodes speculatively (DRAFT: a feature-head workdir trained for
 this target by amd135m.draft_head, a model whose vocabulary is an id-prefix of the target's,
-`first:N`, `self`, `int8` or `bf16`, the target's own copy at that precision, or `ngram`, prompt
-lookup) and each JSON record adds acceptance_rate, tokens_per_target_call and target_calls.
---weights bf16 or int8 decodes with the weights at that precision (bf16: half the bytes per
-token; int8: one scale per output channel, a quarter), activations and the KV cache in f32.
+`first:N`, `self`, `int8`, `int4` or `bf16`, the target's own copy at that precision, or `ngram`,
+prompt lookup) and each JSON record adds acceptance_rate, tokens_per_target_call and target_calls.
+--weights bf16, int8 or int4 decodes with the weights at that precision (bf16: half the bytes per
+token; int8: one scale per output channel, a quarter; int4: GGUF's Q4_1 blocks in the layers, an
+int8 head), activations and the KV cache in f32.
 """
 import json
 import sys
@@ -27,7 +28,7 @@ def parse_args(argv):
   parser.add_argument("--seed", type=int, default=0, help="row i uses seed + i")
   parser.add_argument("--weights", choices=quantize.WEIGHTS, default="f32",
                       help="the precision decode reads the weights in (weight-only; int8 with "
-                      "one scale per output channel)")
+                      "one scale per output channel, int4 a scale and minimum per 32 inputs)")
   parser.add_argument("--draft", help="speculative decoding: " + speculative.DRAFT_SPECS)
   parser.add_argument("--gamma", type=int, help="tokens drafted per target call (default 4)")
   parser.add_argument("--adaptive-gamma", action="store_true",

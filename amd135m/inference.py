@@ -38,7 +38,7 @@ def load_and_generate(model: str, prompts: Sequence[str], prompts_file: str | No
   if not 0 <= seed <= 2**32 - len(prompts):
     raise UserError(f"--seed {seed} is out of range: 0 to 2**32 - {len(prompts)} for "
                     f"{len(prompts)} prompt(s) (row i uses seed + i)")
-  if weights != "f32" and draft in ("int8", "bf16"):
+  if weights != "f32" and draft in speculative.COPY_DRAFTS:
     raise UserError(f"--draft {draft} drafts for an f32 target: drop --weights {weights}, or "
                     "pick another draft")
   gamma = 4 if gamma is None else gamma

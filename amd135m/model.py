@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from amd135m import attention as attention_lib, cpu_kernels
 from amd135m.model_config import ModelConfig  # noqa: F401 (re-exported: model.ModelConfig)
-from amd135m.quantize import Int8Weight
+from amd135m.quantize import QUANTIZED
 
 # ---------------------------------------------------------------------------------------------
 # KV cache: an explicit pytree, passed in and returned; rollback is moving `length` back.
@@ -110,20 +110,20 @@ class Linear(nn.Module):
     # einsum with transposing copies (an MLP's forward+backward ran 1.3x slower).
     rows = x.reshape(-1, x.shape[-1]).astype(dtype)                               # [B*T, in]
     if self.has_variable("params", "kernel") and isinstance(
-        quantized := self.get_variable("params", "kernel"), Int8Weight):
-      # quantize.quantize_params: int8 [out, in] (flax's shape check would expect [in, out])
-      out = cpu_kernels.matmul_int8(rows, quantized.values, quantized.scale).astype(dtype)
+        quantized := self.get_variable("params", "kernel"), QUANTIZED):
+      # quantize.quantize_params: int8 or int4 [out, in] (flax's check would expect [in, out])
+      out = quantized.matmul(rows).astype(dtype)
     else:
       w = _weight(self, "kernel", (x.shape[-1], self.features), self.axes)
       out = _product(rows, w, transposed=False, allow_cpu_kernels=self.allow_cpu_kernels)
     return out.reshape(*x.shape[:-1], self.features)
 
 
-def _fused_int8(weight: Int8Weight, x: jax.Array, dtype) -> jax.Array:
-  """x [..., in] through an int8 weight holding several projections' rows (q, k, v or gate, up
-  stacked as [out1 + out2 + ..., in]): one kernel call where there were two or three."""
+def _fused_quantized(weight, x: jax.Array, dtype) -> jax.Array:
+  """x [..., in] through a quantized weight holding several projections' rows (q, k, v or gate,
+  up stacked as [out1 + out2 + ..., in]): one kernel call where there were two or three."""
   rows = x.reshape(-1, x.shape[-1])
-  out = cpu_kernels.matmul_int8(rows, weight.values, weight.scale).astype(dtype)
+  out = weight.matmul(rows).astype(dtype)
   return out.reshape(*x.shape[:-1], -1)
 
 
@@ -132,24 +132,26 @@ class Embedding(nn.Module):
   allow_cpu_kernels: bool = True  # for the tied head; see _product
 
   def setup(self):
-    self.embedding = _weight(self, "embedding", (self.config.vocab_size, self.config.dim),
-                             ("vocab", "embed"))
+    if self.has_variable("params", "embedding") and isinstance(
+        quantized := self.get_variable("params", "embedding"), QUANTIZED):
+      self.embedding = quantized  # quantize.quantize_params: no f32 shape to check it against
+    else:
+      self.embedding = _weight(self, "embedding", (self.config.vocab_size, self.config.dim),
+                               ("vocab", "embed"))
 
   def __call__(self, tokens: jax.Array) -> jax.Array:  # [B, T] int -> [B, T, D]
     # Gathered whole for the lookup (as FSDP gathers every weight): with the table split by its
     # embed dim, XLA would replicate the batch to scatter the lookup's gradient.
-    if isinstance(self.embedding, Int8Weight):
-      rows = jnp.take(self.embedding.values, tokens, axis=0).astype(jnp.float32)
-      scale = jnp.take(self.embedding.scale, tokens, axis=0)[..., None]
-      return (rows * scale).astype(self.config.dtype)
+    if isinstance(self.embedding, QUANTIZED):
+      return self.embedding.lookup(tokens).astype(self.config.dtype)
     table = constrain(self.embedding, (None, None))
     return jnp.take(table, tokens, axis=0).astype(self.config.dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V]: the tied output head
     dtype = jnp.dtype(self.config.dtype)
     rows = x.reshape(-1, x.shape[-1]).astype(dtype)                               # [B*T, D]
-    if isinstance(self.embedding, Int8Weight):
-      logits = cpu_kernels.matmul_int8(rows, self.embedding.values, self.embedding.scale)
+    if isinstance(self.embedding, QUANTIZED):
+      logits = self.embedding.matmul(rows)
     else:
       logits = _product(rows, self.embedding, transposed=True,
                         allow_cpu_kernels=self.allow_cpu_kernels)
@@ -193,7 +195,7 @@ class Attention(nn.Module):
     q_size, kv_size = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     linear = functools.partial(Linear, c, allow_cpu_kernels=self.allow_cpu_kernels)
     if self.has_variable("params", "qkv_proj"):  # quantize.quantize_params fuses the three
-      qkv = _fused_int8(self.get_variable("params", "qkv_proj"), x, c.dtype)
+      qkv = _fused_quantized(self.get_variable("params", "qkv_proj"), x, c.dtype)
       q, k, v = jnp.split(qkv, [q_size, q_size + kv_size], axis=-1)
     else:
       q = linear(q_size, ("embed", "heads"), name="q_proj")(x)
@@ -223,8 +225,8 @@ class MLP(nn.Module):
     c = self.config
     linear = functools.partial(Linear, c, allow_cpu_kernels=self.allow_cpu_kernels)
     if self.has_variable("params", "gate_up_proj"):  # quantize.quantize_params fuses the two
-      gate, up = jnp.split(_fused_int8(self.get_variable("params", "gate_up_proj"), x, c.dtype),
-                           2, axis=-1)
+      gate_up = _fused_quantized(self.get_variable("params", "gate_up_proj"), x, c.dtype)
+      gate, up = jnp.split(gate_up, 2, axis=-1)
     else:
       gate = linear(c.ffn_dim, ("embed", "mlp"), name="gate_proj")(x)
       up = linear(c.ffn_dim, ("embed", "mlp"), name="up_proj")(x)

@@ -1,26 +1,35 @@
-"""Low-precision inference weights: bf16, or int8 with one f32 scale per output channel.
+"""Low-precision inference weights: bf16, int8 with one f32 scale per output channel, or 4-bit.
 
 Decode reads every weight once per token, so its time is the bytes it streams: SmolLM2's f32
-weights are 541 MB, bf16 half of that, int8 a quarter.
+weights are 541 MB, bf16 half of that, int8 a quarter, int4 under a fifth.
 
 bf16 (`to_bfloat16`): each matrix rounded to nearest even, kept in the model's layout; the CPU
 kernels widen it to f32 in registers, so a bf16 product is exactly the f32 product of the
 rounded weights (cpu_kernels.matmul). Relative error per weight at most 2^-8.
 
-int8 (`quantize_params`): symmetric per output channel, w ~ values * scale with scale = max |w|
-/ 127 over the channel's inputs, so each weight is off by at most scale / 2. Each product
-quantizes its input rows to int8 per block of 32 and takes integer dot products
-(cpu_kernels.matmul_int8, llama.cpp's Q8_0 arithmetic).
+int8 (`quantize`): symmetric per output channel, w ~ values * scale with scale = max |w| / 127
+over the channel's inputs, so each weight is off by at most scale / 2. Each product quantizes
+its input rows to int8 per block of 32 and takes integer dot products (cpu_kernels.matmul_int8,
+llama.cpp's Q8_0 arithmetic).
+
+int4 (`quantize_int4`): GGUF's Q4_1 arithmetic, w ~ scale * u + minimum with u in 0..15 and a
+scale and minimum per output channel and block of 32 inputs (scale = (max - min) / 15 over the
+block), so each weight is off by at most scale / 2; 0.75 bytes a weight with f32 scales.
+SmolLM2's GGUF ships as Q4_1, so its f32 weights are such blocks already and their int4 copy
+gives them back (up to f32 rounding of the scale). Products as for int8 (cpu_kernels.matmul_int4).
+The embedding (and tied head) stays int8 (quantize_params says why).
 
 Either way norms, attention, the KV cache, the residual stream and the accumulation stay f32.
-Used as the target's own low-precision copy drafting for it (speculative.load_draft('int8' or
-'bf16')): the same model in fewer bytes, that nearly always predicts what the f32 one does.
+Used as the target's own low-precision copy drafting for it (speculative.load_draft('int8',
+'int4' or 'bf16')): the same model in fewer bytes, that nearly always predicts what the f32 one
+does.
 """
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from amd135m import cpu_kernels
 from amd135m.model_config import ModelConfig
 
 
@@ -37,6 +46,55 @@ class Int8Weight:
     """The f32 weight it stands for, [out, in]."""
     return self.values.astype(jnp.float32) * self.scale[:, None]
 
+  def matmul(self, rows: jax.Array) -> jax.Array:
+    """rows [M, in] -> [M, out] f32 (cpu_kernels.matmul_int8)."""
+    return cpu_kernels.matmul_int8(rows, self.values, self.scale)
+
+  def lookup(self, tokens: jax.Array) -> jax.Array:
+    """The rows of `tokens` (an embedding's vectors) as f32 [..., in]."""
+    rows = jnp.take(self.values, tokens, axis=0).astype(jnp.float32)
+    return rows * jnp.take(self.scale, tokens, axis=0)[..., None]
+
+  def rows(self, start: int, stop: int) -> "Int8Weight":
+    """Output rows start:stop (one of several stacked projections)."""
+    return Int8Weight(self.values[start:stop], self.scale[start:stop])
+
+
+@flax.struct.dataclass
+class Int4Weight:
+  """A weight [out, in] in 4-bit blocks of 32 inputs (GGUF's Q4_1 arithmetic): w[n, 32b + i] =
+  scale[n, b] * u + minimum[n, b], u in 0..15 stored in `nibbles` [out, B * 16] (per block, byte
+  i holds input i in its low nibble and 16 + i in its high one; a partial last block is padded).
+  Same orientation as Int8Weight: a Linear kernel transposed, the embedding as it is."""
+  nibbles: jax.Array  # uint8 [out, B * 16]
+  scale: jax.Array    # f32 [out, B]
+  minimum: jax.Array  # f32 [out, B]
+  inputs: int = flax.struct.field(pytree_node=False)  # in, before the padding
+
+  def dequantize(self) -> jax.Array:
+    """The f32 weight it stands for, [out, in]."""
+    u = cpu_kernels.unpack_nibbles(self.nibbles).astype(jnp.float32)
+    weight = u * self.scale[..., None] + self.minimum[..., None]
+    return weight.reshape(*weight.shape[:-2], -1)[..., :self.inputs]
+
+  def matmul(self, rows: jax.Array) -> jax.Array:
+    """rows [M, in] -> [M, out] f32 (cpu_kernels.matmul_int4)."""
+    return cpu_kernels.matmul_int4(rows, self.nibbles, self.scale, self.minimum)
+
+  def lookup(self, tokens: jax.Array) -> jax.Array:
+    """The rows of `tokens` (an embedding's vectors) as f32 [..., in]."""
+    take = lambda a: jnp.take(a, tokens, axis=0)
+    return Int4Weight(take(self.nibbles), take(self.scale), take(self.minimum),
+                      self.inputs).dequantize()
+
+  def rows(self, start: int, stop: int) -> "Int4Weight":
+    """Output rows start:stop (one of several stacked projections)."""
+    return Int4Weight(self.nibbles[start:stop], self.scale[start:stop],
+                      self.minimum[start:stop], self.inputs)
+
+
+QUANTIZED = (Int8Weight, Int4Weight)  # the weight classes model.py multiplies through .matmul
+
 
 def quantize(w) -> Int8Weight:
   """Symmetric int8 of a 2-D f32 weight [out, in], one scale per output row: max |w| / 127 over
@@ -48,38 +106,64 @@ def quantize(w) -> Int8Weight:
   return Int8Weight(jnp.asarray(values), jnp.asarray(scale))
 
 
-def quantize_params(params: dict, config: ModelConfig) -> dict:
-  """The model's params with every Linear kernel (transposed to [out, in]) and the embedding as
-  Int8Weight; norms stay f32. Each layer's q, k, v projections become one `qkv_proj` and gate
+def quantize_int4(w) -> Int4Weight:
+  """4-bit blocks (Q4_1 arithmetic) of a 2-D f32 weight [out, in]: per row and block of 32
+  inputs, minimum = min w, scale = (max w - min w) / 15 (0 for a constant block), u = (w -
+  minimum) / scale rounded to nearest and clipped to 0..15. A partial last block is padded with
+  its row's last weight (which changes neither its minimum nor its maximum)."""
+  w = np.asarray(w, np.float32)
+  out, inputs = w.shape
+  blocks = -(-inputs // cpu_kernels.INT8_BLOCK)
+  padded = np.pad(w, ((0, 0), (0, blocks * cpu_kernels.INT8_BLOCK - inputs)), mode="edge")
+  padded = padded.reshape(out, blocks, cpu_kernels.INT8_BLOCK)
+  low, high = padded.min(axis=-1), padded.max(axis=-1)
+  scale = ((high - low) / 15.0).astype(np.float32)
+  safe = np.where(scale > 0, scale, 1.0)[..., None]
+  u = np.where(scale[..., None] > 0, np.clip(np.rint((padded - low[..., None]) / safe), 0, 15), 0)
+  u = u.astype(np.uint8)
+  nibbles = (u[..., :16] | (u[..., 16:] << 4)).reshape(out, blocks * 16)
+  return Int4Weight(jnp.asarray(nibbles), jnp.asarray(scale), jnp.asarray(low), inputs)
+
+
+QUANTIZERS = {"int8": quantize, "int4": quantize_int4}
+
+
+def quantize_params(params: dict, config: ModelConfig, weights: str = "int8") -> dict:
+  """The model's params with every Linear kernel (transposed to [out, in]) as Int8Weight (weights
+  'int8') or Int4Weight ('int4'), the embedding as Int8Weight either way, norms f32. (The tied
+  head decides every token: in 4 bits it changed SmolLM2's greedy choice at ~10% of positions of
+  a stdlib file, in int8 with 4-bit layers at ~2%; SmolLM2's GGUF keeps its embedding at 8 bits
+  too.) Each layer's q, k, v projections become one `qkv_proj` and gate
   and up one `gate_up_proj` (rows stacked; one scale per row as before, so the numbers are those
   of the separate weights): a decode step makes 4 kernel calls a layer instead of 7. The result
   goes wherever params go (model.forward, sampling, speculative)."""
   del config  # the layout is the same for every config: kernels [in, out], embedding [V, D]
+  quantizer = QUANTIZERS[weights]
+  stacked = lambda linears: quantizer(  # Linear kernels [in, out_i] as one [sum out_i, in]
+      np.concatenate([np.asarray(p["kernel"]).T for p in linears], axis=0))
   params = {**params}
   for name, layer in params.items():
     if name.startswith("layers_"):
       attention, mlp = dict(layer["self_attn"]), dict(layer["mlp"])
-      attention["qkv_proj"] = _stacked([attention.pop(p) for p in ("q_proj", "k_proj", "v_proj")])
-      mlp["gate_up_proj"] = _stacked([mlp.pop(p) for p in ("gate_proj", "up_proj")])
+      attention["qkv_proj"] = stacked([attention.pop(p) for p in ("q_proj", "k_proj", "v_proj")])
+      mlp["gate_up_proj"] = stacked([mlp.pop(p) for p in ("gate_proj", "up_proj")])
       params[name] = {**layer, "self_attn": attention, "mlp": mlp}
 
   def convert(path, leaf):
-    if isinstance(leaf, Int8Weight):  # a fused projection, quantized above
+    if isinstance(leaf, QUANTIZED):  # a fused projection, quantized above
       return leaf
     name = path[-1].key
     if name == "kernel":
-      return quantize(np.asarray(leaf).T)
-    if name == "embedding":
+      return quantizer(np.asarray(leaf).T)
+    if name == "embedding":  # int8 for int4 too (below)
       return quantize(leaf)
     return jnp.asarray(leaf)
 
-  return jax.tree_util.tree_map_with_path(convert, params,
-                                          is_leaf=lambda x: isinstance(x, Int8Weight))
+  return jax.tree_util.tree_map_with_path(convert, params, is_leaf=_is_quantized)
 
 
-def _stacked(linears: list[dict]) -> Int8Weight:
-  """Several Linear kernels [in, out_i] as one int8 weight [sum out_i, in]."""
-  return quantize(np.concatenate([np.asarray(p["kernel"]).T for p in linears], axis=0))
+def _is_quantized(x) -> bool:
+  return isinstance(x, QUANTIZED)
 
 
 def dequantize_params(params: dict, config: ModelConfig) -> dict:
@@ -94,23 +178,22 @@ def dequantize_params(params: dict, config: ModelConfig) -> dict:
       cuts = {"q_proj": (0, q_size), "k_proj": (q_size, q_size + kv_size),
               "v_proj": (q_size + kv_size, q_size + 2 * kv_size)}
       for proj, (start, stop) in cuts.items():
-        attention[proj] = {"kernel": Int8Weight(qkv.values[start:stop], qkv.scale[start:stop])}
+        attention[proj] = {"kernel": qkv.rows(start, stop)}
       for proj, (start, stop) in {"gate_proj": (0, config.ffn_dim),
                                   "up_proj": (config.ffn_dim, 2 * config.ffn_dim)}.items():
-        mlp[proj] = {"kernel": Int8Weight(gate_up.values[start:stop], gate_up.scale[start:stop])}
+        mlp[proj] = {"kernel": gate_up.rows(start, stop)}
       params[name] = {**layer, "self_attn": attention, "mlp": mlp}
 
   def convert(path, leaf):
-    if not isinstance(leaf, Int8Weight):
+    if not isinstance(leaf, QUANTIZED):
       return leaf
     weight = leaf.dequantize()
     return weight.T if path[-1].key == "kernel" else weight
 
-  return jax.tree_util.tree_map_with_path(convert, params,
-                                          is_leaf=lambda x: isinstance(x, Int8Weight))
+  return jax.tree_util.tree_map_with_path(convert, params, is_leaf=_is_quantized)
 
 
-WEIGHTS = ("f32", "bf16", "int8")
+WEIGHTS = ("f32", "bf16", "int8", "int4")
 
 
 def to_bfloat16(params: dict) -> dict:
@@ -129,8 +212,8 @@ def cast_weights(params: dict, config: ModelConfig, weights: str) -> dict:
     raise ValueError(f"weights {weights!r}: choose one of {', '.join(WEIGHTS)}")
   if precision(params) != "f32":
     raise ValueError(f"the params are {precision(params)} already; cast from f32 weights")
-  if weights == "int8":
-    return quantize_params(params, config)
+  if weights in QUANTIZERS:
+    return quantize_params(params, config, weights)
   if weights == "bf16":
     return to_bfloat16(params)
   return params
@@ -138,7 +221,9 @@ def cast_weights(params: dict, config: ModelConfig, weights: str) -> dict:
 
 def precision(params: dict) -> str:
   """Which of WEIGHTS the params' matrices are stored in."""
-  leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Int8Weight))
+  leaves = jax.tree.leaves(params, is_leaf=_is_quantized)
+  if any(isinstance(leaf, Int4Weight) for leaf in leaves):  # (its embedding is int8)
+    return "int4"
   if any(isinstance(leaf, Int8Weight) for leaf in leaves):
     return "int8"
   if any(getattr(leaf, "dtype", None) == jnp.bfloat16 for leaf in leaves):

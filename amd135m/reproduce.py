@@ -4,8 +4,9 @@
 The AMD-135M workflow at CPU scale (amd135m.benchmarks.reproduction): pretrain a small draft on
 Gutenberg, fine-tune it on Python, train a feature head on the target's hidden states, then AMD's
 table on HumanEval prompts with the real SmolLM2-135M as the target, each draft beside the n-gram
-draft and the target's own int8 copy. Every stage is skipped when already complete, so a rerun
-resumes where a crash stopped. `make demo` runs --preset demo; `make reproduce` --preset full.
+draft and the target's own int8 and int4 copies. Every stage is skipped when already complete,
+so a rerun resumes where a crash stopped. `make demo` runs --preset demo; `make reproduce`
+--preset full.
 """
 import argparse
 import sys

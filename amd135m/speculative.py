@@ -366,10 +366,12 @@ def predicted_speedup(acceptance: float, gamma: int, cost_ratio: float,
   return tokens / (gamma * cost_ratio + verify_ratio)
 
 
-DRAFT_SPECS = "ngram | self | int8 | bf16 | first:N | PATH (a model, or a feature-head workdir)"
+DRAFT_SPECS = ("ngram | self | int8 | int4 | bf16 | first:N | PATH (a model, or a feature-head "
+               "workdir)")
 
 
-NAMED_DRAFTS = ("ngram", "self", "int8", "bf16")
+NAMED_DRAFTS = ("ngram", "self", "int8", "int4", "bf16")
+COPY_DRAFTS = ("int8", "int4", "bf16")  # the target's own weights at that precision
 
 
 def check_draft_spec(spec: str) -> None:
@@ -387,8 +389,8 @@ def load_draft(spec: str, target_config: model_lib.ModelConfig, target_params,
   reproduction all call.
 
   ngram: prompt lookup (no model). self: the target drafting for itself (the upper bound).
-  int8, bf16: the target's own weights at that precision (quantize.py), a quarter or half of the
-  bytes per step.
+  int8, int4, bf16: the target's own weights at that precision (quantize.py), a quarter, under
+  a fifth or half of the bytes per step.
   first:N: the target's first N layers with its final norm and head (a draft made without
   training). PATH: a feature-head workdir (amd135m.draft_head), checked against the target it was
   trained for; or a model (Hugging Face directory, GGUF, training workdir) whose vocabulary is an
@@ -400,7 +402,7 @@ def load_draft(spec: str, target_config: model_lib.ModelConfig, target_params,
     return NgramDraft(), None
   if spec == "self":
     return ModelDraft(target_config), target_params
-  if spec in ("int8", "bf16"):
+  if spec in COPY_DRAFTS:
     from amd135m import quantize  # noqa: PLC0415
     if (stored := quantize.precision(target_params)) != "f32":
       raise UserError(f"--draft {spec}: the target's weights are {stored} already; draft for "

@@ -1,7 +1,8 @@
 """Low-precision weights (amd135m/quantize.py). int8 (cpu_kernels.matmul_int8): the quantizer's
 error bound, the kernel against float64 on the same int8 weights, the model's int8 decode against
-f32 math on the dequantized weights. bf16: the rounding bound, products bitwise the f32 kernel's on
-the widened weights, and decode alike. The target's own copies as exact speculative drafts."""
+f32 math on the dequantized weights. int4 (cpu_kernels.matmul_int4) alike, and SmolLM2's Q4_1
+layers given back. bf16: the rounding bound, products bitwise the f32 kernel's on the widened
+weights, and decode alike. The target's own copies as exact speculative drafts."""
 import subprocess
 import sys
 
@@ -158,10 +159,11 @@ def test_generate_refuses_a_bad_weights_choice_in_one_line(smollm2_gguf):
   assert len(proc.stderr.strip().splitlines()) == 1 and "int3" in proc.stderr
 
 
-@pytest.mark.parametrize("spec", ["int8", "bf16"])
+@pytest.mark.parametrize("spec", ["int8", "int4", "bf16"])
 def test_a_low_precision_draft_needs_an_f32_target(spec, smollm2, smollm2_gguf):
   config, params = smollm2
   for stored, low in [("int8", quantize.quantize_params(params, config)),
+                      ("int4", quantize.quantize_params(params, config, "int4")),
                       ("bf16", quantize.to_bfloat16(params))]:
     with pytest.raises(UserError, match=f"{stored} already"):
       speculative.load_draft(spec, config, low)
@@ -172,6 +174,134 @@ def test_a_low_precision_draft_needs_an_f32_target(spec, smollm2, smollm2_gguf):
   assert proc.stderr.strip().splitlines() == [
       f"amd135m.generate: error: --draft {spec} drafts for an f32 target: drop --weights {spec}, "
       "or pick another draft"]
+
+
+# ---------------------------------------------------------------------------------------------
+# int4: GGUF's Q4_1 arithmetic, a scale and a minimum per output row and block of 32 inputs.
+
+def test_int4_quantizer_error_is_at_most_half_a_step_per_block():
+  rng = np.random.default_rng(1)
+  w = rng.standard_normal((9, 70)).astype(np.float32) * rng.uniform(0.01, 3, (9, 1))
+  w[2, 32:64] = 0.25  # a constant block: its minimum, scale 0
+  w[4, 64:] = [-1e-3, 7.0, 0.5, 0.5, 0.5, 0.5]  # the partial last block, a wide range
+  q = quantize.quantize_int4(w)
+  assert q.nibbles.dtype == jnp.uint8 and q.nibbles.shape == (9, 3 * 16)
+  assert q.scale.shape == q.minimum.shape == (9, 3) and q.inputs == 70
+  back = np.asarray(q.dequantize())
+  step = np.repeat(np.asarray(q.scale), 32, axis=1)[:, :70]
+  np.testing.assert_array_less(np.abs(back - w), step / 2 * (1 + 1e-5) + 1e-6)
+  assert (back[2, 32:64] == np.float32(0.25)).all() and float(q.scale[2, 1]) == 0
+  # Each block's minimum and maximum are weights of the block (u = 0 and u = 15 are used).
+  u = np.asarray(cpu_kernels.unpack_nibbles(q.nibbles)).reshape(9, 96)[:, :70]
+  assert u[4, 64:].min() == 0 and u[4, 64:].max() == 15 and back[4, 65] == np.float32(7.0)
+
+
+def _int4_weight(k, n, seed):
+  rng = np.random.default_rng(seed)
+  return quantize.quantize_int4(rng.standard_normal((n, k)).astype(np.float32))
+
+
+def _assert_int4_near_float64(out, x, weight, terms):
+  """Within f32 rounding of the float64 value of the kernel's arithmetic: activations quantized
+  per block (numpy, from the definition), times scale * u + minimum per block."""
+  q, x_scale = _numpy_quantized_rows(x)
+  u = np.asarray(cpu_kernels.unpack_nibbles(weight.nibbles)).astype(np.float64)
+  w = u * np.asarray(weight.scale, np.float64)[..., None] + np.asarray(weight.minimum,
+                                                                        np.float64)[..., None]
+  dq = q.astype(np.float64) * x_scale[..., None]
+  exact = np.einsum("mbk,nbk->mn", dq, w)
+  magnitude = np.einsum("mbk,nbk->mn", np.abs(dq), np.abs(w))
+  assert out.shape == exact.shape
+  np.testing.assert_array_less(np.abs(out - exact), terms * 6e-8 * magnitude + 1e-30)
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler for the kernels")
+@pytest.mark.parametrize("k,n", SHAPES)
+def test_int4_products_equal_float64_and_rows_are_their_one_row_product(k, n):
+  product = jax.jit(cpu_kernels.matmul_int4)
+  weight = _int4_weight(k, n, seed=k + n)
+  operands = weight.nibbles, weight.scale, weight.minimum
+  blocks = -(-k // 32)
+  for rows in range(1, cpu_kernels.MAX_ROWS + 1):
+    x = np.random.default_rng(rows).standard_normal((rows, k)).astype(np.float32)
+    x[:, :min(k, 32)] *= 50  # an outlier block beside ordinary ones
+    out = np.asarray(product(x, *operands))
+    _assert_int4_near_float64(out, x, weight, terms=2 * blocks + 10)
+    _assert_int4_near_float64(np.asarray(cpu_kernels.int4_reference(x, *operands)), x, weight,
+                              terms=blocks * 32 + 4)
+    for m in range(rows):
+      assert np.array_equal(np.asarray(product(x[m:m + 1], *operands))[0], out[m]), (rows, m)
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler for the kernels")
+def test_the_int4_check_catches_a_dropped_tail_a_wrong_scale_and_a_lost_minimum():
+  weight = _int4_weight(45, 37, seed=3)
+  x = np.random.default_rng(4).standard_normal((3, 45)).astype(np.float32)
+  out = np.asarray(jax.jit(cpu_kernels.matmul_int4)(x, weight.nibbles, weight.scale,
+                                                    weight.minimum))
+  _assert_int4_near_float64(out, x, weight, terms=14)
+  dropped_k = np.asarray(weight.nibbles).copy()
+  dropped_k[:, 16:] = 0  # the partial block's nibbles
+  dropped_n = out.copy()
+  dropped_n[:, -1] = 0
+  nibbles = np.asarray(weight.nibbles)
+  swapped = (nibbles << 4) | (nibbles >> 4)  # inputs i and 16 + i of each block exchanged
+  wrong = [
+      cpu_kernels.int4_reference(x, dropped_k, weight.scale, weight.minimum),
+      cpu_kernels.int4_reference(x, weight.nibbles, np.roll(weight.scale, 1, 0), weight.minimum),
+      cpu_kernels.int4_reference(x, weight.nibbles, weight.scale, 0 * weight.minimum),
+      cpu_kernels.int4_reference(x, swapped, weight.scale, weight.minimum),
+      dropped_n]
+  for got in wrong:
+    with pytest.raises(AssertionError):
+      _assert_int4_near_float64(np.asarray(got), x, weight, terms=14)
+
+
+def test_smollm2s_int4_copy_gives_its_q4_1_layers_back_and_keeps_an_int8_head(smollm2):
+  """SmolLM2's GGUF stores every layer's matrices as Q4_1 (the embedding as Q8_0): its f32
+  weights are 4-bit blocks already, and quantize_int4 finds each block's values again. The
+  embedding (the tied head) stays int8."""
+  config, params = smollm2
+  int4 = quantize.quantize_params(params, config, "int4")
+  assert quantize.precision(int4) == "int4"
+  assert isinstance(int4["embed_tokens"]["embedding"], quantize.Int8Weight)
+  back = quantize.dequantize_params(int4, config)
+  for layer in ("layers_0", "layers_29"):
+    for group, name in [("self_attn", "q_proj"), ("self_attn", "v_proj"), ("mlp", "down_proj")]:
+      w = np.asarray(params[layer][group][name]["kernel"])
+      np.testing.assert_allclose(np.asarray(back[layer][group][name]["kernel"]), w,
+                                 rtol=0, atol=np.abs(w).max() * 2e-6)
+
+
+@pytest.mark.slow
+def test_int4_decode_equals_the_reference_arithmetic_and_tracks_f32(smollm2):
+  """As for int8 (above): greedy decode with int4 layers picks the argmax of its own step
+  logits, XLA's form of the same operands stays within INT8_PATH_BOUND and picks the same tokens
+  at nearly every position, and the f32 model on the dequantized weights mostly agrees."""
+  config, params = smollm2
+  int4 = quantize.quantize_params(params, config, "int4")
+  prompt = [1, 504, 3074, 4303, 282, 253, 1345, 314, 2, 1348, 30, 2210]
+  tokens = sampling.generate(int4, config, [prompt], 24).tokens[0]
+  step = {allow: jax.jit(lambda p, t, c, allow=allow: model_lib.forward(
+      p, config, t, c, allow_cpu_kernels=allow)) for allow in (True, False)}
+  steps = {}
+  for allow in (True, False):
+    logits, cache = jax.jit(lambda p, t: model_lib.prefill(p, config, t, 64))(
+        int4, jnp.asarray([prompt]))
+    out = [np.asarray(logits[0, -1])]
+    for token in tokens[:-1]:
+      logits, cache = step[allow](int4, jnp.asarray([[token]]), cache)
+      out.append(np.asarray(logits[0, -1]))
+    steps[allow] = np.stack(out)
+  kernel, xla = steps[True], steps[False]
+  assert tokens == np.argmax(kernel, -1).tolist()
+  assert np.max(np.abs(kernel - xla)) < INT8_PATH_BOUND
+  assert np.mean(np.argmax(kernel, -1) == np.argmax(xla, -1)) >= 0.9
+  sequence = jnp.asarray([prompt + tokens])
+  logits, _ = model_lib.forward(int4, config, sequence)
+  f32, _ = model_lib.forward(quantize.dequantize_params(int4, config), config, sequence)
+  agreement = np.mean(np.argmax(np.asarray(f32[0]), -1) == np.argmax(np.asarray(logits[0]), -1))
+  assert agreement >= 0.8, agreement
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,12 +1,12 @@
 """python -m amd135m.bench decode: batch-1 greedy decode and prefill, per weight precision.
 
-In one run, for each of `--weights` (f32, bf16, int8; quantize.py): our decode loop's tokens/s
+In one run, for each of `--weights` (f32, bf16, int8, int4; quantize.py): our decode loop's tokens/s
 (prefill excluded: N tokens cost N - 1 single-token forwards), the prefill of a 512-token prompt,
 and the time to the first token of a short prompt (its prefill and first pick, compiled). The
-precisions take their timed runs in turn (f32, bf16, int8, f32, ...), so a shared machine's
-varying load falls on all alike; each reports its median. Beside them transformers' `generate`
-and forward on the same model and prompts, in f32 and bf16, in a subprocess
-(hf_bench/generation.py) so that this package never imports torch.
+precisions take their timed runs in turn (f32, bf16, int8, f32, ...), so a shared machine's varying
+load falls on all alike; each reports its median. Beside them transformers' `generate` and forward
+on the same model and prompts, in f32 and bf16, in a subprocess (hf_bench/generation.py) so that
+this package never imports torch.
 
 The roofline: a decode step must read every weight once in its stored dtype (int8: values and
 scales; the tied head once; an untied embedding's lookup one row) and the cached keys and values.
@@ -57,14 +57,13 @@ def read_bandwidth(nbytes: int = 1 << 30, runs: int = 5) -> float:
 
 
 def bytes_per_token(config: ModelConfig, params, context: float) -> float:
-  """Bytes a decode step must read: every weight once in its stored dtype (int8: values and
-  scales; the tied head once; an untied embedding's lookup one row), plus the keys and values of
-  `context` cached positions."""
+  """Bytes a decode step must read: every weight once in its stored dtype (int8 and int4: values
+  and scales; the tied head once; an untied embedding's lookup one row), plus the keys and values
+  of `context` cached positions."""
   weights = sum(x.nbytes for x in jax.tree.leaves(params))
-  embedding = params["embed_tokens"]["embedding"]
-  embedding = getattr(embedding, "values", embedding)  # int8: the values (scales are small)
   if not config.tie_embeddings:  # the lookup touches one row, not the table
-    weights -= embedding.nbytes - embedding.nbytes // embedding.shape[0]
+    table = sum(x.nbytes for x in jax.tree.leaves(params["embed_tokens"]["embedding"]))
+    weights -= table - table // config.vocab_size
   kv = 2 * config.n_layers * config.n_kv_heads * config.head_dim * jnp.dtype(config.dtype).itemsize
   return weights + kv * context
 

@@ -2,9 +2,9 @@
 pretrain a small Llama draft on Gutenberg -> fine-tune it on Python (the stdlib) -> optionally
 distil the target's own greedy completions of stdlib function headers into it; train a feature
 head on the target's own hidden states (amd135m.training.feature_head: EAGLE-3-style) -> let the
-n-gram draft, the AMD-style draft, the head and the target's own int8 copy each draft for the
-real SmolLM2-135M on HumanEval prompts -> AMD's table per draft (acceptance, speedup; greedy and
-AMD's sampling), one comparison table and plots.
+n-gram draft, the AMD-style draft, the head and the target's own int8 and int4 copies each draft
+for the real SmolLM2-135M on HumanEval prompts -> AMD's table per draft (acceptance, speedup;
+greedy and AMD's sampling), one comparison table and plots.
 
 Every stage writes under one output directory and is skipped when already complete (a training
 workdir with COMPLETE, a table on disk), so a rerun resumes where a crash stopped. No training
@@ -36,8 +36,9 @@ class Preset:
   overrides: tuple[str, ...] = ()  # applied to every training stage
   head: dict = dataclasses.field(default_factory=dict)  # feature_head.train_head's budget
   head_settings: dict = dataclasses.field(default_factory=dict)  # feature_head.Settings fields
-  # The target's own int8 copy (accepts ~0.97: longer rounds pay); () leaves it out.
-  int8_gammas: tuple[int, ...] = (3,)
+  # The target's own int8 and int4 copies, each with its gammas (they accept 0.95-0.99: longer
+  # rounds pay, the cheaper int4 most); () leaves them out.
+  copies: tuple[tuple[str, tuple[int, ...]], ...] = (("int8", (3,)), ("int4", (5,)))
 
 
 PRESETS = {
@@ -48,7 +49,7 @@ PRESETS = {
                    head=dict(steps=3, prompts=16),
                    head_settings=dict(seq_len=40, prompt_tokens=24, batch=4, unroll=2,
                                       vocab=1024, eval_rows=4),
-                   int8_gammas=()),  # its loop is tested in test_speculative
+                   copies=()),  # their loop is tested in test_speculative
     # make demo: a short variant of every step (<= 15 minutes on a 2-core CPU; see README).
     # The head only reads corpus text (a prefill: no decode loop to compile or run; the target's
     # own continuations teach more a row but cost far more a row: docs/RESULTS.md, issue 15).
@@ -58,7 +59,7 @@ PRESETS = {
     # make reproduce: a longer run (README: its table and runtime on this 2-core CPU).
     "full": Preset(250, 250, 96, 96, 120, 6, 96, (1, 2, 4),
                    ("batch_size=8", "eval_every=50"),
-                   head=dict(minutes=45), int8_gammas=(3, 5)),
+                   head=dict(minutes=45), copies=(("int8", (3, 5)), ("int4", (5, 7)))),
 }
 
 
@@ -174,8 +175,8 @@ def reproduce(out_dir, preset: str = "demo", target: str | None = None,
     head_dir = out / "head"
     timed("head", lambda: _train_head(target, head_dir, spec, log))
     drafts["feature head"] = str(head_dir)
-  if spec.int8_gammas:
-    drafts["int8 copy"] = "int8"  # the target's own weights in int8: no training
+  copy_gammas = {f"{precision} copy": gammas for precision, gammas in spec.copies}
+  drafts.update({name: name.split()[0] for name in copy_gammas})  # no training
 
   from amd135m.benchmarks import spec_table  # noqa: PLC0415
   rows = []
@@ -188,7 +189,7 @@ def reproduce(out_dir, preset: str = "demo", target: str | None = None,
     else:
       from tqdm.auto import tqdm  # noqa: PLC0415
       log(f"[table] {name} drafting for the target")
-      gammas = spec.int8_gammas if draft_spec == "int8" else spec.gammas
+      gammas = copy_gammas.get(name, spec.gammas)
       table, _ = timed(f"table {name}", lambda: spec_table.run(
           target, draft_spec, str(table_dir), n_prompts=spec.prompts, gammas=gammas,
           max_new_tokens=spec.new_tokens, progress=tqdm))

@@ -1,12 +1,12 @@
 """python -m amd135m.bench speculative: speculative decoding on HumanEval prompts.
 
 On HumanEval prompts (batch 1 or ragged batches; greedy or AMD's sampling): our target-only decode
-and our speculative decode with any --draft (a model, a feature head, first:N, self, int8, bf16,
-ngram), with an adaptive gamma, and with the n-gram draft; for greedy batch 1 also transformers'
-greedy, its prompt lookup and (for a model draft) its assisted generation on the same pair
-exported to Hugging Face format. Acceptance, tokens per target call, and the speedup predicted
-from the measured acceptance, a draft round's cost and a verification's cost. Every method's
-passes are interleaved (each prompt through every method in turn), medians reported.
+and our speculative decode with any --draft (a model, a feature head, first:N, self, int8, int4,
+bf16, ngram), with an adaptive gamma, and with the n-gram draft; for greedy batch 1 also
+transformers' greedy, its prompt lookup and (for a model draft) its assisted generation on the
+same pair exported to Hugging Face format. Acceptance, tokens per target call, and the speedup
+predicted from the measured acceptance, a draft round's cost and a verification's cost. Every
+method's passes are interleaved (each prompt through every method in turn), medians reported.
 """
 import dataclasses
 import json

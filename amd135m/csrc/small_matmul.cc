@@ -1,6 +1,6 @@
 // CPU kernels for decode steps and speculative verifications: products of a few rows with a
-// large f32, bf16 or int8 weight (out[M, N] = x[M, K] @ W, M <= 8), and cached attention for a few
-// new tokens.
+// large f32, bf16, int8 or 4-bit weight (out[M, N] = x[M, K] @ W, M <= 8), and cached attention
+// for a few new tokens.
 //
 // Why: a decode step, and a speculative verification of gamma + 1 tokens, read every weight once
 // and do almost no arithmetic per byte. XLA's CPU backend runs a 1-row product as its own
@@ -454,6 +454,7 @@ constexpr int64_t kBlock = 32;
 struct QuantizedRows {
   std::vector<int8_t> q, abs_q;
   std::vector<float> scale;
+  std::vector<float> total;  // scale * sum of q per block: what an int4 block's minimum multiplies
   int64_t blocks = 0;
 };
 
@@ -463,6 +464,7 @@ QuantizedRows QuantizeRows(const float* x, int64_t M, int64_t K) {
   r.q.assign(M * r.blocks * kBlock, 0);
   r.abs_q.assign(M * r.blocks * kBlock, 0);
   r.scale.assign(M * r.blocks, 0.f);
+  r.total.assign(M * r.blocks, 0.f);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < r.blocks; ++b) {
       const int64_t k0 = b * kBlock, k1 = std::min(K, k0 + kBlock);
@@ -471,12 +473,15 @@ QuantizedRows QuantizeRows(const float* x, int64_t M, int64_t K) {
       const float s = top / 127.f;
       r.scale[m * r.blocks + b] = s;
       if (s == 0.f) continue;  // an all-zero block: q stays 0
+      int32_t sum = 0;
       for (int64_t k = k0; k < k1; ++k) {
         const float v = std::nearbyint(x[m * K + k] / s);
         const int8_t q = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
         r.q[(m * r.blocks + b) * kBlock + (k - k0)] = q;
         r.abs_q[(m * r.blocks + b) * kBlock + (k - k0)] = static_cast<int8_t>(q < 0 ? -q : q);
+        sum += q;
       }
+      r.total[m * r.blocks + b] = static_cast<float>(sum) * s;
     }
   return r;
 }
@@ -595,6 +600,127 @@ ffi::Error SmallMatmulInt8(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
   const int chunks = static_cast<int>((n + per - 1) / per);
   RunChunks(chunks, [=](int i) {
     kernel(*xq, wp, sp, op, k, n, i * per, std::min<int64_t>(n, (i + 1) * per));
+  });
+  return ffi::Error::Success();
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Products with 4-bit weights in GGUF's Q4_1 arithmetic: per output row n and block b of 32
+// inputs, w = d[n, b] * u + m[n, b] with u in 0..15, stored as 16 bytes per block (byte i holds
+// input 32b + i in its low nibble and 32b + 16 + i in its high one). With the rows of x quantized
+// per block as for int8 (xq = sx * q), a block contributes d * sx * sum(u * q) + m * (sx * sum q):
+// the first an exact integer dot (the nibbles are the unsigned operand of the same instructions,
+// so no sign trick), the second a precomputed per-block total. A partial last block of x is
+// padded with zeros, so padded nibbles meet zeros and no scalar tail is needed. The order of the
+// sums is fixed per element, whatever M and the thread split, as for int8.
+
+inline __m256i Nibbles(const uint8_t* p) {  // 16 bytes -> 32 unsigned 4-bit values in order
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
+}
+
+inline __m256i NibbleDot(__m256i u, __m256i q) {  // 8 int32 lanes of sum(u * q) over the block
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, q);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, q), _mm256_set1_epi16(1));  // <= 3810 a pair
+#endif
+}
+
+template <int M>
+void Int4Rows(const QuantizedRows& x, const uint8_t* __restrict w, const float* __restrict d,
+              const float* __restrict mins, float* __restrict out, int64_t N, int64_t n0,
+              int64_t n1) {
+  constexpr int VB = 4;
+  constexpr int RG = 2;
+  const int64_t nb = x.blocks, row_bytes = nb * 16;
+  auto one = [&](int64_t n, int64_t m, __m256 acc, float low) {  // every element ends alike
+    out[m * N + n] = Sum8(acc) + low;
+  };
+  int64_t n = n0;
+  for (; n + VB <= n1; n += VB) {
+    if (n + 3 * VB <= n1) {  // the rows two groups ahead, as for int8
+      for (int64_t c = 0; c < VB * row_bytes; c += 64)
+        __builtin_prefetch(w + (n + 2 * VB) * row_bytes + c);
+      for (int64_t c = 0; c < VB * nb; c += 16) {
+        __builtin_prefetch(d + (n + 2 * VB) * nb + c);
+        __builtin_prefetch(mins + (n + 2 * VB) * nb + c);
+      }
+    }
+    for (int m0 = 0; m0 < M; m0 += RG) {
+      const int rows = std::min(RG, M - m0);
+      __m256 acc[RG][VB];
+      float low[RG][VB];
+      for (int g = 0; g < RG; ++g)
+        for (int j = 0; j < VB; ++j) acc[g][j] = _mm256_setzero_ps(), low[g][j] = 0.f;
+      for (int64_t b = 0; b < nb; ++b) {
+        __m256i u[VB];
+        for (int j = 0; j < VB; ++j) u[j] = Nibbles(w + (n + j) * row_bytes + b * 16);
+        for (int g = 0; g < RG; ++g) {
+          if (g >= rows) break;
+          const int64_t at = (m0 + g) * nb + b;
+          const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&x.q[at * kBlock]));
+          const float sx = x.scale[at], total = x.total[at];
+          for (int j = 0; j < VB; ++j) {
+            const float scale = d[(n + j) * nb + b] * sx;
+            acc[g][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(NibbleDot(u[j], q)),
+                                        _mm256_set1_ps(scale), acc[g][j]);
+            low[g][j] = __builtin_fmaf(mins[(n + j) * nb + b], total, low[g][j]);
+          }
+        }
+      }
+      for (int g = 0; g < rows; ++g)
+        for (int j = 0; j < VB; ++j) one(n + j, m0 + g, acc[g][j], low[g][j]);
+    }
+  }
+  for (; n < n1; ++n)
+    for (int m = 0; m < M; ++m) {
+      __m256 acc = _mm256_setzero_ps();
+      float low = 0.f;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t at = m * nb + b;
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&x.q[at * kBlock]));
+        const float scale = d[n * nb + b] * x.scale[at];
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(NibbleDot(Nibbles(w + n * row_bytes + b * 16), q)),
+                              _mm256_set1_ps(scale), acc);
+        low = __builtin_fmaf(mins[n * nb + b], x.total[at], low);
+      }
+      one(n, m, acc, low);
+    }
+}
+
+using Int4Kernel = void (*)(const QuantizedRows&, const uint8_t*, const float*, const float*,
+                            float*, int64_t, int64_t, int64_t);
+
+ffi::Error SmallMatmulInt4(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
+                           ffi::Buffer<ffi::F32> d, ffi::Buffer<ffi::F32> mins,
+                           ffi::ResultBuffer<ffi::F32> out) {
+  auto xd = x.dimensions(), wd = w.dimensions(), dd = d.dimensions(), md = mins.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || dd.size() != 2 || md.size() != 2)
+    return ffi::Error::InvalidArgument("small_matmul_int4 takes 2-D x, nibbles, scales, minimums");
+  const int64_t rows = xd[0], k = xd[1], n = wd[0], nb = (k + kBlock - 1) / kBlock;
+  if (wd[1] != nb * 16 || dd[0] != n || dd[1] != nb || md[0] != n || md[1] != nb)
+    return ffi::Error::InvalidArgument("small_matmul_int4: x, nibbles, scales and minimums disagree");
+  if (rows < 1 || rows > kMaxRows)
+    return ffi::Error::InvalidArgument("small_matmul_int4 takes 1 to 8 rows");
+  static const Int4Kernel kernels[kMaxRows] = {&Int4Rows<1>, &Int4Rows<2>, &Int4Rows<3>,
+                                               &Int4Rows<4>, &Int4Rows<5>, &Int4Rows<6>,
+                                               &Int4Rows<7>, &Int4Rows<8>};
+  Int4Kernel kernel = kernels[rows - 1];
+  const QuantizedRows quantized = QuantizeRows(x.typed_data(), rows, k);
+  const QuantizedRows* xq = &quantized;
+  const uint8_t* wp = w.typed_data();
+  const float* dp = d.typed_data();
+  const float* mp = mins.typed_data();
+  float* op = out->typed_data();
+  const int64_t threads = KernelThreads();
+  const int64_t block = 4;
+  const int64_t blocks_per_thread = (n + threads * block - 1) / (threads * block);
+  const int64_t per = std::max<int64_t>(block, blocks_per_thread * block);
+  const int chunks = static_cast<int>((n + per - 1) / per);
+  RunChunks(chunks, [=](int i) {
+    kernel(*xq, wp, dp, mp, op, n, i * per, std::min<int64_t>(n, (i + 1) * per));
   });
   return ffi::Error::Success();
 }
@@ -753,6 +879,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Amd135mSmallMatmulInt8, SmallMatmulInt8,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Amd135mSmallMatmulInt4, SmallMatmulInt4,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x
+                                  .Arg<ffi::Buffer<ffi::U8>>()    // nibbles [N, blocks * 16]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // scales [N, blocks]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // minimums [N, blocks]
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Amd135mCachedAttention, CachedAttention,
