@@ -43,6 +43,19 @@ def pytest_collection_modifyitems(config, items):
       item.add_marker(pytest.mark.slow)
 
 
+def pytest_terminal_summary(terminalreporter):
+  """The CPU the suite ran on, last: its time (and a CPU kernel's failure) depends on it."""
+  try:
+    first_cpu = pathlib.Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+  except OSError:
+    first_cpu = ""
+  fields = {k.strip(): v.strip() for k, _, v in (line.partition(":")
+                                                 for line in first_cpu.splitlines())}
+  cpu = (f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')} model "
+         f"{fields.get('model', '?')})")
+  terminalreporter.write_line(f"CPU: {cpu}, {os.cpu_count()} logical cores")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _release_memory_after_each_module():
   """Gives a test file's compiled programs and freed buffers back to the system when it ends.

@@ -218,7 +218,7 @@ def _assert_int4_near_float64(out, x, weight, terms):
 @pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler for the kernels")
 @pytest.mark.parametrize("k,n", SHAPES)
 def test_int4_products_equal_float64_and_rows_are_their_one_row_product(k, n):
-  product = jax.jit(cpu_kernels.matmul_int4)
+  product, reference = jax.jit(cpu_kernels.matmul_int4), jax.jit(cpu_kernels.int4_reference)
   weight = _int4_weight(k, n, seed=k + n)
   operands = weight.nibbles, weight.scale, weight.minimum
   blocks = -(-k // 32)
@@ -227,7 +227,7 @@ def test_int4_products_equal_float64_and_rows_are_their_one_row_product(k, n):
     x[:, :min(k, 32)] *= 50  # an outlier block beside ordinary ones
     out = np.asarray(product(x, *operands))
     _assert_int4_near_float64(out, x, weight, terms=2 * blocks + 10)
-    _assert_int4_near_float64(np.asarray(cpu_kernels.int4_reference(x, *operands)), x, weight,
+    _assert_int4_near_float64(np.asarray(reference(x, *operands)), x, weight,
                               terms=blocks * 32 + 4)
     for m in range(rows):
       assert np.array_equal(np.asarray(product(x[m:m + 1], *operands))[0], out[m]), (rows, m)
