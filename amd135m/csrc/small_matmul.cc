@@ -616,8 +616,12 @@ ffi::Error SmallMatmulInt8(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
 // sums is fixed per element, whatever M and the thread split, as for int8.
 
 inline __m256i Nibbles(const uint8_t* p) {  // 16 bytes -> 32 unsigned 4-bit values in order
+  // The 16 bytes in both halves (a load), the upper half shifted by 4, then the low nibbles:
+  // two instructions where extract, shift, insert and mask were four.
   const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
+  const __m256i both = _mm256_broadcastsi128_si256(raw);
+  return _mm256_and_si256(_mm256_srlv_epi64(both, _mm256_set_epi64x(4, 4, 0, 0)),
+                          _mm256_set1_epi8(0x0F));
 }
 
 inline __m256i NibbleDot(__m256i u, __m256i q) {  // 8 int32 lanes of sum(u * q) over the block
@@ -628,6 +632,22 @@ inline __m256i NibbleDot(__m256i u, __m256i q) {  // 8 int32 lanes of sum(u * q)
 #endif
 }
 
+// sum_b a[b] * b_[b] over n terms: 8 lanes of FMAs in block order, their tree sum, then the rest
+// in order. The minimums' term of one output element (every element the same way).
+inline float Dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float sum = Sum8(acc);
+  for (; i < n; ++i) sum = __builtin_fmaf(a[i], b[i], sum);
+  return sum;
+}
+
+// Output rows n0..n1 for all M rows, VB weight rows at a time. Per (row of x, weight row), the
+// blocks' scales d * sx are multiplied out before the block loop and the minimums' term is one
+// Dot after it, so the loop itself is a load, a shift, a mask, the integer dot, a conversion and
+// an FMA per block: it was bound by its instructions, not by memory.
 template <int M>
 void Int4Rows(const QuantizedRows& x, const uint8_t* __restrict w, const float* __restrict d,
               const float* __restrict mins, float* __restrict out, int64_t N, int64_t n0,
@@ -635,8 +655,15 @@ void Int4Rows(const QuantizedRows& x, const uint8_t* __restrict w, const float* 
   constexpr int VB = 4;
   constexpr int RG = 2;
   const int64_t nb = x.blocks, row_bytes = nb * 16;
-  auto one = [&](int64_t n, int64_t m, __m256 acc, float low) {  // every element ends alike
-    out[m * N + n] = Sum8(acc) + low;
+  thread_local std::vector<float> scratch;
+  scratch.resize(RG * VB * nb);
+  float* const scales = scratch.data();  // [RG][VB][nb]
+  auto prepare = [&](int g, int j, int64_t m, int64_t n) {
+    float* s = scales + (g * VB + j) * nb;
+    for (int64_t b = 0; b < nb; ++b) s[b] = d[n * nb + b] * x.scale[m * nb + b];
+  };
+  auto finish = [&](int64_t m, int64_t n, __m256 acc) {  // every element ends alike
+    out[m * N + n] = Sum8(acc) + Dot(mins + n * nb, x.total.data() + m * nb, nb);
   };
   int64_t n = n0;
   for (; n + VB <= n1; n += VB) {
@@ -651,42 +678,37 @@ void Int4Rows(const QuantizedRows& x, const uint8_t* __restrict w, const float* 
     for (int m0 = 0; m0 < M; m0 += RG) {
       const int rows = std::min(RG, M - m0);
       __m256 acc[RG][VB];
-      float low[RG][VB];
-      for (int g = 0; g < RG; ++g)
-        for (int j = 0; j < VB; ++j) acc[g][j] = _mm256_setzero_ps(), low[g][j] = 0.f;
+      for (int g = 0; g < rows; ++g)
+        for (int j = 0; j < VB; ++j) acc[g][j] = _mm256_setzero_ps(), prepare(g, j, m0 + g, n + j);
       for (int64_t b = 0; b < nb; ++b) {
         __m256i u[VB];
         for (int j = 0; j < VB; ++j) u[j] = Nibbles(w + (n + j) * row_bytes + b * 16);
         for (int g = 0; g < RG; ++g) {
           if (g >= rows) break;
-          const int64_t at = (m0 + g) * nb + b;
-          const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&x.q[at * kBlock]));
-          const float sx = x.scale[at], total = x.total[at];
-          for (int j = 0; j < VB; ++j) {
-            const float scale = d[(n + j) * nb + b] * sx;
+          const __m256i q = _mm256_loadu_si256(
+              reinterpret_cast<const __m256i*>(&x.q[((m0 + g) * nb + b) * kBlock]));
+          for (int j = 0; j < VB; ++j)
             acc[g][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(NibbleDot(u[j], q)),
-                                        _mm256_set1_ps(scale), acc[g][j]);
-            low[g][j] = __builtin_fmaf(mins[(n + j) * nb + b], total, low[g][j]);
-          }
+                                        _mm256_broadcast_ss(scales + (g * VB + j) * nb + b),
+                                        acc[g][j]);
         }
       }
       for (int g = 0; g < rows; ++g)
-        for (int j = 0; j < VB; ++j) one(n + j, m0 + g, acc[g][j], low[g][j]);
+        for (int j = 0; j < VB; ++j) finish(m0 + g, n + j, acc[g][j]);
     }
   }
   for (; n < n1; ++n)
     for (int m = 0; m < M; ++m) {
+      prepare(0, 0, m, n);
       __m256 acc = _mm256_setzero_ps();
-      float low = 0.f;
       for (int64_t b = 0; b < nb; ++b) {
-        const int64_t at = m * nb + b;
-        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&x.q[at * kBlock]));
-        const float scale = d[n * nb + b] * x.scale[at];
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(NibbleDot(Nibbles(w + n * row_bytes + b * 16), q)),
-                              _mm256_set1_ps(scale), acc);
-        low = __builtin_fmaf(mins[n * nb + b], x.total[at], low);
+        const __m256i q =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&x.q[(m * nb + b) * kBlock]));
+        const __m256i u = Nibbles(w + n * row_bytes + b * 16);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(NibbleDot(u, q)), _mm256_broadcast_ss(scales + b),
+                              acc);
       }
-      one(n, m, acc, low);
+      finish(m, n, acc);
     }
 }
 
@@ -701,7 +723,8 @@ ffi::Error SmallMatmulInt4(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
     return ffi::Error::InvalidArgument("small_matmul_int4 takes 2-D x, nibbles, scales, minimums");
   const int64_t rows = xd[0], k = xd[1], n = wd[0], nb = (k + kBlock - 1) / kBlock;
   if (wd[1] != nb * 16 || dd[0] != n || dd[1] != nb || md[0] != n || md[1] != nb)
-    return ffi::Error::InvalidArgument("small_matmul_int4: x, nibbles, scales and minimums disagree");
+    return ffi::Error::InvalidArgument(
+        "small_matmul_int4: x, nibbles, scales and minimums disagree");
   if (rows < 1 || rows > kMaxRows)
     return ffi::Error::InvalidArgument("small_matmul_int4 takes 1 to 8 rows");
   static const Int4Kernel kernels[kMaxRows] = {&Int4Rows<1>, &Int4Rows<2>, &Int4Rows<3>,
