@@ -109,10 +109,28 @@ def _kernel(x: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
   return call(x, w, transposed=transposed)
 
 
+@functools.cache
+def native_bf16_dot() -> bool:
+  """Whether this host's CPU multiplies bf16 pairs in hardware (AVX512-BF16 or AMX-BF16), where
+  XLA's bf16 GEMM with f32 accumulation runs ~1.9x its f32 GEMM (400 vs 215 GFLOP/s on a 2-core
+  Zen 4 for 512 x 576 x 1536; docs/RESULTS.md)."""
+  flags = _cpu_signature().split()
+  return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def _xla(x: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
-  # bf16 weights widened to x's f32: the kernel's arithmetic (XLA fuses the convert into the dot).
   # dot_general rather than einsum: this is traced some 240 times per SmolLM2 program.
-  return jax.lax.dot_general(x, w.astype(x.dtype), (((1,), (1 if transposed else 0,)), ((), ())))
+  dims = (((1,), (1 if transposed else 0,)), ((), ()))
+  if (w.dtype == jnp.bfloat16 and x.dtype == jnp.float32 and x.shape[0] > MAX_ROWS
+      and jax.default_backend() == "cpu" and native_bf16_dot()):
+    # A prefill's many rows with bf16 weights, on a CPU with bf16 dot instructions: the rows are
+    # rounded to bf16 for the product and it accumulates in f32 (transformers' bf16 arithmetic,
+    # XLA's bf16 GEMM at ~1.9x the f32 one). Decode steps and verifications (1-8 rows) keep f32
+    # rows in the kernel.
+    return jax.lax.dot_general(x.astype(jnp.bfloat16), w, dims,
+                               preferred_element_type=jnp.float32)
+  # Otherwise bf16 weights widened to x's f32: the kernel's arithmetic (XLA fuses the convert).
+  return jax.lax.dot_general(x, w.astype(x.dtype), dims)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -137,8 +155,9 @@ _small_matmul.defvjp(_forward, _backward)
 
 def matmul(x: jax.Array, w: jax.Array, transposed: bool = False) -> jax.Array:
   """x [M, K] @ w [K, N] (or @ w.T for w [N, K] when transposed), in x's dtype: the kernel for 1-8
-  f32 rows with f32 or bf16 weights on a CPU-capable build, XLA's einsum otherwise (a bf16 weight
-  widened to x's dtype, as the kernel does in registers)."""
+  f32 rows with f32 or bf16 weights on a CPU-capable build, XLA's dot otherwise (a bf16 weight
+  widened to x's dtype, as the kernel does in registers; or, for more rows on a CPU with bf16 dot
+  instructions, the rows rounded to bf16 and the products accumulated in f32: see _xla)."""
   if (x.shape[0] <= MAX_ROWS and x.dtype == jnp.float32
       and w.dtype in (jnp.float32, jnp.bfloat16) and x.ndim == 2 and w.ndim == 2 and available()):
     return _small_matmul(x, w, transposed)

@@ -347,7 +347,18 @@ def test_bf16_products_are_bitwise_the_f32_kernels_on_the_widened_weights(k, n, 
                                rtol=0, atol=float(bound.max()))
 
 
+@pytest.fixture
+def widened_prefill(monkeypatch):
+  """bf16 weights widened in every product, the prefill's too (on CPUs with bf16 dot instructions
+  a prefill otherwise rounds its rows to bf16: the test after next)."""
+  monkeypatch.setattr(cpu_kernels, "native_bf16_dot", lambda: False)
+  jax.clear_caches()  # programs traced with the other choice
+  yield
+  jax.clear_caches()
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures("widened_prefill")
 def test_bf16_decode_is_f32_decode_on_the_rounded_weights(smollm2):
   """The whole model: greedy decode with bf16 weights gives the tokens (and final logits) of f32
   decode on the same weights widened, bit for bit: nothing but the weights' storage differs."""
@@ -361,3 +372,30 @@ def test_bf16_decode_is_f32_decode_on_the_rounded_weights(smollm2):
   cache = model_lib.init_cache(config, 1, 32)
   step = jax.jit(lambda p, c: model_lib.forward(p, config, jnp.asarray([[504, 3074]]), c)[0])
   assert np.array_equal(np.asarray(step(bf16, cache)), np.asarray(step(widened, cache)))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_bf16_prefill_rounds_its_rows_only_where_the_cpu_has_bf16_dots(native, monkeypatch):
+  """More than 8 rows with a bf16 weight (a prefill): on a CPU with bf16 dot instructions the rows
+  are rounded to bf16 and the products summed in f32 (XLA's bf16 GEMM, ~1.9x its f32 one), so
+  the result is the float64 product of the rounded rows up to f32 summation, and off the f32
+  rows' product by more than that; elsewhere the f32 rows' product. 1-8 rows (decode steps,
+  verifications) keep f32 rows either way."""
+  monkeypatch.setattr(cpu_kernels, "native_bf16_dot", lambda: native)
+  jax.clear_caches()
+  rng = np.random.default_rng(7)
+  k, n = 576, 192
+  x = rng.standard_normal((40, k)).astype(np.float32)
+  w = jnp.asarray(rng.standard_normal((k, n)).astype(np.float32)).astype(jnp.bfloat16)
+  wide = np.asarray(w.astype(jnp.float32), np.float64)
+  rounded = np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+  product = jax.jit(cpu_kernels.matmul)
+  out = np.asarray(product(jnp.asarray(x), w))
+  bound = (k + 2) * 6e-8 * (np.abs(x) @ np.abs(wide))
+  exact_rounded, exact_f32 = rounded @ wide, x.astype(np.float64) @ wide
+  expected, other = (exact_rounded, exact_f32) if native else (exact_f32, exact_rounded)
+  np.testing.assert_array_less(np.abs(out - expected), bound)
+  assert np.mean(np.abs(out - other) > bound) > 0.5  # the other arithmetic would not pass
+  few = np.asarray(product(jnp.asarray(x[:8]), w))
+  np.testing.assert_array_less(np.abs(few - exact_f32[:8]), bound[:8])
+  jax.clear_caches()
