@@ -234,6 +234,25 @@ def test_int4_products_equal_float64_and_rows_are_their_one_row_product(k, n):
 
 
 @pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler for the kernels")
+def test_a_short_prefill_runs_the_int_kernels_eight_rows_at_a_time():
+  """Up to CHUNKED_ROWS rows an int8 or int4 product is the kernel's, 8 rows a call: every row is
+  bitwise its one-row product (a prompt's rows are scored as decode steps would score them);
+  past that, XLA's form, within f32 rounding of it."""
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal((cpu_kernels.CHUNKED_ROWS + 3, 70)).astype(np.float32)
+  int8 = quantize.quantize(rng.standard_normal((37, 70)).astype(np.float32))
+  int4 = quantize.quantize_int4(rng.standard_normal((37, 70)).astype(np.float32))
+  for weight in (int8, int4):
+    product = jax.jit(type(weight).matmul)
+    short = np.asarray(product(weight, x[:21]))
+    one = [np.asarray(product(weight, x[m:m + 1]))[0] for m in range(21)]
+    assert np.array_equal(short, np.stack(one))
+    long = np.asarray(product(weight, x))
+    assert not np.array_equal(long[:21], short)  # XLA's summation order, not the kernel's
+    np.testing.assert_allclose(long[:21], short, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler for the kernels")
 def test_the_int4_check_catches_a_dropped_tail_a_wrong_scale_and_a_lost_minimum():
   weight = _int4_weight(45, 37, seed=3)
   x = np.random.default_rng(4).standard_normal((3, 45)).astype(np.float32)
