@@ -93,7 +93,24 @@ class Int4Weight:
                       self.minimum[start:stop], self.inputs)
 
 
-QUANTIZED = (Int8Weight, Int4Weight)  # the weight classes model.py multiplies through .matmul
+@flax.struct.dataclass
+class Bf16Weight:
+  """A Linear kernel [in, out] in bf16, stored as panels of cpu_kernels.PANEL output columns,
+  each contiguous over the inputs: a decode step's kernel reads a thread's share as one stream
+  (the row-major layout streamed 1.2-1.6x slower; docs/RESULTS.md)."""
+  panels: jax.Array  # bf16 [ceil(out / PANEL), in, PANEL]
+  outputs: int = flax.struct.field(pytree_node=False)
+
+  def dequantize(self) -> jax.Array:
+    """The weight as f32 [out, in] (the orientation of Int8Weight's)."""
+    return cpu_kernels.from_panels(self.panels, self.outputs).astype(jnp.float32).T
+
+  def matmul(self, rows: jax.Array) -> jax.Array:
+    """rows [M, in] -> [M, out] f32 (cpu_kernels.matmul_panels)."""
+    return cpu_kernels.matmul_panels(rows.astype(jnp.float32), self.panels, self.outputs)
+
+
+QUANTIZED = (Int8Weight, Int4Weight, Bf16Weight)  # what model.py multiplies through .matmul
 
 
 def quantize(w) -> Int8Weight:
@@ -197,11 +214,15 @@ WEIGHTS = ("f32", "bf16", "int8", "int4")
 
 
 def to_bfloat16(params: dict) -> dict:
-  """The model's params with every Linear kernel and the embedding in bf16 (rounded to nearest
-  even, same layout); norms stay f32."""
+  """The model's params with every Linear kernel (as a Bf16Weight: panels) and the embedding
+  (as it is: the tied head reads its rows, contiguous already) in bf16, rounded to nearest even;
+  norms stay f32."""
   def convert(path, leaf):
     if path[-1].key in ("kernel", "embedding"):
-      return jnp.asarray(leaf, jnp.float32).astype(jnp.bfloat16)
+      rounded = jnp.asarray(leaf, jnp.float32).astype(jnp.bfloat16)
+      if path[-1].key == "kernel":
+        return Bf16Weight(cpu_kernels.to_panels(rounded), rounded.shape[1])
+      return rounded
     return jnp.asarray(leaf)
   return jax.tree_util.tree_map_with_path(convert, params)
 
@@ -226,6 +247,7 @@ def precision(params: dict) -> str:
     return "int4"
   if any(isinstance(leaf, Int8Weight) for leaf in leaves):
     return "int8"
-  if any(getattr(leaf, "dtype", None) == jnp.bfloat16 for leaf in leaves):
+  if any(isinstance(leaf, Bf16Weight) or getattr(leaf, "dtype", None) == jnp.bfloat16
+         for leaf in leaves):
     return "bf16"
   return "f32"

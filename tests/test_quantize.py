@@ -330,10 +330,15 @@ def test_bf16_rounding_is_within_half_an_ulp_and_keeps_the_layout(smollm2):
   config, params = smollm2
   bf16 = quantize.to_bfloat16(params)
   assert quantize.precision(bf16) == "bf16" and quantize.precision(params) == "f32"
-  flat, rounded = jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(bf16)
+  flat = jax.tree_util.tree_leaves_with_path(params)
+  rounded = jax.tree.leaves(bf16, is_leaf=lambda x: isinstance(x, quantize.Bf16Weight))
   for (path, w), r in zip(flat, rounded):
+    if path[-1].key == "kernel":  # panels: the [in, out] matrix they hold
+      assert isinstance(r, quantize.Bf16Weight) and r.panels.dtype == jnp.bfloat16
+      r = r.dequantize().T
     matrix = path[-1].key in ("kernel", "embedding")
-    assert r.shape == w.shape and r.dtype == (jnp.bfloat16 if matrix else w.dtype), path
+    assert r.shape == w.shape and r.dtype == (jnp.float32 if path[-1].key == "kernel" else
+                                              jnp.bfloat16 if matrix else w.dtype), path
     w, r = np.asarray(w, np.float32), np.asarray(r, np.float32)
     # 8 significant bits, rounded to nearest: half an ulp, |r - w| <= 2^-8 |w|
     np.testing.assert_array_less(np.abs(r - w), np.abs(w) * 2.0 ** -8 * (1 + 1e-6) + 1e-38)
@@ -376,6 +381,31 @@ def widened_prefill(monkeypatch):
   jax.clear_caches()
 
 
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler for the kernels")
+@pytest.mark.parametrize("k,n", SHAPES)
+def test_bf16_panels_are_bitwise_the_row_major_kernels(k, n):
+  """A bf16 weight stored as panels (quantize.Bf16Weight) multiplies 1-8 rows bitwise as the
+  row-major kernel does on the same weight (each output summed over k in order), the last panel's
+  padding never reaching the output; more rows go through XLA on the weight put back together."""
+  rng = np.random.default_rng(k * n)
+  w = jnp.asarray(rng.standard_normal((k, n)).astype(np.float32)).astype(jnp.bfloat16)
+  panels = quantize.Bf16Weight(cpu_kernels.to_panels(w), n)
+  assert np.array_equal(np.asarray(panels.dequantize()).T, np.asarray(w, np.float32))
+  row_major, ours = jax.jit(cpu_kernels.matmul), jax.jit(type(panels).matmul)
+  for rows in range(1, cpu_kernels.MAX_ROWS + 1):
+    x = jnp.asarray(rng.standard_normal((rows, k)).astype(np.float32))
+    assert np.array_equal(np.asarray(ours(panels, x)), np.asarray(row_major(x, w))), rows
+  # 9-16 rows: the kernel, 8 rows a call; more: XLA's product (its own summation order)
+  x = jnp.asarray(rng.standard_normal((16, k)).astype(np.float32))
+  assert np.array_equal(np.asarray(ours(panels, x)),
+                        np.concatenate([np.asarray(row_major(x[:8], w)),
+                                        np.asarray(row_major(x[8:], w))]))
+  x = jnp.asarray(rng.standard_normal((20, k)).astype(np.float32))
+  bound = (k + 2) * 6e-8 * (np.abs(np.asarray(x)) @ np.abs(np.asarray(w, np.float32))) + 1e-30
+  np.testing.assert_array_less(np.abs(np.asarray(ours(panels, x)) - np.asarray(row_major(x, w))),
+                               bound)
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("widened_prefill")
 def test_bf16_decode_is_f32_decode_on_the_rounded_weights(smollm2):
@@ -383,7 +413,9 @@ def test_bf16_decode_is_f32_decode_on_the_rounded_weights(smollm2):
   decode on the same weights widened, bit for bit: nothing but the weights' storage differs."""
   config, params = smollm2
   bf16 = quantize.to_bfloat16(params)
-  widened = jax.tree.map(lambda w: w.astype(jnp.float32), bf16)
+  widened = jax.tree.map(  # the f32 model on the rounded weights, kernels row-major as usual
+      lambda w: w.dequantize().T if isinstance(w, quantize.Bf16Weight) else w.astype(jnp.float32),
+      bf16, is_leaf=lambda w: isinstance(w, quantize.Bf16Weight))
   prompts = [[1, 504, 3074, 4303, 282, 253, 1345, 314, 2, 1348, 30, 2210], [1, 422, 5]]
   ours = sampling.generate(bf16, config, prompts, 16)
   f32 = sampling.generate(widened, config, prompts, 16)

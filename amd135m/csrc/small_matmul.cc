@@ -438,6 +438,78 @@ ffi::Error SmallMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<D> w,
 
 
 // ---------------------------------------------------------------------------------------------
+// bf16 weights stored as panels of 64 output columns, each panel contiguous over the inputs
+// ([N / 64][K][64], quantize.Bf16Weight): a thread's share of the weight is one stream, where
+// the model's row-major [K, N] is read as many short ones (each k row's slice of a column block,
+// 128 bytes); two Zen 4 threads streamed panels 1.2-1.6x faster (tools/bf16_panel_bench.cc).
+// Each output is the sum over k in order, as MatmulNN sums it, so the result is bitwise that of
+// the row-major kernel on the same weights.
+constexpr int64_t kPanel = 64;
+
+template <int M>
+void PanelRows(const float* __restrict x, const uint16_t* __restrict w, float* __restrict out,
+               int64_t K, int64_t N, int64_t p0, int64_t p1) {
+  constexpr int CB = kPanel / kLanes;          // accumulators per row: 4 (AVX-512), 8 (AVX2)
+  constexpr int RG = kLanes == 16 ? 4 : 1;     // rows sharing each weight vector
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint16_t* panel = w + p * K * kPanel;
+    const int64_t n0 = p * kPanel, columns = std::min<int64_t>(kPanel, N - n0);
+    for (int m0 = 0; m0 < M; m0 += RG) {
+      const int rows = std::min(RG, M - m0);
+      vec acc[RG][CB];
+      for (int g = 0; g < RG; ++g)
+        for (int c = 0; c < CB; ++c) acc[g][c] = vec{};
+      for (int64_t k = 0; k < K; ++k) {
+        __builtin_prefetch(panel + (k + 16) * kPanel);
+        __builtin_prefetch(panel + (k + 16) * kPanel + 32);
+        vec wv[CB];
+        for (int c = 0; c < CB; ++c) wv[c] = LoadW(panel + k * kPanel + c * kLanes);
+        for (int g = 0; g < RG; ++g) {
+          if (g >= rows) break;
+          const vec a = Broadcast(x + (m0 + g) * K + k);
+          for (int c = 0; c < CB; ++c) acc[g][c] += a * wv[c];
+        }
+      }
+      for (int g = 0; g < rows; ++g) {
+        float lanes[kPanel];
+        __builtin_memcpy(lanes, acc[g], sizeof(lanes));
+        std::copy_n(lanes, columns, out + (m0 + g) * N + n0);
+      }
+    }
+  }
+}
+
+using PanelKernel = void (*)(const float*, const uint16_t*, float*, int64_t, int64_t, int64_t,
+                             int64_t);
+
+ffi::Error SmallMatmulBf16Panels(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
+                                 ffi::ResultBuffer<ffi::F32> out) {
+  auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || wd[2] != kPanel || od.size() != 2)
+    return ffi::Error::InvalidArgument("small_matmul_bf16_panels takes x [M, K], w [P, K, 64]");
+  const int64_t rows = xd[0], k = xd[1], panels = wd[0], n = od[1];
+  if (wd[1] != k || (n + kPanel - 1) / kPanel != panels)
+    return ffi::Error::InvalidArgument("small_matmul_bf16_panels: x, panels and out disagree");
+  if (rows < 1 || rows > kMaxRows)
+    return ffi::Error::InvalidArgument("small_matmul_bf16_panels takes 1 to 8 rows");
+  static const PanelKernel kernels[kMaxRows] = {&PanelRows<1>, &PanelRows<2>, &PanelRows<3>,
+                                                &PanelRows<4>, &PanelRows<5>, &PanelRows<6>,
+                                                &PanelRows<7>, &PanelRows<8>};
+  PanelKernel kernel = kernels[rows - 1];
+  const float* xp = x.typed_data();
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
+  float* op = out->typed_data();
+  const int64_t threads = KernelThreads();
+  const int64_t per = std::max<int64_t>(1, (panels + threads - 1) / threads);
+  const int chunks = static_cast<int>((panels + per - 1) / per);
+  RunChunks(chunks, [=](int i) {
+    kernel(xp, wp, op, k, n, i * per, std::min<int64_t>(panels, (i + 1) * per));
+  });
+  return ffi::Error::Success();
+}
+
+
+// ---------------------------------------------------------------------------------------------
 // Products with int8 weights: out[m, n] = scale[n] * sum_k xq(x)[m, k] * W[n, k], W stored
 // [N, K] int8 (one f32 scale per output row n), and the f32 rows x quantized on the fly to int8
 // per block of 32 inputs (xq = sx[m, b] * q, sx = max |x| / 127 over the block, q rounded to
@@ -896,6 +968,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Amd135mSmallMatmulBf16, SmallMatmul<ffi::BF16>,
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("transposed"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Amd135mSmallMatmulBf16Panels, SmallMatmulBf16Panels,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Amd135mSmallMatmulInt8, SmallMatmulInt8,
                               ffi::Ffi::Bind()
