@@ -3,9 +3,11 @@
 Decode reads every weight once per token, so its time is the bytes it streams: SmolLM2's f32
 weights are 541 MB, bf16 half of that, int8 a quarter, int4 under a fifth.
 
-bf16 (`to_bfloat16`): each matrix rounded to nearest even, kept in the model's layout; the CPU
-kernels widen it to f32 in registers, so a bf16 product is exactly the f32 product of the
-rounded weights (cpu_kernels.matmul). Relative error per weight at most 2^-8.
+bf16 (`to_bfloat16`): each matrix rounded to nearest even, the Linear kernels stored as panels
+of 64 output columns (Bf16Weight: a decode step reads each thread's share as one stream), the
+embedding as it is; the CPU kernels widen the weights to f32 in registers, so a bf16 product is
+exactly the f32 product of the rounded weights (cpu_kernels.matmul_panels). Relative error per
+weight at most 2^-8.
 
 int8 (`quantize`): symmetric per output channel, w ~ values * scale with scale = max |w| / 127
 over the channel's inputs, so each weight is off by at most scale / 2. Each product quantizes
