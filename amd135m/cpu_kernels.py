@@ -124,16 +124,19 @@ def native_bf16_dot() -> bool:
 
 def _xla(x: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
   # dot_general rather than einsum: this is traced some 240 times per SmolLM2 program.
-  dims = (((1,), (1 if transposed else 0,)), ((), ()))
+  return _bf16_aware_dot(x, w, (((1,), (1 if transposed else 0,)), ((), ())))
+
+
+def _bf16_aware_dot(x: jax.Array, w: jax.Array, dims) -> jax.Array:
+  """XLA's dot of f32 rows with a weight. A prefill's many rows with a bf16 weight, on a CPU with
+  bf16 dot instructions: the rows are rounded to bf16 for the product and it accumulates in f32
+  (transformers' bf16 arithmetic, XLA's bf16 GEMM at ~1.9x the f32 one); decode steps and
+  verifications (1-8 rows) keep f32 rows in the kernel. Otherwise the weight widened to x's
+  dtype: the kernel's arithmetic (XLA fuses the convert)."""
   if (w.dtype == jnp.bfloat16 and x.dtype == jnp.float32 and x.shape[0] > MAX_ROWS
       and jax.default_backend() == "cpu" and native_bf16_dot()):
-    # A prefill's many rows with bf16 weights, on a CPU with bf16 dot instructions: the rows are
-    # rounded to bf16 for the product and it accumulates in f32 (transformers' bf16 arithmetic,
-    # XLA's bf16 GEMM at ~1.9x the f32 one). Decode steps and verifications (1-8 rows) keep f32
-    # rows in the kernel.
     return jax.lax.dot_general(x.astype(jnp.bfloat16), w, dims,
                                preferred_element_type=jnp.float32)
-  # Otherwise bf16 weights widened to x's f32: the kernel's arithmetic (XLA fuses the convert).
   return jax.lax.dot_general(x, w.astype(x.dtype), dims)
 
 
@@ -193,19 +196,14 @@ def matmul_panels(x: jax.Array, panels: jax.Array, n: int) -> jax.Array:
       and panels.dtype == jnp.bfloat16 and available()):
     # Up to 16 rows (a short prompt) the kernel, 8 rows a call: XLA's product took the first
     # token of a 7-token prompt (16 rows) from 45 to 99 ms.
-    call = lambda rows: jax.ffi.ffi_call(
+    call = lambda rows, panels: jax.ffi.ffi_call(
         _PANELS, jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32),
         vmap_method="sequential")(rows, panels)
-    return jnp.concatenate([call(x[i:i + MAX_ROWS]) for i in range(0, x.shape[0], MAX_ROWS)])
+    return _in_chunks(call, x, panels)
   # XLA contracts the panels as they lie ([M, K] . [P, K, PANEL] -> [M, P, PANEL]): putting the
   # weight back together first cost a transposing copy per product (a 512-token prefill ran
-  # 800 tokens/s instead of 1100). Rows rounded to bf16 or the weight widened, as in _xla.
-  dims = (((1,), (1,)), ((), ()))
-  if x.shape[0] > MAX_ROWS and jax.default_backend() == "cpu" and native_bf16_dot():
-    out = jax.lax.dot_general(x.astype(jnp.bfloat16), panels, dims,
-                              preferred_element_type=jnp.float32)
-  else:
-    out = jax.lax.dot_general(x, panels.astype(x.dtype), dims)
+  # 800 tokens/s instead of 1100).
+  out = _bf16_aware_dot(x, panels, (((1,), (1,)), ((), ())))
   return out.reshape(x.shape[0], -1)[:, :n]
 
 

@@ -643,6 +643,18 @@ void Int8Rows(const QuantizedRows& x, const int8_t* __restrict w, const float* _
     }
 }
 
+// Output rows 0..n of an int8 or int4 product split over the threads in whole 4-row blocks (the
+// kernels' register blocking), one contiguous range each: fn(n0, n1).
+template <typename Fn>
+void RunRowBlocks(int64_t n, Fn fn) {
+  const int64_t threads = KernelThreads();
+  const int64_t block = 4;
+  const int64_t blocks_per_thread = (n + threads * block - 1) / (threads * block);
+  const int64_t per = std::max<int64_t>(block, blocks_per_thread * block);
+  const int chunks = static_cast<int>((n + per - 1) / per);
+  RunChunks(chunks, [=](int i) { fn(i * per, std::min<int64_t>(n, (i + 1) * per)); });
+}
+
 using Int8Kernel = void (*)(const QuantizedRows&, const int8_t*, const float*, float*, int64_t,
                             int64_t, int64_t, int64_t);
 
@@ -665,14 +677,7 @@ ffi::Error SmallMatmulInt8(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
   const int8_t* wp = w.typed_data();
   const float* sp = scale.typed_data();
   float* op = out->typed_data();
-  const int64_t threads = KernelThreads();
-  const int64_t block = 4;
-  const int64_t blocks_per_thread = (n + threads * block - 1) / (threads * block);
-  const int64_t per = std::max<int64_t>(block, blocks_per_thread * block);
-  const int chunks = static_cast<int>((n + per - 1) / per);
-  RunChunks(chunks, [=](int i) {
-    kernel(*xq, wp, sp, op, k, n, i * per, std::min<int64_t>(n, (i + 1) * per));
-  });
+  RunRowBlocks(n, [=](int64_t n0, int64_t n1) { kernel(*xq, wp, sp, op, k, n, n0, n1); });
   return ffi::Error::Success();
 }
 
@@ -809,14 +814,7 @@ ffi::Error SmallMatmulInt4(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
   const float* dp = d.typed_data();
   const float* mp = mins.typed_data();
   float* op = out->typed_data();
-  const int64_t threads = KernelThreads();
-  const int64_t block = 4;
-  const int64_t blocks_per_thread = (n + threads * block - 1) / (threads * block);
-  const int64_t per = std::max<int64_t>(block, blocks_per_thread * block);
-  const int chunks = static_cast<int>((n + per - 1) / per);
-  RunChunks(chunks, [=](int i) {
-    kernel(*xq, wp, dp, mp, op, n, i * per, std::min<int64_t>(n, (i + 1) * per));
-  });
+  RunRowBlocks(n, [=](int64_t n0, int64_t n1) { kernel(*xq, wp, dp, mp, op, n, n0, n1); });
   return ffi::Error::Success();
 }
 
