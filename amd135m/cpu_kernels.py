@@ -221,12 +221,32 @@ def _in_chunks(kernel, x, *operands):
                           for i in range(0, x.shape[0], MAX_ROWS)], axis=0)
 
 
-def _int8_kernel(x, values, scale):
+ROW_GROUP = 4  # output rows of an int8 weight interleaved by block (to_row_groups)
+
+
+def to_row_groups(values: jax.Array, block: int = INT8_BLOCK) -> jax.Array:
+  """A weight's rows [N, W] (int8 values, K = W; or int4 nibbles, 16 bytes a block) -> row groups
+  [ceil(N / ROW_GROUP), ceil(W / block), ROW_GROUP, block]: block b of a group's ROW_GROUP rows
+  side by side, then block b + 1, so the kernel reads a thread's share as one stream (2x the
+  bytes per second of the rows as they lie; docs/RESULTS.md). Padded with zeros."""
+  n, w = values.shape
+  groups, blocks = -(-n // ROW_GROUP), -(-w // block)
+  values = jnp.pad(values, ((0, groups * ROW_GROUP - n), (0, blocks * block - w)))
+  return values.reshape(groups, ROW_GROUP, blocks, block).transpose(0, 2, 1, 3)
+
+
+def from_row_groups(groups: jax.Array, n: int, w: int) -> jax.Array:
+  """The inverse of to_row_groups: [G, B, ROW_GROUP, block] -> [n, w]."""
+  g, b, _, block = groups.shape
+  return groups.transpose(0, 2, 1, 3).reshape(g * ROW_GROUP, b * block)[:n, :w]
+
+
+def _int8_kernel(x, groups, scale):
   if not available():
     raise RuntimeError("the CPU kernels are unavailable (see the warning above)")
-  call = jax.ffi.ffi_call(_INT8, jax.ShapeDtypeStruct((x.shape[0], values.shape[0]), jnp.float32),
+  call = jax.ffi.ffi_call(_INT8, jax.ShapeDtypeStruct((x.shape[0], scale.shape[0]), jnp.float32),
                           vmap_method="sequential")
-  return call(x, values, scale)
+  return call(x, groups, scale)
 
 
 def quantize_activations(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -242,60 +262,64 @@ def quantize_activations(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return q, scale
 
 
-def int8_reference(x, values, scale):
+def int8_reference(x, groups, scale):
   """XLA's form of matmul_int8: the same operands (x quantized per block as the kernel does, the
-  int8 weight, its scales) multiplied as f32 in one GEMM, so a prefill's hundreds of rows run at
-  XLA's GEMM speed; the sums differ from the kernel's exact per-block integer dots by f32 rounding
-  only (each dequantized activation q * sx rounded once, then XLA's summation order)."""
-  m, k = x.shape
+  int8 weight's row groups, its scales) multiplied as f32 in one contraction over the groups as
+  they lie, so a prefill's hundreds of rows run at XLA's GEMM speed; the sums differ from the
+  kernel's exact per-block integer dots by f32 rounding only (each dequantized activation q * sx
+  rounded once, then XLA's summation order)."""
+  m = x.shape[0]
   q, x_scale = quantize_activations(x.astype(jnp.float32))
-  activations = (q * x_scale[..., None]).reshape(m, -1)[:, :k]
-  return jnp.einsum("MK,NK->MN", activations, values.astype(jnp.float32)) * scale
+  activations = q * x_scale[..., None]                                           # [M, B, 32]
+  out = jnp.einsum("MBi,GBji->MGj", activations, groups.astype(jnp.float32))
+  return out.reshape(m, -1)[:, :scale.shape[0]] * scale
 
 
-def matmul_int8(x: jax.Array, values: jax.Array, scale: jax.Array) -> jax.Array:
+def matmul_int8(x: jax.Array, groups: jax.Array, scale: jax.Array) -> jax.Array:
   """x [M, K] @ (values * scale[:, None]).T for int8 values [N, K] (a weight as [out, in], one
-  f32 scale per output), with x quantized to int8 per block of 32 inputs (llama.cpp's Q8_0
-  products): integer dot products in a kernel on CPUs with AVX2 (up to CHUNKED_ROWS rows, 8 at a
-  time), XLA's equal arithmetic (int8_reference) otherwise. No gradient: inference weights."""
+  f32 scale per output) stored as row groups (to_row_groups), with x quantized to int8 per block
+  of 32 inputs (llama.cpp's Q8_0 products): integer dot products in a kernel on CPUs with AVX2
+  (up to CHUNKED_ROWS rows, 8 at a time), XLA's equal arithmetic (int8_reference) otherwise. No
+  gradient: inference weights."""
   if x.shape[0] <= CHUNKED_ROWS and x.ndim == 2 and available():
-    return _in_chunks(_int8_kernel, x, values, scale)
-  return int8_reference(x, values, scale)
+    return _in_chunks(_int8_kernel, x, groups, scale)
+  return int8_reference(x, groups, scale)
 
 
 def _int4_kernel(x, nibbles, scale, minimum):
   if not available():
     raise RuntimeError("the CPU kernels are unavailable (see the warning above)")
-  call = jax.ffi.ffi_call(_INT4, jax.ShapeDtypeStruct((x.shape[0], nibbles.shape[0]),
+  call = jax.ffi.ffi_call(_INT4, jax.ShapeDtypeStruct((x.shape[0], scale.shape[0]),
                                                       jnp.float32), vmap_method="sequential")
   return call(x, nibbles, scale, minimum)
 
 
 def unpack_nibbles(nibbles: jax.Array) -> jax.Array:
-  """uint8 [N, B * 16] (per block of 32 inputs, byte i holds input i in its low nibble and input
-  16 + i in its high one, as GGUF's Q4_1) -> the 4-bit values [N, B, 32] as uint8."""
-  blocks = nibbles.reshape(*nibbles.shape[:-1], -1, 16)
-  return jnp.concatenate([blocks & 0xF, blocks >> 4], axis=-1)
+  """uint8 [..., 16] (a block of 32 inputs: byte i holds input i in its low nibble and input
+  16 + i in its high one, as GGUF's Q4_1) -> the 4-bit values [..., 32] as uint8."""
+  return jnp.concatenate([nibbles & 0xF, nibbles >> 4], axis=-1)
 
 
 def int4_reference(x, nibbles, scale, minimum):
   """XLA's form of matmul_int4: x quantized per block as the kernel does, times the weight it
-  stands for (scale * u + minimum per block), as f32 in one GEMM; the sums differ from the
-  kernel's per-block integer dots by f32 rounding only."""
-  m, k = x.shape
+  stands for (scale * u + minimum per block), as f32 in one contraction over the row groups as
+  they lie; the sums differ from the kernel's per-block integer dots by f32 rounding only."""
+  m, n = x.shape[0], scale.shape[0]
   q, x_scale = quantize_activations(x.astype(jnp.float32))
-  activations = (q * x_scale[..., None]).reshape(m, -1)
-  weight = unpack_nibbles(nibbles).astype(jnp.float32) * scale[..., None] + minimum[..., None]
-  return jnp.einsum("MK,NK->MN", activations, weight.reshape(weight.shape[0], -1))
+  activations = q * x_scale[..., None]                                           # [M, B, 32]
+  grouped = lambda a: to_row_groups(a, a.shape[1])[:, 0].transpose(0, 2, 1)      # [G, B, 4]
+  weight = (unpack_nibbles(nibbles).astype(jnp.float32) * grouped(scale)[..., None]
+            + grouped(minimum)[..., None])                                       # [G, B, 4, 32]
+  return jnp.einsum("MBi,GBji->MGj", activations, weight).reshape(m, -1)[:, :n]
 
 
 def matmul_int4(x: jax.Array, nibbles: jax.Array, scale: jax.Array,
                 minimum: jax.Array) -> jax.Array:
-  """x [M, K] @ W.T for a 4-bit weight W [N, K] stored as nibbles [N, B * 16] with a scale and a
-  minimum [N, B] per block of 32 inputs (B = ceil(K / 32); quantize.Int4Weight), x quantized to
-  int8 per block as for matmul_int8: integer dot products in a kernel on CPUs with AVX2 (up to
-  CHUNKED_ROWS rows, 8 at a time), XLA's equal arithmetic (int4_reference) otherwise. No
-  gradient: inference weights."""
+  """x [M, K] @ W.T for a 4-bit weight W [N, K] stored as nibbles in row groups (to_row_groups
+  of [N, B * 16], 16 bytes a block) with a scale and a minimum [N, B] per block of 32 inputs (B =
+  ceil(K / 32); quantize.Int4Weight), x quantized to int8 per block as for matmul_int8: integer
+  dot products in a kernel on CPUs with AVX2 (up to CHUNKED_ROWS rows, 8 at a time), XLA's equal
+  arithmetic (int4_reference) otherwise. No gradient: inference weights."""
   if x.shape[0] <= CHUNKED_ROWS and x.ndim == 2 and available():
     return _in_chunks(_int4_kernel, x, nibbles, scale, minimum)
   return int4_reference(x, nibbles, scale, minimum)

@@ -37,12 +37,19 @@ from amd135m.model_config import ModelConfig
 
 @flax.struct.dataclass
 class Int8Weight:
-  """A weight as int8 `values` [out, in] (a Linear kernel transposed; the embedding [V, D] as it
+  """A weight as int8 values [out, in] (a Linear kernel transposed; the embedding [V, D] as it
   is) times `scale` [out], one f32 per output channel: a token's vector for the lookup, a
-  vocabulary entry's logit for the tied head. Rows are contiguous inputs, as the kernel's integer
-  dot products read them."""
-  values: jax.Array  # int8 [out, in]
+  vocabulary entry's logit for the tied head. The values are stored in row groups
+  (cpu_kernels.to_row_groups: four output rows interleaved by block of 32 inputs), the order in
+  which the kernel's integer dot products read them."""
+  groups: jax.Array  # int8 [ceil(out / 4), ceil(in / 32), 4, 32]
   scale: jax.Array   # f32 [out]
+  inputs: int = flax.struct.field(pytree_node=False)  # in, before the padding
+
+  @property
+  def values(self) -> jax.Array:
+    """The int8 values as [out, in]."""
+    return cpu_kernels.from_row_groups(self.groups, self.scale.shape[0], self.inputs)
 
   def dequantize(self) -> jax.Array:
     """The f32 weight it stands for, [out, in]."""
@@ -50,48 +57,55 @@ class Int8Weight:
 
   def matmul(self, rows: jax.Array) -> jax.Array:
     """rows [M, in] -> [M, out] f32 (cpu_kernels.matmul_int8)."""
-    return cpu_kernels.matmul_int8(rows, self.values, self.scale)
+    return cpu_kernels.matmul_int8(rows, self.groups, self.scale)
 
   def lookup(self, tokens: jax.Array) -> jax.Array:
     """The rows of `tokens` (an embedding's vectors) as f32 [..., in]."""
-    rows = jnp.take(self.values, tokens, axis=0).astype(jnp.float32)
+    group, member = tokens // cpu_kernels.ROW_GROUP, tokens % cpu_kernels.ROW_GROUP
+    blocks = jnp.take(self.groups, group, axis=0)                      # [..., B, 4, 32]
+    rows = jnp.take_along_axis(blocks, member[..., None, None, None], axis=-2)[..., 0, :]
+    rows = rows.reshape(*tokens.shape, -1)[..., :self.inputs].astype(jnp.float32)
     return rows * jnp.take(self.scale, tokens, axis=0)[..., None]
 
   def rows(self, start: int, stop: int) -> "Int8Weight":
     """Output rows start:stop (one of several stacked projections)."""
-    return Int8Weight(self.values[start:stop], self.scale[start:stop])
+    return Int8Weight(cpu_kernels.to_row_groups(self.values[start:stop]),
+                      self.scale[start:stop], self.inputs)
 
 
 @flax.struct.dataclass
 class Int4Weight:
   """A weight [out, in] in 4-bit blocks of 32 inputs (GGUF's Q4_1 arithmetic): w[n, 32b + i] =
-  scale[n, b] * u + minimum[n, b], u in 0..15 stored in `nibbles` [out, B * 16] (per block, byte
-  i holds input i in its low nibble and 16 + i in its high one; a partial last block is padded).
+  scale[n, b] * u + minimum[n, b], u in 0..15, 16 bytes a block (byte i holds input i in its low
+  nibble and 16 + i in its high one; a partial last block is padded), stored in row groups as
+  Int8Weight's values are (cpu_kernels.to_row_groups: one 64-byte line per block of four rows).
   Same orientation as Int8Weight: a Linear kernel transposed, the embedding as it is."""
-  nibbles: jax.Array  # uint8 [out, B * 16]
+  nibbles: jax.Array  # uint8 [ceil(out / 4), B, 4, 16]
   scale: jax.Array    # f32 [out, B]
   minimum: jax.Array  # f32 [out, B]
   inputs: int = flax.struct.field(pytree_node=False)  # in, before the padding
 
+  @property
+  def row_nibbles(self) -> jax.Array:
+    """The nibbles as rows [out, B * 16]."""
+    n, blocks = self.scale.shape
+    return cpu_kernels.from_row_groups(self.nibbles, n, blocks * 16)
+
   def dequantize(self) -> jax.Array:
     """The f32 weight it stands for, [out, in]."""
-    u = cpu_kernels.unpack_nibbles(self.nibbles).astype(jnp.float32)
+    n, blocks = self.scale.shape
+    u = cpu_kernels.unpack_nibbles(self.row_nibbles.reshape(n, blocks, 16)).astype(jnp.float32)
     weight = u * self.scale[..., None] + self.minimum[..., None]
-    return weight.reshape(*weight.shape[:-2], -1)[..., :self.inputs]
+    return weight.reshape(n, -1)[:, :self.inputs]
 
   def matmul(self, rows: jax.Array) -> jax.Array:
     """rows [M, in] -> [M, out] f32 (cpu_kernels.matmul_int4)."""
     return cpu_kernels.matmul_int4(rows, self.nibbles, self.scale, self.minimum)
 
-  def lookup(self, tokens: jax.Array) -> jax.Array:
-    """The rows of `tokens` (an embedding's vectors) as f32 [..., in]."""
-    take = lambda a: jnp.take(a, tokens, axis=0)
-    return Int4Weight(take(self.nibbles), take(self.scale), take(self.minimum),
-                      self.inputs).dequantize()
-
   def rows(self, start: int, stop: int) -> "Int4Weight":
     """Output rows start:stop (one of several stacked projections)."""
-    return Int4Weight(self.nibbles[start:stop], self.scale[start:stop],
+    rows = self.row_nibbles[start:stop]
+    return Int4Weight(cpu_kernels.to_row_groups(rows, 16), self.scale[start:stop],
                       self.minimum[start:stop], self.inputs)
 
 
@@ -122,7 +136,8 @@ def quantize(w) -> Int8Weight:
   top = np.max(np.abs(w), axis=1)
   scale = np.where(top > 0, top / 127.0, 1.0).astype(np.float32)
   values = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
-  return Int8Weight(jnp.asarray(values), jnp.asarray(scale))
+  return Int8Weight(cpu_kernels.to_row_groups(jnp.asarray(values)), jnp.asarray(scale),
+                    w.shape[1])
 
 
 def quantize_int4(w) -> Int4Weight:
@@ -141,7 +156,8 @@ def quantize_int4(w) -> Int4Weight:
   u = np.where(scale[..., None] > 0, np.clip(np.rint((padded - low[..., None]) / safe), 0, 15), 0)
   u = u.astype(np.uint8)
   nibbles = (u[..., :16] | (u[..., 16:] << 4)).reshape(out, blocks * 16)
-  return Int4Weight(jnp.asarray(nibbles), jnp.asarray(scale), jnp.asarray(low), inputs)
+  return Int4Weight(cpu_kernels.to_row_groups(jnp.asarray(nibbles), 16), jnp.asarray(scale),
+                    jnp.asarray(low), inputs)
 
 
 QUANTIZERS = {"int8": quantize, "int4": quantize_int4}

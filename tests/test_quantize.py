@@ -32,13 +32,35 @@ def test_quantizer_error_is_at_most_half_a_step_per_channel():
   assert (np.asarray(q.dequantize())[5] == 0).all()
 
 
+@pytest.mark.parametrize("k,n", SHAPES)
+def test_row_groups_hold_the_values_and_the_lookup_reads_them(k, n):
+  """The int8 weight's stored layout (four output rows interleaved by block of 32 inputs, padded
+  with zeros) gives back every value, and an embedding's lookup of any id finds its row."""
+  rng = np.random.default_rng(k * n)
+  w = rng.standard_normal((n, k)).astype(np.float32)
+  q = quantize.quantize(w)
+  groups = np.asarray(q.groups)
+  assert groups.shape == (-(-n // 4), -(-k // 32), 4, 32)
+  values = np.clip(np.rint(w / np.asarray(q.scale)[:, None]), -127, 127).astype(np.int8)
+  assert np.array_equal(np.asarray(q.values), values)
+  assert np.array_equal(groups[0, 0, 1, :min(k, 32)], values[1, :32]) if n > 1 else True
+  padded = np.zeros((groups.shape[0] * 4, groups.shape[1] * 32), np.int8)
+  padded[:n, :k] = values
+  assert np.array_equal(groups.transpose(0, 2, 1, 3).reshape(padded.shape), padded)
+  ids = jnp.asarray([[n - 1, 0], [n // 2, min(n - 1, 5)]])
+  np.testing.assert_array_equal(np.asarray(q.lookup(ids)), np.asarray(q.dequantize())[ids])
+  top = q.rows(0, n - n // 2)
+  np.testing.assert_array_equal(np.asarray(top.dequantize()),
+                                np.asarray(q.dequantize())[:n - n // 2])
+
+
 def _int8_product(rows, k, n, seed=0):
   rng = np.random.default_rng(seed)
   x = rng.standard_normal((rows, k)).astype(np.float32)
   x[:, :min(k, 32)] *= 50  # an outlier block beside ordinary ones
   values = rng.integers(-127, 128, size=(n, k)).astype(np.int8)
   scale = rng.uniform(1e-3, 1e-2, n).astype(np.float32)
-  out = jax.jit(cpu_kernels.matmul_int8)(x, values, scale)
+  out = jax.jit(cpu_kernels.matmul_int8)(x, cpu_kernels.to_row_groups(values), scale)
   return x, values, scale, np.asarray(out)
 
 
@@ -84,11 +106,12 @@ def test_int8_products_equal_float64_and_rows_are_their_one_row_product(k, n):
     x, values, scale, out = _int8_product(rows, k, n, seed=rows)
     _assert_near_float64(out, x, values, scale)
     # XLA's form (other platforms, more rows): the same operands, one f32 GEMM
-    _assert_near_float64(np.asarray(cpu_kernels.int8_reference(x, values, scale)), x, values,
+    groups = cpu_kernels.to_row_groups(values)
+    _assert_near_float64(np.asarray(cpu_kernels.int8_reference(x, groups, scale)), x, values,
                          scale, terms=k + 2)
     # Each row alone: bitwise the same (a verification's row is the decode step that scores it).
     for m in range(rows):
-      assert np.array_equal(np.asarray(product(x[m:m + 1], values, scale))[0], out[m]), (rows, m)
+      assert np.array_equal(np.asarray(product(x[m:m + 1], groups, scale))[0], out[m]), (rows, m)
 
 
 @pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler for the kernels")
@@ -104,7 +127,7 @@ def test_the_check_catches_a_dropped_tail_and_a_wrong_scale():
   wrong = [(dropped_k, scale, None), (values, np.roll(scale, 1), None), (values, scale, dropped_n)]
   for bad_values, bad_scale, bad_out in wrong:
     got = bad_out if bad_out is not None else np.asarray(
-        cpu_kernels.int8_reference(x, bad_values, bad_scale))
+        cpu_kernels.int8_reference(x, cpu_kernels.to_row_groups(bad_values), bad_scale))
     for terms in (None, 45 + 2):  # the kernel's bound and the looser one of XLA's form
       with pytest.raises(AssertionError):
         _assert_near_float64(got, x, values, scale, terms)
@@ -185,14 +208,16 @@ def test_int4_quantizer_error_is_at_most_half_a_step_per_block():
   w[2, 32:64] = 0.25  # a constant block: its minimum, scale 0
   w[4, 64:] = [-1e-3, 7.0, 0.5, 0.5, 0.5, 0.5]  # the partial last block, a wide range
   q = quantize.quantize_int4(w)
-  assert q.nibbles.dtype == jnp.uint8 and q.nibbles.shape == (9, 3 * 16)
+  assert q.nibbles.dtype == jnp.uint8 and q.nibbles.shape == (3, 3, 4, 16)  # row groups
+  assert q.row_nibbles.shape == (9, 3 * 16)
   assert q.scale.shape == q.minimum.shape == (9, 3) and q.inputs == 70
   back = np.asarray(q.dequantize())
   step = np.repeat(np.asarray(q.scale), 32, axis=1)[:, :70]
   np.testing.assert_array_less(np.abs(back - w), step / 2 * (1 + 1e-5) + 1e-6)
   assert (back[2, 32:64] == np.float32(0.25)).all() and float(q.scale[2, 1]) == 0
   # Each block's minimum and maximum are weights of the block (u = 0 and u = 15 are used).
-  u = np.asarray(cpu_kernels.unpack_nibbles(q.nibbles)).reshape(9, 96)[:, :70]
+  u = cpu_kernels.unpack_nibbles(q.row_nibbles.reshape(9, 3, 16))
+  u = np.asarray(u).reshape(9, 96)[:, :70]
   assert u[4, 64:].min() == 0 and u[4, 64:].max() == 15 and back[4, 65] == np.float32(7.0)
 
 
@@ -205,7 +230,8 @@ def _assert_int4_near_float64(out, x, weight, terms):
   """Within f32 rounding of the float64 value of the kernel's arithmetic: activations quantized
   per block (numpy, from the definition), times scale * u + minimum per block."""
   q, x_scale = _numpy_quantized_rows(x)
-  u = np.asarray(cpu_kernels.unpack_nibbles(weight.nibbles)).astype(np.float64)
+  rows = weight.row_nibbles.reshape(*weight.scale.shape, 16)
+  u = np.asarray(cpu_kernels.unpack_nibbles(rows)).astype(np.float64)
   w = u * np.asarray(weight.scale, np.float64)[..., None] + np.asarray(weight.minimum,
                                                                         np.float64)[..., None]
   dq = q.astype(np.float64) * x_scale[..., None]
@@ -260,7 +286,7 @@ def test_the_int4_check_catches_a_dropped_tail_a_wrong_scale_and_a_lost_minimum(
                                                     weight.minimum))
   _assert_int4_near_float64(out, x, weight, terms=14)
   dropped_k = np.asarray(weight.nibbles).copy()
-  dropped_k[:, 16:] = 0  # the partial block's nibbles
+  dropped_k[:, 1:] = 0  # the partial block's nibbles (row groups [G, B, 4, 16])
   dropped_n = out.copy()
   dropped_n[:, -1] = 0
   nibbles = np.asarray(weight.nibbles)

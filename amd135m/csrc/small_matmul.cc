@@ -510,8 +510,8 @@ ffi::Error SmallMatmulBf16Panels(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16>
 
 
 // ---------------------------------------------------------------------------------------------
-// Products with int8 weights: out[m, n] = scale[n] * sum_k xq(x)[m, k] * W[n, k], W stored
-// [N, K] int8 (one f32 scale per output row n), and the f32 rows x quantized on the fly to int8
+// Products with int8 weights: out[m, n] = scale[n] * sum_k xq(x)[m, k] * W[n, k], W int8 in row
+// groups (below; one f32 scale per output row n), and the f32 rows x quantized on the fly to int8
 // per block of 32 inputs (xq = sx[m, b] * q, sx = max |x| / 127 over the block, q rounded to
 // nearest even), as llama.cpp's Q8_0 does. Each block's dot product is exact integer arithmetic
 // (pairs of int8 products to int16, then int32: 32 products per handful of instructions, where
@@ -520,6 +520,7 @@ ffi::Error SmallMatmulBf16Panels(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16>
 // split, so row m of a several-row product is bitwise its one-row product.
 
 constexpr int64_t kBlock = 32;
+constexpr int kGroup = 4;  // output rows of an int8 or int4 weight interleaved by block
 
 // Rows of x quantized once per call: q and |q| (the unsigned operand of maddubs) per block,
 // padded with zeros to whole blocks, and the blocks' scales.
@@ -578,69 +579,47 @@ inline float Sum8(__m256 v) {
   return lanes[0];
 }
 
-// Rows n0..n1 of W for all M rows, VB weight rows at a time (each 32-byte block loaded once for
-// every row of x), RG rows of x at a time so that the RG * VB accumulators fit the registers.
+// Row groups g0..g1 of W for all M rows, RG rows of x at a time so that the RG * 4 accumulators
+// fit the registers. W is stored in groups of kGroup output rows, interleaved by block
+// ([G, blocks, kGroup, 32]: a group's block b of its rows 0..3, then block b + 1, ...), so a
+// thread reads its share as one contiguous stream; with the rows as they lie ([N, K]) each
+// group's four rows were four streams a K apart, and two threads streamed 15-19 GB/s where one
+// stream runs 30-35 (docs/RESULTS.md). The blocks' sums are the same in the same order either
+// way. Padding (K to whole blocks, N to whole groups) is zeros, so no tail code.
 template <int M>
 void Int8Rows(const QuantizedRows& x, const int8_t* __restrict w, const float* __restrict scale,
-              float* __restrict out, int64_t K, int64_t N, int64_t n0, int64_t n1) {
-  constexpr int VB = 4;
+              float* __restrict out, int64_t N, int64_t g0, int64_t g1) {
   constexpr int RG = 2;
-  const int64_t full = K / kBlock, nb = x.blocks;
-  // One element: the full blocks' lanes, their sum, then the partial last block in scalars.
-  auto finish = [&](int m, int64_t n, __m256 acc) {
-    float s = Sum8(acc);
-    if (full < nb) {
-      int32_t dot = 0;
-      for (int64_t k = full * kBlock; k < K; ++k)
-        dot += x.q[(m * nb + full) * kBlock + k - full * kBlock] * static_cast<int32_t>(w[n * K + k]);
-      s = __builtin_fmaf(static_cast<float>(dot), x.scale[m * nb + full], s);
-    }
-    out[m * N + n] = s * scale[n];
-  };
-  int64_t n = n0;
-  for (; n + VB <= n1; n += VB) {
-    // Every 64-byte line of the rows two groups ahead: the first line of each next row alone
-    // left a 576-wide product streaming 13-15 GB/s on two Zen 4 threads, all lines 15-18.
-    if (n + 3 * VB <= n1)
-      for (int64_t c = 0; c < VB * K; c += 64) __builtin_prefetch(w + (n + 2 * VB) * K + c);
+  const int64_t nb = x.blocks, group_bytes = nb * kBlock * kGroup;
+  for (int64_t g = g0; g < g1; ++g) {
+    const int8_t* wg = w + g * group_bytes;
     for (int m0 = 0; m0 < M; m0 += RG) {
       const int rows = std::min(RG, M - m0);
-      __m256 acc[RG][VB];
-      for (int g = 0; g < RG; ++g)
-        for (int j = 0; j < VB; ++j) acc[g][j] = _mm256_setzero_ps();
-      for (int64_t b = 0; b < full; ++b) {
-        __m256i wv[VB];
-        for (int j = 0; j < VB; ++j)
+      __m256 acc[RG][kGroup];
+      for (int r = 0; r < RG; ++r)
+        for (int j = 0; j < kGroup; ++j) acc[r][j] = _mm256_setzero_ps();
+      for (int64_t b = 0; b < nb; ++b) {
+        __m256i wv[kGroup];
+        for (int j = 0; j < kGroup; ++j)
           wv[j] = _mm256_loadu_si256(
-              reinterpret_cast<const __m256i*>(w + (n + j) * K + b * kBlock));
-        for (int g = 0; g < RG; ++g) {
-          if (g >= rows) break;
-          const int64_t at = ((m0 + g) * nb + b) * kBlock;
+              reinterpret_cast<const __m256i*>(wg + (b * kGroup + j) * kBlock));
+        for (int r = 0; r < RG; ++r) {
+          if (r >= rows) break;
+          const int64_t at = ((m0 + r) * nb + b) * kBlock;
           const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&x.q[at]));
           const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&x.abs_q[at]));
-          const __m256 s = _mm256_set1_ps(x.scale[(m0 + g) * nb + b]);
-          for (int j = 0; j < VB; ++j)
-            acc[g][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BlockDot(a, q, wv[j])), s, acc[g][j]);
+          const __m256 s = _mm256_set1_ps(x.scale[(m0 + r) * nb + b]);
+          for (int j = 0; j < kGroup; ++j)
+            acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BlockDot(a, q, wv[j])), s, acc[r][j]);
         }
       }
-      for (int g = 0; g < rows; ++g)
-        for (int j = 0; j < VB; ++j) finish(m0 + g, n + j, acc[g][j]);
+      for (int r = 0; r < rows; ++r)
+        for (int j = 0; j < kGroup; ++j) {
+          const int64_t n = g * kGroup + j;
+          if (n < N) out[(m0 + r) * N + n] = Sum8(acc[r][j]) * scale[n];
+        }
     }
   }
-  for (; n < n1; ++n)
-    for (int m = 0; m < M; ++m) {
-      __m256 acc = _mm256_setzero_ps();
-      for (int64_t b = 0; b < full; ++b) {
-        const int64_t at = (m * nb + b) * kBlock;
-        const __m256i wv =
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + n * K + b * kBlock));
-        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&x.q[at]));
-        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&x.abs_q[at]));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BlockDot(a, q, wv)),
-                              _mm256_set1_ps(x.scale[m * nb + b]), acc);
-      }
-      finish(m, n, acc);
-    }
 }
 
 // Output rows 0..n of an int8 or int4 product split over the threads in whole 4-row blocks (the
@@ -656,15 +635,19 @@ void RunRowBlocks(int64_t n, Fn fn) {
 }
 
 using Int8Kernel = void (*)(const QuantizedRows&, const int8_t*, const float*, float*, int64_t,
-                            int64_t, int64_t, int64_t);
+                            int64_t, int64_t);
 
+// x [M, K] f32, w [G, B, kGroup, 32] int8 (row groups, B = ceil(K / 32), G = ceil(N / kGroup)),
+// scale [N] f32 -> out [M, N].
 ffi::Error SmallMatmulInt8(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                            ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> out) {
   auto xd = x.dimensions(), wd = w.dimensions(), sd = scale.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || sd.size() != 1)
-    return ffi::Error::InvalidArgument("small_matmul_int8 takes a 2-D x and weight, 1-D scale");
-  const int64_t rows = xd[0], k = xd[1], n = wd[0];
-  if (wd[1] != k || sd[0] != n)
+  if (xd.size() != 2 || wd.size() != 4 || sd.size() != 1)
+    return ffi::Error::InvalidArgument(
+        "small_matmul_int8 takes a 2-D x, a 4-D weight in row groups and a 1-D scale");
+  const int64_t rows = xd[0], k = xd[1], n = sd[0], groups = (n + kGroup - 1) / kGroup;
+  if (wd[0] != groups || wd[1] != (k + kBlock - 1) / kBlock || wd[2] != kGroup ||
+      wd[3] != kBlock)
     return ffi::Error::InvalidArgument("small_matmul_int8: x, weight and scale disagree");
   if (rows < 1 || rows > kMaxRows)
     return ffi::Error::InvalidArgument("small_matmul_int8 takes 1 to 8 rows");
@@ -677,7 +660,9 @@ ffi::Error SmallMatmulInt8(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
   const int8_t* wp = w.typed_data();
   const float* sp = scale.typed_data();
   float* op = out->typed_data();
-  RunRowBlocks(n, [=](int64_t n0, int64_t n1) { kernel(*xq, wp, sp, op, k, n, n0, n1); });
+  RunRowBlocks(groups * kGroup, [=](int64_t n0, int64_t n1) {
+    kernel(*xq, wp, sp, op, n, n0 / kGroup, n1 / kGroup);
+  });
   return ffi::Error::Success();
 }
 
@@ -721,85 +706,81 @@ inline float Dot(const float* __restrict a, const float* __restrict b, int64_t n
   return sum;
 }
 
-// Output rows n0..n1 for all M rows, VB weight rows at a time. Per (row of x, weight row), the
-// blocks' scales d * sx are multiplied out before the block loop and the minimums' term is one
-// Dot after it, so the loop itself is a load, a shift, a mask, the integer dot, a conversion and
-// an FMA per block: it was bound by its instructions, not by memory.
+// Row groups g0..g1 for all M rows. The nibbles are stored in groups of kGroup output rows
+// interleaved by block as for int8 ([G, blocks, kGroup, 16]: one 64-byte line per block and
+// group), one stream per thread; the scales and minimums stay [N, blocks] (a group's rows are
+// adjacent there). Per (row of x, weight row), the blocks' scales d * sx are multiplied out before
+// the block loop and the minimums' term is one Dot after it, so the loop itself is a load, a
+// shift, a mask, the integer dot, a conversion and an FMA per block. Rows past N (the last
+// group's padding) are neither read in d and mins nor written.
 template <int M>
 void Int4Rows(const QuantizedRows& x, const uint8_t* __restrict w, const float* __restrict d,
-              const float* __restrict mins, float* __restrict out, int64_t N, int64_t n0,
-              int64_t n1) {
-  constexpr int VB = 4;
+              const float* __restrict mins, float* __restrict out, int64_t N, int64_t g0,
+              int64_t g1) {
   constexpr int RG = 2;
-  const int64_t nb = x.blocks, row_bytes = nb * 16;
+  const int64_t nb = x.blocks, group_bytes = nb * 16 * kGroup;
   thread_local std::vector<float> scratch;
-  scratch.resize(RG * VB * nb);
-  float* const scales = scratch.data();  // [RG][VB][nb]
-  auto prepare = [&](int g, int j, int64_t m, int64_t n) {
-    float* s = scales + (g * VB + j) * nb;
+  scratch.resize(RG * kGroup * nb);
+  float* const scales = scratch.data();  // [RG][kGroup][nb]
+  auto prepare = [&](int r, int j, int64_t m, int64_t n) {
+    float* s = scales + (r * kGroup + j) * nb;
+    if (n >= N) {
+      std::fill(s, s + nb, 0.f);
+      return;
+    }
     for (int64_t b = 0; b < nb; ++b) s[b] = d[n * nb + b] * x.scale[m * nb + b];
   };
-  auto finish = [&](int64_t m, int64_t n, __m256 acc) {  // every element ends alike
-    out[m * N + n] = Sum8(acc) + Dot(mins + n * nb, x.total.data() + m * nb, nb);
-  };
-  int64_t n = n0;
-  for (; n + VB <= n1; n += VB) {
-    if (n + 3 * VB <= n1) {  // the rows two groups ahead, as for int8
-      for (int64_t c = 0; c < VB * row_bytes; c += 64)
-        __builtin_prefetch(w + (n + 2 * VB) * row_bytes + c);
-      for (int64_t c = 0; c < VB * nb; c += 16) {
-        __builtin_prefetch(d + (n + 2 * VB) * nb + c);
-        __builtin_prefetch(mins + (n + 2 * VB) * nb + c);
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint8_t* wg = w + g * group_bytes;
+    const int64_t n = g * kGroup;
+    if (g + 2 < g1) {  // the scales and minimums two groups ahead (the nibbles are one stream)
+      for (int64_t c = 0; c < kGroup * nb; c += 16) {
+        __builtin_prefetch(d + (n + 2 * kGroup) * nb + c);
+        __builtin_prefetch(mins + (n + 2 * kGroup) * nb + c);
       }
     }
     for (int m0 = 0; m0 < M; m0 += RG) {
       const int rows = std::min(RG, M - m0);
-      __m256 acc[RG][VB];
-      for (int g = 0; g < rows; ++g)
-        for (int j = 0; j < VB; ++j) acc[g][j] = _mm256_setzero_ps(), prepare(g, j, m0 + g, n + j);
+      __m256 acc[RG][kGroup];
+      for (int r = 0; r < rows; ++r)
+        for (int j = 0; j < kGroup; ++j) acc[r][j] = _mm256_setzero_ps(), prepare(r, j, m0 + r, n + j);
       for (int64_t b = 0; b < nb; ++b) {
-        __m256i u[VB];
-        for (int j = 0; j < VB; ++j) u[j] = Nibbles(w + (n + j) * row_bytes + b * 16);
-        for (int g = 0; g < RG; ++g) {
-          if (g >= rows) break;
+        __m256i u[kGroup];
+        for (int j = 0; j < kGroup; ++j) u[j] = Nibbles(wg + (b * kGroup + j) * 16);
+        for (int r = 0; r < RG; ++r) {
+          if (r >= rows) break;
           const __m256i q = _mm256_loadu_si256(
-              reinterpret_cast<const __m256i*>(&x.q[((m0 + g) * nb + b) * kBlock]));
-          for (int j = 0; j < VB; ++j)
-            acc[g][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(NibbleDot(u[j], q)),
-                                        _mm256_broadcast_ss(scales + (g * VB + j) * nb + b),
-                                        acc[g][j]);
+              reinterpret_cast<const __m256i*>(&x.q[((m0 + r) * nb + b) * kBlock]));
+          for (int j = 0; j < kGroup; ++j)
+            acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(NibbleDot(u[j], q)),
+                                        _mm256_broadcast_ss(scales + (r * kGroup + j) * nb + b),
+                                        acc[r][j]);
         }
       }
-      for (int g = 0; g < rows; ++g)
-        for (int j = 0; j < VB; ++j) finish(m0 + g, n + j, acc[g][j]);
+      for (int r = 0; r < rows; ++r)
+        for (int j = 0; j < kGroup && n + j < N; ++j)  // every element ends alike
+          out[(m0 + r) * N + n + j] =
+              Sum8(acc[r][j]) + Dot(mins + (n + j) * nb, x.total.data() + (m0 + r) * nb, nb);
     }
   }
-  for (; n < n1; ++n)
-    for (int m = 0; m < M; ++m) {
-      prepare(0, 0, m, n);
-      __m256 acc = _mm256_setzero_ps();
-      for (int64_t b = 0; b < nb; ++b) {
-        const __m256i q =
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&x.q[(m * nb + b) * kBlock]));
-        const __m256i u = Nibbles(w + n * row_bytes + b * 16);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(NibbleDot(u, q)), _mm256_broadcast_ss(scales + b),
-                              acc);
-      }
-      finish(m, n, acc);
-    }
 }
 
 using Int4Kernel = void (*)(const QuantizedRows&, const uint8_t*, const float*, const float*,
                             float*, int64_t, int64_t, int64_t);
 
+// x [M, K] f32, nibbles [G, B, kGroup, 16] uint8 (row groups, B = ceil(K / 32), G = ceil(N /
+// kGroup)), scales and minimums [N, B] f32 -> out [M, N].
 ffi::Error SmallMatmulInt4(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
                            ffi::Buffer<ffi::F32> d, ffi::Buffer<ffi::F32> mins,
                            ffi::ResultBuffer<ffi::F32> out) {
   auto xd = x.dimensions(), wd = w.dimensions(), dd = d.dimensions(), md = mins.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || dd.size() != 2 || md.size() != 2)
-    return ffi::Error::InvalidArgument("small_matmul_int4 takes 2-D x, nibbles, scales, minimums");
-  const int64_t rows = xd[0], k = xd[1], n = wd[0], nb = (k + kBlock - 1) / kBlock;
-  if (wd[1] != nb * 16 || dd[0] != n || dd[1] != nb || md[0] != n || md[1] != nb)
+  if (xd.size() != 2 || wd.size() != 4 || dd.size() != 2 || md.size() != 2)
+    return ffi::Error::InvalidArgument(
+        "small_matmul_int4 takes a 2-D x, 4-D nibbles in row groups, 2-D scales and minimums");
+  const int64_t rows = xd[0], k = xd[1], n = dd[0], nb = (k + kBlock - 1) / kBlock;
+  const int64_t groups = (n + kGroup - 1) / kGroup;
+  if (wd[0] != groups || wd[1] != nb || wd[2] != kGroup || wd[3] != 16 || dd[1] != nb ||
+      md[0] != n || md[1] != nb)
     return ffi::Error::InvalidArgument(
         "small_matmul_int4: x, nibbles, scales and minimums disagree");
   if (rows < 1 || rows > kMaxRows)
@@ -814,7 +795,9 @@ ffi::Error SmallMatmulInt4(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
   const float* dp = d.typed_data();
   const float* mp = mins.typed_data();
   float* op = out->typed_data();
-  RunRowBlocks(n, [=](int64_t n0, int64_t n1) { kernel(*xq, wp, dp, mp, op, n, n0, n1); });
+  RunRowBlocks(groups * kGroup, [=](int64_t n0, int64_t n1) {
+    kernel(*xq, wp, dp, mp, op, n, n0 / kGroup, n1 / kGroup);
+  });
   return ffi::Error::Success();
 }
 
