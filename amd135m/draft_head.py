@@ -42,6 +42,8 @@ def parse_args(argv):
   train.add_argument("--generate-every", type=int, default=defaults.generate_every,
                      help="of every N collected chunks one is the target's own continuations, "
                           "the others corpus text it reads (cheaper); 0: read text only")
+  train.add_argument("--collect-batch", type=int, default=defaults.collect_batch,
+                     help="rows the target continues at once while collecting")
   train.add_argument("--seed", type=int, default=defaults.seed)
   train.add_argument("--resume", action="store_true", help="continue the head in --workdir")
   train.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -49,6 +51,7 @@ def parse_args(argv):
   settings = dataclasses.replace(defaults, vocab=args.vocab, layers=args.layers,
                                  unroll=args.unroll, lr=args.lr, seq_len=args.seq_len,
                                  batch=args.batch, seed=args.seed,
+                                 collect_batch=args.collect_batch,
                                  generate_every=args.generate_every)
   return args, settings
 
