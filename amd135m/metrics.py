@@ -104,6 +104,9 @@ class _NoBar:
   def set_postfix(self, **kwargs):
     pass
 
+  def reset(self, total=None):
+    pass
+
   def close(self):
     pass
 

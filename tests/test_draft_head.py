@@ -1,4 +1,5 @@
 """Training a feature head (amd135m.draft_head): it learns, resumes bitwise, refuses bad input."""
+import dataclasses
 import json
 import os
 import pathlib
@@ -71,6 +72,16 @@ def test_training_lowers_the_loss_and_writes_a_usable_head(trained, tiny_target)
   result = speculative.speculative_generate(params, config, draft, draft_params, prompts, 20,
                                             gamma=3)
   assert result.tokens == expected
+
+
+def test_a_wall_time_budget_without_a_progress_bar_finishes_its_schedule(tiny_target, tmp_path):
+  """--minutes sizes the schedule after the first steps (the bar is reset to it); with the bar
+  off (the reproduction's and the API's quiet path) that must work too, and end complete."""
+  settings = dataclasses.replace(SMALL, collect_share=0.7)
+  summary = feature_head.train_head(str(tiny_target), tmp_path / "head", minutes=0.4,
+                                    settings=settings, eval_every=10, progress=False)
+  assert summary["complete"] and summary["step"] == summary["total_steps"] >= 3
+  assert summary["seconds"] < 0.4 * 60 + 10  # the budget, give or take the last step
 
 
 def test_the_head_refuses_another_target(trained, smollm2):

@@ -231,6 +231,21 @@ def _write_atomic_npz(path: pathlib.Path, arrays: dict) -> None:
   os.replace(temporary, path)
 
 
+class _Made:
+  """The items of make(count) (a list that a larger count extends), made only as far as the
+  chunks ask, doubling: a job stopped by its deadline after a few chunks never reads and parses
+  the whole corpus first (8192 prompts cost ~27 s before the first chunk). `most` caps the count."""
+
+  def __init__(self, make: Callable[[int], list], most: int):
+    self.make, self.most, self.items, self.asked = make, most, [], 0
+
+  def rows(self, start: int, n: int) -> list | None:
+    while len(self.items) < start + n and self.asked < self.most:
+      self.asked = min(self.most, max(2 * self.asked, 2 * (start + n)))
+      self.items = self.make(self.asked)
+    return self.items[start:start + n] if len(self.items) >= start + n else None
+
+
 def collect(params, config, tokenizer, workdir: pathlib.Path, layers, settings: Settings,
             max_chunks: int, deadline: float | None, log: Callable = print) -> int:
   """Fills DIR/data with chunks 0, 1, ... (each `collect_batch` rows), skipping those already
@@ -241,27 +256,26 @@ def collect(params, config, tokenizer, workdir: pathlib.Path, layers, settings: 
   (workdir / DATA_DIR).mkdir(exist_ok=True)
   every, rows = settings.generate_every, settings.collect_batch
   n_generated = -(-max_chunks // every) if every else 0
-  texts = prompts_lib.mixed_prompts(n_generated * rows * 2, settings.seed, settings.code_every)
-  encoded = _encode_prompts(tokenizer, texts, settings.prompt_tokens) if n_generated else []
-  windows = []
-  if every != 1:  # long texts, cut to exactly seq_len tokens: the target only reads them
-    n_corpus = (max_chunks - n_generated) * rows
-    code = prompts_lib.stdlib_functions(n_corpus * 2, settings.seed)
-    prose = prompts_lib.gutenberg_passages(n_corpus // settings.code_every + 1, settings.seed,
+  n_corpus = (max_chunks - n_generated) * rows
+  prompts = _Made(lambda n: _encode_prompts(
+      tokenizer, prompts_lib.mixed_prompts(n, settings.seed, settings.code_every),
+      settings.prompt_tokens), most=n_generated * rows * 2)
+
+  def read_windows(n: int) -> list[list[int]]:  # long texts, cut to exactly seq_len tokens
+    # n texts in the interleaved pattern, neither list running out: a larger n extends them.
+    code = prompts_lib.stdlib_functions(n, settings.seed)
+    prose = prompts_lib.gutenberg_passages(n // settings.code_every + 1, settings.seed,
                                            words=(600, 800))
-    windows = [w for w in _encode_prompts(
-        tokenizer, prompts_lib.interleave(code, prose, settings.code_every), settings.seq_len)
-        if len(w) == settings.seq_len]
+    texts = prompts_lib.interleave(code, prose, settings.code_every)[:n]
+    return [w for w in _encode_prompts(tokenizer, texts, settings.seq_len)
+            if len(w) == settings.seq_len]
+  windows = _Made(read_windows, most=n_corpus * 2)
 
   def batch_of(index: int) -> list[list[int]] | None:
     if every and index % every == 0:
-      source, start = encoded, index // every * rows
-    else:
-      source, start = windows, (index - (index // every + 1 if every else 0)) * rows
-    return source[start:start + rows] if start + rows <= len(source) else None
+      return prompts.rows(index // every * rows, rows)
+    return windows.rows((index - (index // every + 1 if every else 0)) * rows, rows)
 
-  while max_chunks and batch_of(max_chunks - 1) is None:  # a corpus ran out
-    max_chunks -= 1
   done = sum(1 for i in range(max_chunks) if _chunk_path(workdir, i).exists())
   bar = tqdm(total=max_chunks, initial=done, desc="collect", unit="chunk", file=sys.stderr,
              dynamic_ncols=True)
@@ -272,7 +286,10 @@ def collect(params, config, tokenizer, workdir: pathlib.Path, layers, settings: 
         continue
       if deadline is not None and time.time() > deadline:
         break
-      _write_atomic_npz(path, collect_rows(params, config, batch_of(index), layers, settings))
+      batch = batch_of(index)
+      if batch is None:  # a corpus ran out
+        break
+      _write_atomic_npz(path, collect_rows(params, config, batch, layers, settings))
       bar.update(1)
   finally:
     bar.close()
