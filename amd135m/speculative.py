@@ -141,11 +141,17 @@ class NgramDraft:
 
   def propose(self, params, state, seq, seq_len, gamma, max_gamma: int, keys, knobs,
               target_vocab: int, features=None):
+    tokens, _ = self.lookup(seq, seq_len, max_gamma)
+    return tokens, jax.nn.one_hot(tokens, target_vocab, dtype=jnp.float32), state
+
+  def lookup(self, seq, seq_len, max_gamma: int, min_ngram: int = 1):
+    """(tokens [B, max_gamma], found [B]): the continuation of the latest match of the last n
+    tokens, n = max_ngram down to min_ngram; without one (found False), the last token again."""
     batch, width = seq.shape
     positions = jnp.arange(width)
     # For each n, the start j of the latest match seq[j:j+n] == seq[L-n:L] with j + n < L.
     best = jnp.full((batch,), -1, jnp.int32)
-    for n in range(1, self.max_ngram + 1):  # longer n found later wins: the more specific match
+    for n in range(min_ngram, self.max_ngram + 1):  # longer n found later wins: more specific
       tail = jnp.take_along_axis(seq, seq_len[:, None] - n + jnp.arange(n)[None], axis=1)
       match = jnp.ones((batch, width), bool)
       for k in range(n):
@@ -159,9 +165,44 @@ class NgramDraft:
     offsets = start[:, None] + jnp.arange(max_gamma)[None]
     # A continuation may run into the newest tokens; past L it repeats the last one.
     offsets = jnp.minimum(offsets, seq_len[:, None] - 1)
-    tokens = jnp.take_along_axis(seq, offsets, axis=1)
-    q = jax.nn.one_hot(tokens, target_vocab, dtype=jnp.float32)
-    return tokens, q, state
+    return jnp.take_along_axis(seq, offsets, axis=1), best >= 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LookupFirstDraft:
+  """Prompt lookup where the text repeats itself, another draft (`inner`) elsewhere: per row and
+  round, the n-gram continuation when the last `min_ngram`..2 tokens occurred before, else the
+  inner draft's proposals (code repeats names and lines a model-drafted token rarely guesses; a
+  feature head guesses what lookup cannot find). The choice depends on the committed text only,
+  so q (one-hot, or the inner draft's distribution) is the distribution each proposal was drawn
+  from and the rejection rule stays exact. The inner draft runs every round (its state is kept
+  as if it had proposed), so switching costs nothing."""
+  inner: Draft
+  min_ngram: int = 2
+  lookup: NgramDraft = NgramDraft()
+
+  @property
+  def forwards_per_token(self) -> int:
+    return self.inner.forwards_per_token
+
+  @property
+  def feature_layers(self) -> tuple[int, ...]:
+    return self.inner.feature_layers
+
+  def check(self, target_config: model_lib.ModelConfig) -> None:
+    self.inner.check(target_config)
+
+  def start(self, params, tokens, prompt_lens, cache_size: int, **target):
+    return self.inner.start(params, tokens, prompt_lens, cache_size, **target)
+
+  def propose(self, params, state, seq, seq_len, gamma, max_gamma: int, keys, knobs,
+              target_vocab: int, features=None):
+    tokens, q, state = self.inner.propose(params, state, seq, seq_len, gamma, max_gamma, keys,
+                                          knobs, target_vocab, features)
+    found_tokens, found = self.lookup.lookup(seq, seq_len, max_gamma, self.min_ngram)
+    one_hot = jax.nn.one_hot(found_tokens, target_vocab, dtype=jnp.float32)
+    return (jnp.where(found[:, None], found_tokens, tokens),
+            jnp.where(found[:, None, None], one_hot, q), state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,11 +408,12 @@ def predicted_speedup(acceptance: float, gamma: int, cost_ratio: float,
 
 
 DRAFT_SPECS = ("ngram | self | int8 | int4 | bf16 | first:N | PATH (a model, or a feature-head "
-               "workdir)")
+               "workdir) | ngram+D (prompt lookup where the text repeats, draft D elsewhere)")
 
 
 NAMED_DRAFTS = ("ngram", "self", "int8", "int4", "bf16")
 COPY_DRAFTS = ("int8", "int4", "bf16")  # the target's own weights at that precision
+LOOKUP_FIRST = "ngram+"  # ngram+D: LookupFirstDraft around draft D
 
 
 def check_draft_spec(spec: str) -> None:
@@ -379,6 +421,8 @@ def check_draft_spec(spec: str) -> None:
   model: a named draft, first:N, or a path that exists."""
   if spec in NAMED_DRAFTS or spec.startswith("first:"):
     return
+  if spec.startswith(LOOKUP_FIRST):
+    return check_draft_spec(spec[len(LOOKUP_FIRST):])
   if not pathlib.Path(spec).expanduser().exists():
     raise UserError(f"--draft {spec}: no such file or directory; give {DRAFT_SPECS}")
 
@@ -392,7 +436,7 @@ def load_draft(spec: str, target_config: model_lib.ModelConfig, target_params,
   int8, int4, bf16: the target's own weights at that precision (quantize.py), a quarter, under
   a fifth or half of the bytes per step.
   first:N: the target's first N layers with its final norm and head (a draft made without
-  training). PATH: a feature-head workdir (amd135m.draft_head), checked against the target it was
+  training). ngram+D: prompt lookup where the text repeats (a 2-gram match), draft D elsewhere. PATH: a feature-head workdir (amd135m.draft_head), checked against the target it was
   trained for; or a model (Hugging Face directory, GGUF, training workdir) whose vocabulary is an
   id-prefix of the target's (with both tokenizers at hand, compared id by id), its weights cast
   to `dtype` if given."""
@@ -400,6 +444,12 @@ def load_draft(spec: str, target_config: model_lib.ModelConfig, target_params,
   from amd135m.checkpoints import head_io  # noqa: PLC0415
   if spec == "ngram":
     return NgramDraft(), None
+  if spec.startswith(LOOKUP_FIRST):
+    inner = spec[len(LOOKUP_FIRST):]
+    if inner == "ngram" or inner.startswith(LOOKUP_FIRST):
+      raise UserError(f"--draft {spec}: ngram+D takes a model draft D, not another lookup")
+    draft, params = load_draft(inner, target_config, target_params, target_tokenizer, dtype)
+    return LookupFirstDraft(draft), params
   if spec == "self":
     return ModelDraft(target_config), target_params
   if spec in COPY_DRAFTS:

@@ -203,6 +203,24 @@ def test_a_head_workdir_is_a_draft_in_generate_bench_and_spec_eval(trained, tiny
   assert rows[0]["exact"] is True
 
 
+def test_lookup_first_around_a_head_is_exact_and_refuses_a_lookup_inside(trained, tiny_target):
+  """ngram+DIR: prompt lookup where the text repeats, the head elsewhere; greedy output equals
+  target-only on a prompt that repeats itself (so both sources propose)."""
+  workdir, _ = trained
+  config, params = checkpoints.load_params(tiny_target)
+  draft, draft_params = speculative.load_draft(f"ngram+{workdir}", config, params)
+  assert isinstance(draft, speculative.LookupFirstDraft)
+  assert isinstance(draft.inner, feature_draft.FeatureDraft)
+  prompt = [[5, 17, 300, 5, 17, 300, 5, 17, 42, 9]]
+  expected = sampling.generate(params, config, prompt, 24).tokens
+  result = speculative.speculative_generate(params, config, draft, draft_params, prompt, 24,
+                                            gamma=3)
+  assert result.tokens == expected
+  for bad in ("ngram+ngram", "ngram+ngram+self"):
+    with pytest.raises(UserError, match="ngram\\+D takes a model draft"):
+      speculative.load_draft(bad, config, params)
+
+
 def test_corpus_chunks_read_whole_functions_as_they_are(tiny_target, tmp_path):
   """generate_every=2: chunk 0 is the target's continuations of short prompts, chunk 1 a prefill
   of stdlib functions cut to seq_len tokens: its tokens are the text's own, and the top-k at each

@@ -21,8 +21,8 @@ def test_shortened_reproduction_runs_end_to_end(tmp_path, smollm2_slice):
   assert (out / "head" / "COMPLETE").exists()
   rows = summary["rows"]
   assert {r["setting"] for r in rows} == {"greedy", "sampling"}
-  assert [r["draft"] for r in rows] == [d for d in ("n-gram", "AMD-style draft", "feature head")
-                                        for _ in range(2)]
+  assert [r["draft"] for r in rows] == [d for d in ("n-gram", "AMD-style draft", "feature head",
+                                                       "lookup + head") for _ in range(2)]
   for row in rows:
     assert 0.0 <= row["acceptance"] <= 1.0 and row["speedup"] > 0
   # Greedy speculative output equals target-only greedy output.
@@ -30,7 +30,7 @@ def test_shortened_reproduction_runs_end_to_end(tmp_path, smollm2_slice):
   saved = json.loads((out / "summary.json").read_text())
   assert saved["rows"] == json.loads(json.dumps(rows))
   assert (out / "loss_curves.png").stat().st_size > 10_000
-  for name in ("n_gram", "amd_style_draft", "feature_head"):
+  for name in ("n_gram", "amd_style_draft", "feature_head", "lookup_and_head"):
     assert (out / "table" / name / "spec_table.csv").exists(), name
   assert (out / "comparison.png").stat().st_size > 10_000
   comparison = lines[-2]  # the last table: one line per (setting, draft), target-only first
@@ -45,8 +45,8 @@ def test_shortened_reproduction_runs_end_to_end(tmp_path, smollm2_slice):
   before = stamps()
   lines.clear()
   again = reproduction.reproduce(out, "test", str(smollm2_slice), log=lines.append)
-  # pretrain, code, distill, head, and the three drafts' tables
-  assert sum("skipped" in line for line in lines) == 7
+  # pretrain, code, distill, head, and the four drafts' tables
+  assert sum("skipped" in line for line in lines) == 8
   assert stamps() == before
   assert again["rows"] == saved["rows"]
 

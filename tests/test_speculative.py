@@ -31,10 +31,12 @@ def poor_draft():
 def drafts(target, poor_draft):
   return {"self": (speculative.ModelDraft(target[0]), target[1]),
           "poor": (speculative.ModelDraft(poor_draft[0]), poor_draft[1]),
-          "ngram": (speculative.NgramDraft(), None)}
+          "ngram": (speculative.NgramDraft(), None),
+          "ngram+poor": (speculative.LookupFirstDraft(speculative.ModelDraft(poor_draft[0])),
+                         poor_draft[1])}
 
 
-@pytest.mark.parametrize("kind", ["self", "poor", "ngram"])
+@pytest.mark.parametrize("kind", ["self", "poor", "ngram", "ngram+poor"])
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_greedy_equals_target_only(target, poor_draft, kind, adaptive):
   config, params = target
@@ -151,20 +153,52 @@ def sampled_pair():
   return small_model(seed=11, std=0.2), small_model(seed=12, std=0.2)
 
 
-@pytest.mark.parametrize("knobs", [(1.0, 0, 1.0), (0.8, 5, 0.9)], ids=["plain", "shaped"])
-def test_sampling_matches_the_target_distribution(sampled_pair, knobs):
+@dataclasses.dataclass(frozen=True)
+class _FixedDraft:
+  """Proposes 9, 9, ... with q uniform over the vocabulary: marks where the inner draft was used."""
+  forwards_per_token: int = 0
+  feature_layers: tuple = ()
+
+  def propose(self, params, state, seq, seq_len, gamma, max_gamma, keys, knobs, target_vocab,
+              features=None):
+    batch = seq.shape[0]
+    q = jnp.full((batch, max_gamma, target_vocab), 1.0 / target_vocab)
+    return jnp.full((batch, max_gamma), 9, jnp.int32), q, state
+
+
+def test_lookup_first_takes_the_repeat_where_the_text_has_one_and_the_draft_elsewhere():
+  """Row 0 ends on a 2-gram seen before (5 6 ... 5 6): its proposals are what followed it, with
+  one-hot q. Row 1 repeats only its last token (a 1-gram): the inner draft's proposals and q."""
+  draft = speculative.LookupFirstDraft(_FixedDraft())
+  seq = jnp.asarray([[5, 6, 7, 8, 5, 6, 0, 0], [1, 2, 3, 1, 4, 3, 0, 0]], jnp.int32)
+  tokens, q, _ = draft.propose(None, (), seq, jnp.asarray([6, 6]), 3, 3, None, None, 16)
+  assert np.asarray(tokens).tolist() == [[7, 8, 5], [9, 9, 9]]
+  np.testing.assert_array_equal(np.asarray(q[0]), np.eye(16)[[7, 8, 5]])
+  np.testing.assert_allclose(np.asarray(q[1]), 1 / 16)
+
+
+@pytest.mark.parametrize("knobs,lookup_first", [((1.0, 0, 1.0), False), ((0.8, 5, 0.9), False),
+                                                ((0.8, 5, 0.9), True)],
+                         ids=["plain", "shaped", "shaped-lookup-first"])
+def test_sampling_matches_the_target_distribution(sampled_pair, knobs, lookup_first):
   """8000 seeds (one row each) of 5 tokens (gamma 2, so two or more rounds): each position's
   tokens pass a chi-square test against the exact target-only marginals, and a deliberately wrong
   residual (sampling from p instead of normalize(max(0, p - q)) at a rejection) fails the same
   test."""
   (config, params), (draft_config, draft_params) = sampled_pair
   prompt, n, length = [1, 2, 3], 8000, 5  # 5 tokens: the prefill token, then several rounds
+  if lookup_first:  # a prompt ending on a 2-gram it holds earlier: the first round looks it up
+    prompt = [1, 2, 3, 1, 2]
   exact = exact_token_distributions(config, params, prompt, knobs, length)
   knobs_p = sampling.SamplingParams(*knobs)
 
+  draft = speculative.ModelDraft(draft_config)
+  if lookup_first:  # one-hot lookups where the sampled text repeats a 2-gram, the model elsewhere
+    draft = speculative.LookupFirstDraft(draft)
+
   def run():
     result = speculative.speculative_generate(
-        params, config, speculative.ModelDraft(draft_config), draft_params, [prompt] * n, length,
+        params, config, draft, draft_params, [prompt] * n, length,
         gamma=2, sampling_params=knobs_p, seed=list(range(n)))
     return np.asarray(result.tokens), result.totals["acceptance_rate"]
 

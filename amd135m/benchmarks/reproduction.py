@@ -2,8 +2,8 @@
 pretrain a small Llama draft on Gutenberg -> fine-tune it on Python (the stdlib) -> optionally
 distil the target's own greedy completions of stdlib function headers into it; train a feature
 head on the target's own hidden states (amd135m.training.feature_head: EAGLE-3-style) -> let the
-n-gram draft, the AMD-style draft, the head and the target's own int8 and int4 copies each draft
-for the real SmolLM2-135M on HumanEval prompts -> AMD's table per draft (acceptance, speedup;
+n-gram draft, the AMD-style draft, the head (alone, and behind prompt lookup) and the target's own
+int8 and int4 copies each draft for the real SmolLM2-135M on HumanEval prompts -> AMD's table per draft (acceptance, speedup;
 greedy and AMD's sampling), one comparison table and plots.
 
 Every stage writes under one output directory and is skipped when already complete (a training
@@ -176,6 +176,9 @@ def reproduce(out_dir, preset: str = "demo", target: str | None = None,
     head_dir = out / "head"
     timed("head", lambda: _train_head(target, head_dir, spec, log))
     drafts["feature head"] = str(head_dir)
+    # The head where the text does not repeat itself, prompt lookup where it does.
+    from amd135m.speculative import LOOKUP_FIRST  # noqa: PLC0415
+    drafts["lookup + head"] = LOOKUP_FIRST + str(head_dir)
   copy_gammas = {f"{precision} copy": gammas for precision, gammas in spec.copies}
   drafts.update({name: name.split()[0] for name in copy_gammas})  # no training
 
@@ -213,7 +216,7 @@ def reproduce(out_dir, preset: str = "demo", target: str | None = None,
 
 
 def _slug(name: str) -> str:
-  return name.lower().replace(" ", "_").replace("-", "_")
+  return name.lower().replace(" + ", "_and_").replace(" ", "_").replace("-", "_")
 
 
 def _train_head(target: str, head_dir: pathlib.Path, spec: Preset, log) -> None:
