@@ -436,8 +436,9 @@ def load_draft(spec: str, target_config: model_lib.ModelConfig, target_params,
   int8, int4, bf16: the target's own weights at that precision (quantize.py), a quarter, under
   a fifth or half of the bytes per step.
   first:N: the target's first N layers with its final norm and head (a draft made without
-  training). ngram+D: prompt lookup where the text repeats (a 2-gram match), draft D elsewhere. PATH: a feature-head workdir (amd135m.draft_head), checked against the target it was
-  trained for; or a model (Hugging Face directory, GGUF, training workdir) whose vocabulary is an
+  training). ngram+D: prompt lookup where the text repeats (a 2-gram match), draft D elsewhere.
+  PATH: a feature-head workdir (amd135m.draft_head), checked against the target it was trained
+  for; or a model (Hugging Face directory, GGUF, training workdir) whose vocabulary is an
   id-prefix of the target's (with both tokenizers at hand, compared id by id), its weights cast
   to `dtype` if given."""
   from amd135m import checkpoints, feature_draft  # noqa: PLC0415 (checkpoints pulls orbax)

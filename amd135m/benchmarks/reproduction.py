@@ -3,8 +3,8 @@ pretrain a small Llama draft on Gutenberg -> fine-tune it on Python (the stdlib)
 distil the target's own greedy completions of stdlib function headers into it; train a feature
 head on the target's own hidden states (amd135m.training.feature_head: EAGLE-3-style) -> let the
 n-gram draft, the AMD-style draft, the head (alone, and behind prompt lookup) and the target's own
-int8 and int4 copies each draft for the real SmolLM2-135M on HumanEval prompts -> AMD's table per draft (acceptance, speedup;
-greedy and AMD's sampling), one comparison table and plots.
+int8 and int4 copies each draft for the real SmolLM2-135M on HumanEval prompts -> AMD's table per
+draft (acceptance, speedup; greedy and AMD's sampling), one comparison table and plots.
 
 Every stage writes under one output directory and is skipped when already complete (a training
 workdir with COMPLETE, a table on disk), so a rerun resumes where a crash stopped. No training
