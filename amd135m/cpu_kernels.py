@@ -221,7 +221,7 @@ def _in_chunks(kernel, x, *operands):
                           for i in range(0, x.shape[0], MAX_ROWS)], axis=0)
 
 
-ROW_GROUP = 4  # output rows of an int8 weight interleaved by block (to_row_groups)
+ROW_GROUP = 4  # output rows of an int8 or int4 weight interleaved by block (to_row_groups)
 
 
 def to_row_groups(values: jax.Array, block: int = INT8_BLOCK) -> jax.Array:
