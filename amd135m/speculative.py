@@ -175,8 +175,11 @@ class LookupFirstDraft:
   inner draft's proposals (code repeats names and lines a model-drafted token rarely guesses; a
   feature head guesses what lookup cannot find). The choice depends on the committed text only,
   so q (one-hot, or the inner draft's distribution) is the distribution each proposal was drawn
-  from and the rejection rule stays exact. The inner draft runs every round (its state is kept
-  as if it had proposed), so switching costs nothing."""
+  from and the rejection rule stays exact. The inner draft runs every round. A feature head
+  catches up on every committed position from the verification's features, so accepted lookups
+  leave its state right; a ModelDraft re-reads only the last two committed tokens, so its cache
+  would keep its own proposals where lookups were accepted (still exact, but it would draft from
+  a wrong context): load_draft builds ngram+D around feature heads only."""
   inner: Draft
   min_ngram: int = 2
   lookup: NgramDraft = NgramDraft()
@@ -408,7 +411,8 @@ def predicted_speedup(acceptance: float, gamma: int, cost_ratio: float,
 
 
 DRAFT_SPECS = ("ngram | self | int8 | int4 | bf16 | first:N | PATH (a model, or a feature-head "
-               "workdir) | ngram+D (prompt lookup where the text repeats, draft D elsewhere)")
+               "workdir) | ngram+HEAD (prompt lookup where the text repeats, the feature head HEAD "
+               "elsewhere)")
 
 
 NAMED_DRAFTS = ("ngram", "self", "int8", "int4", "bf16")
@@ -436,7 +440,8 @@ def load_draft(spec: str, target_config: model_lib.ModelConfig, target_params,
   int8, int4, bf16: the target's own weights at that precision (quantize.py), a quarter, under
   a fifth or half of the bytes per step.
   first:N: the target's first N layers with its final norm and head (a draft made without
-  training). ngram+D: prompt lookup where the text repeats (a 2-gram match), draft D elsewhere.
+  training). ngram+D: prompt lookup where the text repeats (a 2-gram match), the feature head D
+  elsewhere.
   PATH: a feature-head workdir (amd135m.draft_head), checked against the target it was trained
   for; or a model (Hugging Face directory, GGUF, training workdir) whose vocabulary is an
   id-prefix of the target's (with both tokenizers at hand, compared id by id), its weights cast
@@ -448,8 +453,11 @@ def load_draft(spec: str, target_config: model_lib.ModelConfig, target_params,
   if spec.startswith(LOOKUP_FIRST):
     inner = spec[len(LOOKUP_FIRST):]
     if inner == "ngram" or inner.startswith(LOOKUP_FIRST):
-      raise UserError(f"--draft {spec}: ngram+D takes a model draft D, not another lookup")
+      raise UserError(f"--draft {spec}: ngram+D takes a feature-head workdir D, not another lookup")
     draft, params = load_draft(inner, target_config, target_params, target_tokenizer, dtype)
+    if not isinstance(draft, feature_draft.FeatureDraft):
+      raise UserError(f"--draft {spec}: ngram+D takes a feature-head workdir D (a model draft "
+                      "would keep its own proposals where lookups were accepted)")
     return LookupFirstDraft(draft), params
   if spec == "self":
     return ModelDraft(target_config), target_params

@@ -216,8 +216,8 @@ def test_lookup_first_around_a_head_is_exact_and_refuses_a_lookup_inside(trained
   result = speculative.speculative_generate(params, config, draft, draft_params, prompt, 24,
                                             gamma=3)
   assert result.tokens == expected
-  for bad in ("ngram+ngram", "ngram+ngram+self"):
-    with pytest.raises(UserError, match="ngram\\+D takes a model draft"):
+  for bad in ("ngram+ngram", "ngram+ngram+self", "ngram+self", "ngram+int8"):
+    with pytest.raises(UserError, match="ngram\\+D takes a"):
       speculative.load_draft(bad, config, params)
 
 
