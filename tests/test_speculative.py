@@ -256,11 +256,23 @@ def test_predicted_speedup_is_tokens_per_round_over_round_cost():
   assert speculative.predicted_speedup(0.5, 2, 0.25, verify_ratio=1.5) == pytest.approx(1.75 / 2.0)
 
 
-def test_verification_cost_times_both_forwards(target):
+@pytest.mark.parametrize("batch", [1, 3])
+def test_verification_cost_times_both_forwards(target, batch):
   config, params = target
-  cost = spec_bench.verification_cost(params, config, gamma=3, context=5, cache_size=16, repeats=2)
+  cost = spec_bench.verification_cost(params, config, gamma=3, context=5, cache_size=16, repeats=2,
+                                      batch=batch)
   assert 0 < cost["step_seconds"] < 10 and 0 < cost["verify_seconds"] < 10
   assert cost["ratio"] == cost["verify_seconds"] / cost["step_seconds"]
+
+
+def test_draft_round_cost_times_a_ragged_batch(target):
+  """The cost model's draft round at the benchmark's batch: ragged prompts, any draft."""
+  config, params = target
+  draft, draft_params = speculative.load_draft("first:1", config, params)
+  one = spec_bench.draft_round_cost(draft, draft_params, params, config, [[5, 6, 7]], 2, repeats=2)
+  two = spec_bench.draft_round_cost(draft, draft_params, params, config, [[5, 6, 7], [8, 9]], 2,
+                                    repeats=2)
+  assert 0 < one < 10 and 0 < two < 10
 
 
 def test_benchmark_interleaves_methods_and_takes_medians(monkeypatch):

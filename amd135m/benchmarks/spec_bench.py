@@ -57,21 +57,22 @@ def _interleaved(runs: dict, batches, repeats: int) -> dict[str, tuple[list[floa
   return {name: ([float(np.median(t)) for t in times[name]], outputs[name]) for name in runs}
 
 
-def draft_round_cost(draft, draft_params, params, config, prompt: list[int], gamma: int,
+def draft_round_cost(draft, draft_params, params, config, prompts: list[list[int]], gamma: int,
                      repeats: int = 10) -> float:
-  """Seconds of one batch-1 draft round (draft.propose of gamma tokens, a feature draft's
-  catch-up on the last verification included), best of `repeats`, after the prompt's prefill:
-  what a round pays the draft, whatever kind of draft it is."""
-  width = len(prompt) + 64 + gamma + 1
-  tokens = jnp.asarray([prompt], jnp.int32)
-  lens = jnp.asarray([len(prompt)], jnp.int32)
+  """Seconds of one draft round for a batch of prompts (draft.propose of gamma tokens per row, a
+  feature draft's catch-up on the last verification included), best of `repeats`, after the
+  prompts' prefill: what a round pays the draft, whatever kind of draft it is."""
+  batch, longest = len(prompts), max(map(len, prompts))
+  width = longest + 64 + gamma + 1
+  tokens = jnp.asarray([p + [0] * (longest - len(p)) for p in prompts], jnp.int32)
+  lens = jnp.asarray([len(p) for p in prompts], jnp.int32)
   _, target_cache, hidden = speculative._prefill(params, config, tokens, lens, width,
                                                  draft.feature_layers)
   state = draft.start(draft_params, tokens, lens, width, target_config=config,
                       target_params=params, target_cache=target_cache, features=hidden)
-  seq = jnp.pad(tokens, ((0, 0), (0, width - len(prompt))))
-  features = jnp.zeros((1, gamma + 1, hidden.shape[-1]), jnp.float32)
-  keys = jax.vmap(jax.random.key)(jnp.zeros((1,), jnp.uint32))
+  seq = jnp.pad(tokens, ((0, 0), (0, width - longest)))
+  features = jnp.zeros((batch, gamma + 1, hidden.shape[-1]), jnp.float32)
+  keys = jax.vmap(jax.random.key)(jnp.arange(batch, dtype=jnp.uint32))
   knobs = sampling.SamplingParams().traced()  # greedy
   propose = jax.jit(lambda dp, st, f: draft.propose(dp, st, seq, lens + 1, jnp.int32(gamma),
                                                     gamma, keys, knobs, config.vocab_size, f))
@@ -85,18 +86,19 @@ def draft_round_cost(draft, draft_params, params, config, prompt: list[int], gam
 
 
 def verification_cost(params, config, gamma: int, context: int, cache_size: int,
-                      repeats: int = 10) -> dict:
-  """A cached target forward of gamma + 1 new tokens (a speculative round's verification) against
-  one of a single token (a decode step), at the same context and cache size: the best of
-  `repeats`, the two interleaved so that the machine's load falls on both. The issue's predicted
-  speedup assumes the ratio is 1; on a CPU it is not (through XLA alone a 1-row forward runs
-  matrix-vector kernels, a forward of 2+ rows weight-packing GEMMs; cpu_kernels narrows the gap)."""
+                      repeats: int = 10, batch: int = 1) -> dict:
+  """A cached target forward of gamma + 1 new tokens per row (a speculative round's verification)
+  against one of a single token per row (a decode step), `batch` rows, at the same context and
+  cache size: the best of `repeats`, the two interleaved so that the machine's load falls on both.
+  The issue's predicted speedup assumes the ratio is 1; on a CPU it is not (through XLA alone a
+  1-row forward runs matrix-vector kernels, a forward of 2+ rows weight-packing GEMMs; cpu_kernels
+  narrows the gap), and a batch of rows widens it again (4 rows of 4 tokens are 16 products)."""
   # The cache is donated, as the decode loops update theirs in place: without it XLA copies every
   # layer's cache before the forward writes into it, which the loops never do.
   forward = jax.jit(lambda p, t, c: model_lib.forward(p, config, t, c), donate_argnums=2)
-  cache = model_lib.init_cache(config, 1, cache_size).replace(
-      length=jnp.full((1,), context, jnp.int32))
-  inputs = {n: jnp.zeros((1, n), jnp.int32) for n in (1, gamma + 1)}
+  cache = model_lib.init_cache(config, batch, cache_size).replace(
+      length=jnp.full((batch,), context, jnp.int32))
+  inputs = {n: jnp.zeros((batch, n), jnp.int32) for n in (1, gamma + 1)}
   best = dict.fromkeys(inputs, float("inf"))
   for round_ in range(repeats + 1):  # round 0 compiles and warms up
     for n, tokens in inputs.items():
@@ -149,6 +151,7 @@ def bench_speculative(target: str, draft: str, gamma: int, n_prompts: int = 4,
     accepted = sum(o.totals["accepted"] for o in outs)
     drafted = sum(o.totals["drafted"] for o in outs)
     calls = sum(o.totals["target_calls"] for o in outs)
+    row_calls = sum(o.totals["row_target_calls"] for o in outs)
     amd = [o.totals["amd_acceptance"] for o in outs]
     tokens = [row for o in outs for row in o.tokens]
     return dict(tokens_per_second=total / sum(seconds), seconds=seconds,
@@ -156,6 +159,7 @@ def bench_speculative(target: str, draft: str, gamma: int, n_prompts: int = 4,
                 acceptance_rate=accepted / drafted if drafted else 0.0,
                 amd_acceptance=None if None in amd else float(np.mean(amd)),
                 tokens_per_target_call=(total - len(prompts)) / calls, target_calls=calls,
+                busy_share=row_calls / (calls * batch),
                 equals_target_only=tokens == target_tokens if greedy else None)
 
   result = dict(benchmark="speculative", target=target, draft=draft, gamma=gamma,
@@ -163,19 +167,22 @@ def bench_speculative(target: str, draft: str, gamma: int, n_prompts: int = 4,
                 repeats=repeats, sampling=dataclasses.asdict(sampling_params),
                 target_only=dict(tokens_per_second=total / sum(target_s), seconds=target_s))
   result.update({name: summary(*timed[name]) for name in timed})
-  # The cost model: a draft round against a target step, and a verification of gamma + 1 tokens.
+  # The cost model, at the benchmark's batch: a draft round against a target step of as many
+  # rows, and a verification of gamma + 1 tokens per row. A ragged batch runs until its busiest
+  # row is done, so a round yields the rows' mean progress, not the busiest's: the share of row
+  # rounds that did work (measured) scales the tokens a round is predicted to yield.
   context = int(np.mean([len(p) for p in prompts])) + new_tokens // 2
   verify = verification_cost(params, config, gamma, context=context,
                               cache_size=sampling.bucket(max(map(len, prompts)))
-                              + sampling.bucket(new_tokens) + gamma + 1)
-  round_seconds = draft_round_cost(d, dp, params, config, prompts[0], gamma)
+                              + sampling.bucket(new_tokens) + gamma + 1, batch=batch)
+  round_seconds = draft_round_cost(d, dp, params, config, batches[0], gamma)
   cost_ratio = round_seconds / gamma / verify["step_seconds"]
   result["verification"] = verify
   result["draft_round"] = dict(seconds=round_seconds, cost_ratio=cost_ratio)
   s = result["speculative"]
-  a = s["acceptance_rate"]
-  predicted = speculative.predicted_speedup(a, gamma, cost_ratio)
-  with_verify = speculative.predicted_speedup(a, gamma, cost_ratio, verify["ratio"])
+  a, busy = s["acceptance_rate"], s["busy_share"]
+  predicted = busy * speculative.predicted_speedup(a, gamma, cost_ratio)
+  with_verify = busy * speculative.predicted_speedup(a, gamma, cost_ratio, verify["ratio"])
   s.update(predicted_speedup=predicted, share_of_predicted=s["speedup"] / predicted,
            predicted_with_verification=with_verify,
            share_of_predicted_with_verification=s["speedup"] / with_verify)
@@ -229,9 +236,12 @@ def print_speculative(r: dict) -> None:
           f"acceptance {s['acceptance_rate']:.3f}{amd}, {s['tokens_per_target_call']:.2f} "
           f"tokens/target call{exact}")
   s, v = r["speculative"], r["verification"]
+  rows = "" if r["batch"] == 1 else (f" per row ({r['batch']} rows a step; the rows were busy in "
+                                      f"{100 * s['busy_share']:.0f}% of row rounds)")
   print(f"predicted from acceptance and cost: {s['predicted_speedup']:.2f}x (measured "
-        f"{100 * s['share_of_predicted']:.0f}% of it); a verification of {r['gamma'] + 1} tokens "
-        f"costs {v['ratio']:.2f} steps, predicted with it {s['predicted_with_verification']:.2f}x "
+        f"{100 * s['share_of_predicted']:.0f}% of it); a verification of {r['gamma'] + 1} tokens"
+        f"{rows} costs {v['ratio']:.2f} steps, predicted with it "
+        f"{s['predicted_with_verification']:.2f}x "
         f"({100 * s['share_of_predicted_with_verification']:.0f}%)")
   if "transformers" in r:
     hf = r["transformers"]

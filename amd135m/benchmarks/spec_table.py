@@ -153,7 +153,7 @@ def speculative_table(target_params, target_config: ModelConfig, draft: speculat
   @functools.cache
   def round_cost(gamma: int) -> float:
     return spec_bench.draft_round_cost(draft, draft_params, target_params, target_config,
-                                       encoded[0], gamma)
+                                       [encoded[0]], gamma)
 
   rows, outputs = [], {}
   for name, knobs in settings.items():
