@@ -84,6 +84,22 @@ def test_a_wall_time_budget_without_a_progress_bar_finishes_its_schedule(tiny_ta
   assert summary["seconds"] < 0.4 * 60 + 10  # the budget, give or take the last step
 
 
+def test_the_summary_reports_the_head_when_no_step_ended_on_an_evaluation(tiny_target, tmp_path):
+  """A run stopped between evaluations (a deadline, SIGTERM) or resumed with nothing left to do
+  still reports its held-out agreement: the summary printed "nan" when the last record had none."""
+  workdir = tmp_path / "head"
+  first = feature_head.train_head(str(tiny_target), workdir, steps=4, prompts=16,
+                                  settings=SMALL, eval_every=100, progress=False)
+  again = feature_head.train_head(str(tiny_target), workdir, steps=4, prompts=16,
+                                  settings=SMALL, eval_every=100, progress=False, resume=True)
+  assert again["step"] == first["step"] == 4
+  for summary in (first, again):
+    assert 0 <= summary["last"]["eval_agreement_0"] <= 1
+    assert "nan" not in draft_head.format_summary(summary)
+  # The resumed run evaluated the restored head: the same figure as at the end of the first.
+  assert again["last"]["eval_loss"] == pytest.approx(first["last"]["eval_loss"], rel=1e-6)
+
+
 def test_the_head_refuses_another_target(trained, smollm2):
   workdir, _ = trained
   config, params = smollm2
