@@ -265,14 +265,15 @@ def test_verification_cost_times_both_forwards(target, batch):
   assert cost["ratio"] == cost["verify_seconds"] / cost["step_seconds"]
 
 
-def test_draft_round_cost_times_a_ragged_batch(target):
-  """The cost model's draft round at the benchmark's batch: ragged prompts, any draft."""
+def test_draft_round_and_prefill_costs_time_a_ragged_batch(target):
+  """The cost model's draft round and prefill at the benchmark's batch: ragged prompts."""
   config, params = target
   draft, draft_params = speculative.load_draft("first:1", config, params)
   one = spec_bench.draft_round_cost(draft, draft_params, params, config, [[5, 6, 7]], 2, repeats=2)
   two = spec_bench.draft_round_cost(draft, draft_params, params, config, [[5, 6, 7], [8, 9]], 2,
                                     repeats=2)
   assert 0 < one < 10 and 0 < two < 10
+  assert 0 < spec_bench.prefill_cost(params, config, [[5, 6, 7], [8, 9]], 16, repeats=1) < 10
 
 
 def test_benchmark_interleaves_methods_and_takes_medians(monkeypatch):
