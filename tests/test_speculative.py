@@ -256,6 +256,15 @@ def test_predicted_speedup_is_tokens_per_round_over_round_cost():
   assert speculative.predicted_speedup(0.5, 2, 0.25, verify_ratio=1.5) == pytest.approx(1.75 / 2.0)
 
 
+def test_the_rounds_prediction_counts_the_prefill_both_sides_pay():
+  # 64 new tokens in 32 rounds of one drafted token each, free drafts and verifications of one
+  # step: 63 decode steps against 32 rounds; a prefill of 8 steps on both sides dilutes it.
+  assert spec_bench.rounds_speedup(0, 64, 32, 1, 0.0, 1.0) == pytest.approx(63 / 32)
+  assert spec_bench.rounds_speedup(8, 64, 32, 1, 0.0, 1.0) == pytest.approx(71 / 40)
+  # Each round's cost: gamma draft steps of c and a verification of v.
+  assert spec_bench.rounds_speedup(0, 64, 20, 3, 0.1, 1.2) == pytest.approx(63 / (20 * 1.5))
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_verification_cost_times_both_forwards(target, batch):
   config, params = target

@@ -128,6 +128,16 @@ def prefill_cost(params, config, prompts: list[list[int]], cache_size: int,
   return best
 
 
+def rounds_speedup(prefill_steps: float, new_tokens: int, rounds: float, gamma: int,
+                   cost_ratio: float, verify_ratio: float) -> float:
+  """The speedup that `rounds` speculative rounds per batch predict, in target steps: target-only
+  pays its prefill and new_tokens - 1 decode steps (the prefill gives the first token), the
+  speculative loop the same prefill and, per round, gamma draft steps of cost_ratio and a
+  verification of verify_ratio."""
+  return ((prefill_steps + new_tokens - 1)
+          / (prefill_steps + rounds * (gamma * cost_ratio + verify_ratio)))
+
+
 def bench_speculative(target: str, draft: str, gamma: int, n_prompts: int = 4,
                       new_tokens: int = 64, reference: bool = True, repeats: int = 3,
                       batch: int = 1, sampling_params: sampling.SamplingParams =
@@ -209,9 +219,8 @@ def bench_speculative(target: str, draft: str, gamma: int, n_prompts: int = 4,
   a, busy = s["acceptance_rate"], s["busy_share"]
   predicted = busy * speculative.predicted_speedup(a, gamma, cost_ratio)
   with_verify = busy * speculative.predicted_speedup(a, gamma, cost_ratio, verify["ratio"])
-  rounds = s["target_calls"] / len(batches)
-  from_rounds = ((prefill_steps + new_tokens - 1)
-                 / (prefill_steps + rounds * (gamma * cost_ratio + verify["ratio"])))
+  from_rounds = rounds_speedup(prefill_steps, new_tokens, s["target_calls"] / len(batches), gamma,
+                               cost_ratio, verify["ratio"])
   s.update(predicted_speedup=predicted, share_of_predicted=s["speedup"] / predicted,
            predicted_with_verification=with_verify,
            share_of_predicted_with_verification=s["speedup"] / with_verify,
