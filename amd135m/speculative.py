@@ -175,9 +175,11 @@ class LookupFirstDraft:
   inner draft's proposals (code repeats names and lines a model-drafted token rarely guesses; a
   feature head guesses what lookup cannot find). The choice depends on the committed text only,
   so q (one-hot, or the inner draft's distribution) is the distribution each proposal was drawn
-  from and the rejection rule stays exact. The inner draft runs every round. A feature head
-  catches up on every committed position from the verification's features, so accepted lookups
-  leave its state right; a ModelDraft re-reads only the last two committed tokens, so its cache
+  from and the rejection rule stays exact. The inner draft runs every round (a feature head must
+  catch up on the verification's features), but drafts a single token when every row has a
+  lookup. A feature head catches up on every committed position from those features, so accepted
+  lookups leave its state right; a ModelDraft re-reads only the last two committed tokens, so its
+  cache
   would keep its own proposals where lookups were accepted (still exact, but it would draft from
   a wrong context): load_draft builds ngram+D around feature heads only."""
   inner: Draft
@@ -200,9 +202,11 @@ class LookupFirstDraft:
 
   def propose(self, params, state, seq, seq_len, gamma, max_gamma: int, keys, knobs,
               target_vocab: int, features=None):
-    tokens, q, state = self.inner.propose(params, state, seq, seq_len, gamma, max_gamma, keys,
-                                          knobs, target_vocab, features)
     found_tokens, found = self.lookup.lookup(seq, seq_len, max_gamma, self.min_ngram)
+    # Where every row has a lookup, the inner draft's further tokens would all be replaced.
+    inner_gamma = jnp.where(jnp.all(found), jnp.ones_like(gamma), gamma)
+    tokens, q, state = self.inner.propose(params, state, seq, seq_len, inner_gamma, max_gamma,
+                                          keys, knobs, target_vocab, features)
     one_hot = jax.nn.one_hot(found_tokens, target_vocab, dtype=jnp.float32)
     return (jnp.where(found[:, None], found_tokens, tokens),
             jnp.where(found[:, None, None], one_hot, q), state)

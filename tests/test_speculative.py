@@ -177,6 +177,29 @@ def test_lookup_first_takes_the_repeat_where_the_text_has_one_and_the_draft_else
   np.testing.assert_allclose(np.asarray(q[1]), 1 / 16)
 
 
+@dataclasses.dataclass(frozen=True)
+class _AskedDraft(_FixedDraft):
+  """_FixedDraft that records the gamma each round asked of it."""
+  asked: list = dataclasses.field(default_factory=list)
+
+  def propose(self, params, state, seq, seq_len, gamma, *rest):
+    self.asked.append(int(gamma))
+    return super().propose(params, state, seq, seq_len, gamma, *rest)
+
+
+def test_lookup_first_asks_one_token_of_the_inner_draft_when_every_row_has_a_lookup():
+  """Its further proposals would all be replaced; a feature head still catches up that round."""
+  draft = speculative.LookupFirstDraft(_AskedDraft())
+  both = jnp.asarray([[5, 6, 7, 5, 6, 0], [1, 2, 3, 1, 2, 0]], jnp.int32)
+  one = jnp.asarray([[5, 6, 7, 5, 6, 0], [1, 2, 3, 4, 5, 0]], jnp.int32)
+  lens = jnp.asarray([5, 5])
+  tokens, _, _ = draft.propose(None, (), both, lens, jnp.int32(3), 3, None, None, 16)
+  assert np.asarray(tokens).tolist() == [[7, 5, 6], [3, 1, 2]]
+  tokens, _, _ = draft.propose(None, (), one, lens, jnp.int32(3), 3, None, None, 16)
+  assert np.asarray(tokens).tolist() == [[7, 5, 6], [9, 9, 9]]
+  assert draft.inner.asked == [1, 3]
+
+
 @pytest.mark.parametrize("knobs,lookup_first", [((1.0, 0, 1.0), False), ((0.8, 5, 0.9), False),
                                                 ((0.8, 5, 0.9), True)],
                          ids=["plain", "shaped", "shaped-lookup-first"])
