@@ -76,8 +76,10 @@ def test_training_lowers_the_loss_and_writes_a_usable_head(trained, tiny_target)
 
 def test_a_wall_time_budget_without_a_progress_bar_finishes_its_schedule(tiny_target, tmp_path):
   """--minutes sizes the schedule after the first steps (the bar is reset to it); with the bar
-  off (the reproduction's and the API's quiet path) that must work too, and end complete."""
-  settings = dataclasses.replace(SMALL, collect_share=0.7)
+  off (the reproduction's and the API's quiet path) that must work too, and end complete. Half
+  the 24 seconds collect: with a warm compile cache 70% collected 600+ rows, and reading them,
+  the vocabulary and the checkpoint set-up (~3.5 s) left no time for a first step."""
+  settings = dataclasses.replace(SMALL, collect_share=0.5)
   summary = feature_head.train_head(str(tiny_target), tmp_path / "head", minutes=0.4,
                                     settings=settings, eval_every=10, progress=False)
   assert summary["complete"] and summary["step"] == summary["total_steps"] >= 3
