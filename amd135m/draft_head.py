@@ -5,8 +5,10 @@ Trains a feature draft head for a target (amd135m.feature_draft; the work is in
 amd135m.training.feature_head): the target's hidden states and next-token distributions are
 collected on prompts from the local corpora, the head's vocabulary is the K ids the target uses
 most, and the head is trained with orbax checkpoints, metrics.jsonl and a progress bar. A rerun
-with --resume continues where a kill -9 left it. --minutes M bounds the wall time of the whole
-job. The workdir is then a draft: `generate --model MODEL --draft DIR`.
+with --resume continues where a kill -9 left it (once training began, on the rows collected
+then). --minutes M bounds the wall time of the whole job: the schedule is sized after the first
+steps and re-sized at each held-out evaluation on the pace measured so far. The workdir is then
+a draft: `generate --model MODEL --draft DIR`.
 """
 import argparse
 import dataclasses

@@ -434,9 +434,12 @@ def expected_tokens(agreements: list[float]) -> float:
 
 @dataclasses.dataclass
 class Hooks:
-  """Test seams: kill -9 right after a step (or during its save), by step number, not timing."""
+  """Test seams: kill -9 right after a step (or during its save), by step number, not timing;
+  a machine that turns busy (each step from step `slow_from` on takes `slow_seconds` longer)."""
   kill_after_step: int = -1
   kill_during_save: int = -1
+  slow_from: int = -1
+  slow_seconds: float = 0.0
 
 
 def train_head(target: str, workdir, *, minutes: float | None = None, steps: int | None = None,
@@ -498,8 +501,13 @@ def train_head(target: str, workdir, *, minutes: float | None = None, steps: int
   max_chunks = max(1, -(-rows_wanted // settings.collect_batch))
   collect_deadline = (start_time + 60 * minutes * settings.collect_share
                       if minutes is not None else None)
-  chunks = collect(target_params, config, tokenizer, workdir, layers, settings, max_chunks,
-                   collect_deadline, log)
+  if (workdir / head_io.VOCAB_FILE).exists():
+    # Training began on these rows (the vocabulary was chosen from them): a resumed run trains
+    # on, it does not collect for another share of its budget and change the data under way.
+    chunks = len(list((workdir / DATA_DIR).glob("chunk-*.npz")))
+  else:
+    chunks = collect(target_params, config, tokenizer, workdir, layers, settings, max_chunks,
+                     collect_deadline, log)
   collect_seconds = time.time() - collect_start
   data = load_data(workdir)
   n_rows = data["tokens"].shape[0]
@@ -561,6 +569,8 @@ def train_head(target: str, workdir, *, minutes: float | None = None, steps: int
     step = start_step
     timing, last = [], {}
     train_start = time.time()
+    pace_from = None    # (time, step) after this call's first (compiling) step
+    final_seconds = 0.0  # the last evaluation and checkpoint, as last measured
     try:
       while total_steps is None or step < total_steps:
         if deadline is not None and time.time() > deadline - 5:
@@ -572,8 +582,12 @@ def train_head(target: str, workdir, *, minutes: float | None = None, steps: int
         tick = time.perf_counter()
         state, metrics = train_step(state, batch, jnp.float32(lr), embedding, to_draft)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if 0 <= hooks.slow_from <= step:
+          time.sleep(hooks.slow_seconds)
         timing.append(time.perf_counter() - tick)
         step += 1
+        if pace_from is None:
+          pace_from = (time.time(), step)
         if not math.isfinite(metrics["loss"]):
           raise UserError(f"the head's loss is {metrics['loss']} at step {step}: lower --lr and "
                           "rerun with --resume (the last good checkpoint is kept)")
@@ -590,6 +604,7 @@ def train_head(target: str, workdir, *, minutes: float | None = None, steps: int
           tick = time.perf_counter()
           _save(ckpt, step, state, settings, hooks)
           save_seconds = time.perf_counter() - tick
+          final_seconds = eval_seconds + save_seconds
           left = deadline - 10 - time.time() - eval_seconds - save_seconds  # the last step's
           per_step_all = (per_step + eval_seconds / eval_every
                           + save_seconds / checkpoint_every)
@@ -606,6 +621,7 @@ def train_head(target: str, workdir, *, minutes: float | None = None, steps: int
                   **{k: v for k, v in metrics.items() if k.startswith(("agreement", "ce_"))},
                   "expected_tokens_per_call": expected_tokens(agreements),
                   "step_seconds": timing[-1]}
+        tick = time.perf_counter()
         if step % eval_every == 0 or step == total_steps:
           record.update(held_out())
         writer.write(step, record)
@@ -614,6 +630,23 @@ def train_head(target: str, workdir, *, minutes: float | None = None, steps: int
         bar.update(1)
         if step % checkpoint_every == 0 or step == total_steps or preempted:
           _save(ckpt, step, state, settings, hooks)
+        if step % eval_every == 0 and step % checkpoint_every == 0:
+          final_seconds = time.perf_counter() - tick
+        if (deadline is not None and total_steps is not None and step % eval_every == 0
+            and pace_from[1] + 2 <= step < total_steps):
+          # Re-sized at each evaluation on the pace measured since this call's first step
+          # (evaluations and checkpoints included): the steps timed at the start can be faster
+          # than the rest (a 45-minute head sized on them stopped 37 steps short of its 1190 at
+          # the deadline, incomplete), and a resumed run fits what is left of its own budget.
+          pace = (time.time() - pace_from[0]) / (step - pace_from[1])
+          left = deadline - 10 - time.time() - final_seconds
+          resized = step + max(1, int(0.98 * left / pace))
+          if resized != total_steps:
+            total_steps = resized
+            _write_json(workdir / SCHEDULE_FILE, {"total_steps": total_steps,
+                                                  "seconds_per_step": pace})
+            bar.reset(total=total_steps)
+            bar.update(step)
         if hooks.kill_after_step == step:
           os.kill(os.getpid(), signal.SIGKILL)
         if preempted:
