@@ -89,10 +89,12 @@ class RecordingDraft:
     return tokens, q, (buffer, seq_len - 1)
 
 
-def test_features_handed_to_the_draft_equal_a_full_forward(target, monkeypatch):
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_features_handed_to_the_draft_equal_a_full_forward(target, monkeypatch, adaptive):
   """Every hidden state the loop passes (the prompt's from the prefill, then each
   verification's accepted positions) equals the target's full forward over the final sequence;
-  prompt lookup makes rounds accept several tokens, so news come several positions at a time."""
+  prompt lookup makes rounds accept several tokens, so news come several positions at a time.
+  With an adaptive gamma too (rounds of 1-6 proposals), and the output is the target's own."""
   config, params, _ = target
   captured = {}
   loop = speculative._loop
@@ -105,8 +107,9 @@ def test_features_handed_to_the_draft_equal_a_full_forward(target, monkeypatch):
   monkeypatch.setattr(speculative, "_loop", capture)
   prompts = [[5, 9, 2, 5, 9, 2, 5, 9], [7, 1, 1, 3], [11, 4, 11, 4, 11]]
   result = speculative.speculative_generate(params, config, RecordingDraft(), None, prompts, 24,
-                                            gamma=3)
+                                            gamma=3, adaptive=adaptive)
   assert result.totals["accepted"] > 0  # some rounds brought several positions
+  assert result.tokens == sampling.generate(params, config, prompts, 24).tokens
   buffer, known = captured["draft_state"]
   for row, prompt in enumerate(prompts):
     sequence = prompt + result.tokens[row]

@@ -200,14 +200,15 @@ def test_lookup_first_asks_one_token_of_the_inner_draft_when_every_row_has_a_loo
   assert draft.inner.asked == [1, 3]
 
 
-@pytest.mark.parametrize("knobs,lookup_first", [((1.0, 0, 1.0), False), ((0.8, 5, 0.9), False),
-                                                ((0.8, 5, 0.9), True)],
-                         ids=["plain", "shaped", "shaped-lookup-first"])
-def test_sampling_matches_the_target_distribution(sampled_pair, knobs, lookup_first):
+@pytest.mark.parametrize("knobs,lookup_first,adaptive",
+                         [((1.0, 0, 1.0), False, False), ((0.8, 5, 0.9), False, False),
+                          ((0.8, 5, 0.9), True, False), ((0.8, 5, 0.9), False, True)],
+                         ids=["plain", "shaped", "shaped-lookup-first", "shaped-adaptive"])
+def test_sampling_matches_the_target_distribution(sampled_pair, knobs, lookup_first, adaptive):
   """8000 seeds (one row each) of 5 tokens (gamma 2, so two or more rounds): each position's
   tokens pass a chi-square test against the exact target-only marginals, and a deliberately wrong
   residual (sampling from p instead of normalize(max(0, p - q)) at a rejection) fails the same
-  test."""
+  test. Adaptive: gamma 1-4 by round."""
   (config, params), (draft_config, draft_params) = sampled_pair
   prompt, n, length = [1, 2, 3], 8000, 5  # 5 tokens: the prefill token, then several rounds
   if lookup_first:  # a prompt ending on a 2-gram it holds earlier: the first round looks it up
@@ -222,7 +223,7 @@ def test_sampling_matches_the_target_distribution(sampled_pair, knobs, lookup_fi
   def run():
     result = speculative.speculative_generate(
         params, config, draft, draft_params, [prompt] * n, length,
-        gamma=2, sampling_params=knobs_p, seed=list(range(n)))
+        gamma=2, sampling_params=knobs_p, seed=list(range(n)), adaptive=adaptive)
     return np.asarray(result.tokens), result.totals["acceptance_rate"]
 
   tokens, acceptance = run()
