@@ -179,9 +179,8 @@ class LookupFirstDraft:
   catch up on the verification's features), but drafts a single token when every row has a
   lookup. A feature head catches up on every committed position from those features, so accepted
   lookups leave its state right; a ModelDraft re-reads only the last two committed tokens, so its
-  cache
-  would keep its own proposals where lookups were accepted (still exact, but it would draft from
-  a wrong context): load_draft builds ngram+D around feature heads only."""
+  cache would keep its own proposals where lookups were accepted (still exact, but it would draft
+  from a wrong context): load_draft builds ngram+D around feature heads only."""
   inner: Draft
   min_ngram: int = 2
   lookup: NgramDraft = NgramDraft()
