@@ -128,8 +128,11 @@ class ModelDraft:
 @dataclasses.dataclass(frozen=True)
 class NgramDraft:
   """Prompt lookup: no model. Find the latest earlier occurrence of the sequence's last n tokens
-  (n = max_ngram down to 1) and propose the tokens that followed it; q is one-hot on them."""
-  max_ngram: int = 2
+  (n = max_ngram down to 1: the longest match wins) and propose the tokens that followed it; q is
+  one-hot on them. max_ngram 6 rather than 2: a longer match is right more often (HumanEval
+  prompts, SmolLM2, gamma 3 behind a feature head: 2.52 -> 2.67 tokens per target call;
+  docs/RESULTS.md)."""
+  max_ngram: int = 6
   forwards_per_token: int = 0  # no model
   feature_layers: tuple[int, ...] = ()
 
@@ -171,16 +174,16 @@ class NgramDraft:
 @dataclasses.dataclass(frozen=True)
 class LookupFirstDraft:
   """Prompt lookup where the text repeats itself, another draft (`inner`) elsewhere: per row and
-  round, the n-gram continuation when the last `min_ngram`..2 tokens occurred before, else the
-  inner draft's proposals (code repeats names and lines a model-drafted token rarely guesses; a
-  feature head guesses what lookup cannot find). The choice depends on the committed text only,
-  so q (one-hot, or the inner draft's distribution) is the distribution each proposal was drawn
-  from and the rejection rule stays exact. The inner draft runs every round (a feature head must
-  catch up on the verification's features), but drafts a single token when every row has a
-  lookup. A feature head catches up on every committed position from those features, so accepted
-  lookups leave its state right; a ModelDraft re-reads only the last two committed tokens, so its
-  cache would keep its own proposals where lookups were accepted (still exact, but it would draft
-  from a wrong context): load_draft builds ngram+D around feature heads only."""
+  round, the n-gram continuation when the last `min_ngram`..6 tokens occurred before (the longest
+  match), else the inner draft's proposals (code repeats names and lines a model-drafted token
+  rarely guesses; a feature head guesses what lookup cannot find). The choice depends on the
+  committed text only, so q (one-hot, or the inner draft's distribution) is the distribution each
+  proposal was drawn from and the rejection rule stays exact. The inner draft runs every round (a
+  feature head must catch up on the verification's features), but drafts a single token when every
+  row has a lookup. A feature head catches up on every committed position from those features, so
+  accepted lookups leave its state right; a ModelDraft re-reads only the last two committed tokens,
+  so its cache would keep its own proposals where lookups were accepted (still exact, but it would
+  draft from a wrong context): load_draft builds ngram+D around feature heads only."""
   inner: Draft
   min_ngram: int = 2
   lookup: NgramDraft = NgramDraft()
@@ -443,8 +446,8 @@ def load_draft(spec: str, target_config: model_lib.ModelConfig, target_params,
   int8, int4, bf16: the target's own weights at that precision (quantize.py), a quarter, under
   a fifth or half of the bytes per step.
   first:N: the target's first N layers with its final norm and head (a draft made without
-  training). ngram+D: prompt lookup where the text repeats (a 2-gram match), the feature head D
-  elsewhere.
+  training). ngram+D: prompt lookup where the text repeats (a 2- to 6-gram match), the feature
+  head D elsewhere.
   PATH: a feature-head workdir (amd135m.draft_head), checked against the target it was trained
   for; or a model (Hugging Face directory, GGUF, training workdir) whose vocabulary is an
   id-prefix of the target's (with both tokenizers at hand, compared id by id), its weights cast

@@ -177,6 +177,22 @@ def test_lookup_first_takes_the_repeat_where_the_text_has_one_and_the_draft_else
   np.testing.assert_allclose(np.asarray(q[1]), 1 / 16)
 
 
+def test_lookup_prefers_the_longest_match_to_the_latest():
+  """The text ends on 1 2 3. Its 3-gram occurred once (followed by 4), its 2-gram 2 3 later too
+  (followed by 9): the longer, more specific match proposes; with max_ngram 2, the latest one."""
+  seq = jnp.asarray([[1, 2, 3, 4, 5, 7, 2, 3, 9, 8, 1, 2, 3]], jnp.int32)
+  seq_len = jnp.asarray([13])
+  tokens, found = speculative.NgramDraft().lookup(seq, seq_len, 2)
+  assert np.asarray(tokens).tolist() == [[4, 5]] and bool(found[0])
+  tokens, _ = speculative.NgramDraft(max_ngram=2).lookup(seq, seq_len, 2)
+  assert np.asarray(tokens).tolist() == [[9, 8]]
+  # Behind a head: the 6-gram 0 1 2 3 4 5 (followed by 6) beats the later 2-gram 4 5 (then 8).
+  seq = jnp.asarray([[0, 1, 2, 3, 4, 5, 6, 4, 5, 8, 0, 1, 2, 3, 4, 5]], jnp.int32)
+  tokens, _, _ = speculative.LookupFirstDraft(_FixedDraft()).propose(
+      None, (), seq, jnp.asarray([16]), 2, 2, None, None, 16)
+  assert np.asarray(tokens).tolist() == [[6, 4]]
+
+
 @dataclasses.dataclass(frozen=True)
 class _AskedDraft(_FixedDraft):
   """_FixedDraft that records the gamma each round asked of it."""
