@@ -237,6 +237,49 @@ inline float Sum(vec x) {
   return lanes[0];
 }
 
+#if defined(__AVX512F__)
+// Sum() of 16 vectors at once, as one vector of 16 sums: 15 vector adds and 30 shuffles where 16
+// Sum()s are 16 stores and 240 scalar adds. Each level adds lane i and lane i + half of every
+// partial, as Sum() does, so each sum is bitwise Sum() of its vector; kSumOrder.lane[v] is the
+// lane that holds vector v's sum.
+inline __m512 PairSum(__m512 x, __m512 y) { return _mm512_add_ps(x, y); }
+inline vec Sum16(const vec* v) {
+  auto m = [](vec x) { return reinterpret_cast<__m512>(x); };
+  __m512 l1[8], l2[4], l3[2];
+  for (int i = 0; i < 8; ++i) {  // half 8: [a lo + a hi | b lo + b hi]
+    const __m512 a = m(v[2 * i]), b = m(v[2 * i + 1]);
+    l1[i] = PairSum(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  }
+  for (int i = 0; i < 4; ++i) {  // half 4 within each 8-lane partial
+    const __m512 a = l1[2 * i], b = l1[2 * i + 1];
+    l2[i] = PairSum(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
+  }
+  for (int i = 0; i < 2; ++i) {  // half 2 within each 4-lane partial (a 128-bit lane)
+    const __m512 a = l2[2 * i], b = l2[2 * i + 1];
+    l3[i] = PairSum(_mm512_shuffle_ps(a, b, 0x44), _mm512_shuffle_ps(a, b, 0xEE));
+  }
+  // half 1 within each 2-lane partial
+  const __m512 sums = PairSum(_mm512_shuffle_ps(l3[0], l3[1], 0x88),
+                              _mm512_shuffle_ps(l3[0], l3[1], 0xDD));
+  return reinterpret_cast<vec>(sums);
+}
+
+// Where Sum16 leaves vector v's sum, found once by summing indicator vectors (exact).
+struct SumOrder {
+  int lane[16];
+  SumOrder() {
+    vec v[16];
+    for (int i = 0; i < 16; ++i) {
+      v[i] = vec{};
+      v[i][0] = static_cast<float>(i + 1);
+    }
+    const vec sums = Sum16(v);
+    for (int l = 0; l < 16; ++l) lane[static_cast<int>(sums[l]) - 1] = l;
+  }
+};
+const SumOrder kSumOrder;
+#endif
+
 // out[:, v0:v1] = x @ E[v0:v1, :]^T for E stored [V, K] (the tied embedding as output head): VB
 // weight rows at a time, each a contiguous dot product with every one of the M rows, taken RG
 // rows at a time so that RG * VB accumulators and the VB weight vectors fit the registers (the
@@ -272,9 +315,22 @@ void MatmulNT(const float* __restrict x, const W* __restrict e, float* __restric
           for (int j = 0; j < VB; ++j) acc[g][j] += xv * ev[j];
         }
       }
+#if defined(__AVX512F__)
+      float sums[G * VB];
+      if constexpr (G * VB == 16) {
+        const vec all = Sum16(&acc[0][0]);
+        for (int i = 0; i < 16; ++i) sums[i] = all[kSumOrder.lane[i]];
+      } else {
+        for (int i = 0; i < G * VB; ++i) sums[i] = Sum(acc[i / VB][i % VB]);
+      }
+#endif
       for (int g = 0; g < rows; ++g)
         for (int j = 0; j < VB; ++j) {
+#if defined(__AVX512F__)
+          float s = sums[g * VB + j];
+#else
           float s = Sum(acc[g][j]);
+#endif
           for (int64_t d = kv; d < K; ++d)
             s = Fma(x[(m0 + g) * K + d], ToFloat(e[(v + j) * K + d]), s);
           out[(m0 + g) * V + v + j] = s;
