@@ -286,6 +286,26 @@ def test_corpus_chunks_read_whole_functions_as_they_are(tiny_target, tmp_path):
     np.testing.assert_array_equal(only[key], corpus[key])
 
 
+def test_a_deadline_sizes_the_collection_bar(tiny_target, tmp_path, monkeypatch, capsys):
+  """With --minutes the collection stops at its deadline: the bar counts the chunks the deadline
+  leaves room for at the measured pace (its ETA then holds), not the schedule's maximum."""
+  import re
+  import time
+  tokenizer = load_tokenizer(tiny_target)
+  config, params = checkpoints.load_params(tiny_target)
+
+  def slow_rows(params, config, prompts, layers, settings):  # 0.25 s a chunk
+    time.sleep(0.25)
+    return {"tokens": np.zeros((len(prompts), 4), np.int32)}
+
+  monkeypatch.setattr(feature_head, "collect_rows", slow_rows)
+  chunks = feature_head.collect(params, config, tokenizer, tmp_path, (1, 2), SMALL, 400,
+                                time.time() + 1.2)
+  totals = [int(total) for _, total in re.findall(r"(\d+)/(\d+)", capsys.readouterr().err)]
+  assert 1 <= chunks < 50  # about 5; fewer where preparing the first prompts is slow
+  assert totals[0] == 400 and chunks <= totals[-1] <= chunks + 1
+
+
 def test_generate_every_zero_reads_only_and_a_negative_one_is_refused():
   feature_head.Settings(**{**SMALL.__dict__, "generate_every": 0}).check(49152)
   with pytest.raises(UserError, match="--generate-every must be >= 0"):

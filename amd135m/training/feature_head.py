@@ -279,6 +279,7 @@ def collect(params, config, tokenizer, workdir: pathlib.Path, layers, settings: 
   done = sum(1 for i in range(max_chunks) if _chunk_path(workdir, i).exists())
   bar = tqdm(total=max_chunks, initial=done, desc="collect", unit="chunk", file=sys.stderr,
              dynamic_ncols=True)
+  started, made = time.time(), 0
   try:
     for index in range(max_chunks):
       path = _chunk_path(workdir, index)
@@ -290,6 +291,10 @@ def collect(params, config, tokenizer, workdir: pathlib.Path, layers, settings: 
       if batch is None:  # a corpus ran out
         break
       _write_atomic_npz(path, collect_rows(params, config, batch, layers, settings))
+      made += 1
+      if deadline is not None:  # the chunks the deadline leaves room for, so the ETA holds
+        pace = (time.time() - started) / made
+        bar.total = min(max_chunks, bar.n + 1 + math.ceil(max(0.0, deadline - time.time()) / pace))
       bar.update(1)
   finally:
     bar.close()
