@@ -242,26 +242,24 @@ inline float Sum(vec x) {
 // Sum()s are 16 stores and 240 scalar adds. Each level adds lane i and lane i + half of every
 // partial, as Sum() does, so each sum is bitwise Sum() of its vector; kSumOrder.lane[v] is the
 // lane that holds vector v's sum.
-inline __m512 PairSum(__m512 x, __m512 y) { return _mm512_add_ps(x, y); }
 inline vec Sum16(const vec* v) {
-  auto m = [](vec x) { return reinterpret_cast<__m512>(x); };
   __m512 l1[8], l2[4], l3[2];
   for (int i = 0; i < 8; ++i) {  // half 8: [a lo + a hi | b lo + b hi]
-    const __m512 a = m(v[2 * i]), b = m(v[2 * i + 1]);
-    l1[i] = PairSum(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+    const __m512 a = reinterpret_cast<__m512>(v[2 * i]);
+    const __m512 b = reinterpret_cast<__m512>(v[2 * i + 1]);
+    l1[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
   }
   for (int i = 0; i < 4; ++i) {  // half 4 within each 8-lane partial
     const __m512 a = l1[2 * i], b = l1[2 * i + 1];
-    l2[i] = PairSum(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
+    l2[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
   }
   for (int i = 0; i < 2; ++i) {  // half 2 within each 4-lane partial (a 128-bit lane)
     const __m512 a = l2[2 * i], b = l2[2 * i + 1];
-    l3[i] = PairSum(_mm512_shuffle_ps(a, b, 0x44), _mm512_shuffle_ps(a, b, 0xEE));
+    l3[i] = _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x44), _mm512_shuffle_ps(a, b, 0xEE));
   }
   // half 1 within each 2-lane partial
-  const __m512 sums = PairSum(_mm512_shuffle_ps(l3[0], l3[1], 0x88),
-                              _mm512_shuffle_ps(l3[0], l3[1], 0xDD));
-  return reinterpret_cast<vec>(sums);
+  return reinterpret_cast<vec>(_mm512_add_ps(_mm512_shuffle_ps(l3[0], l3[1], 0x88),
+                                             _mm512_shuffle_ps(l3[0], l3[1], 0xDD)));
 }
 
 // Where Sum16 leaves vector v's sum, found once by summing indicator vectors (exact).
@@ -316,21 +314,15 @@ void MatmulNT(const float* __restrict x, const W* __restrict e, float* __restric
         }
       }
 #if defined(__AVX512F__)
-      float sums[G * VB];
-      if constexpr (G * VB == 16) {
-        const vec all = Sum16(&acc[0][0]);
-        for (int i = 0; i < 16; ++i) sums[i] = all[kSumOrder.lane[i]];
-      } else {
-        for (int i = 0; i < G * VB; ++i) sums[i] = Sum(acc[i / VB][i % VB]);
-      }
+      static_assert(G * VB == 16, "Sum16 sums a block's 16 accumulators");
+      const vec tree = Sum16(&acc[0][0]);
+      auto sum = [&](int g, int j) { return tree[kSumOrder.lane[g * VB + j]]; };
+#else
+      auto sum = [&](int g, int j) { return Sum(acc[g][j]); };
 #endif
       for (int g = 0; g < rows; ++g)
         for (int j = 0; j < VB; ++j) {
-#if defined(__AVX512F__)
-          float s = sums[g * VB + j];
-#else
-          float s = Sum(acc[g][j]);
-#endif
+          float s = sum(g, j);
           for (int64_t d = kv; d < K; ++d)
             s = Fma(x[(m0 + g) * K + d], ToFloat(e[(v + j) * K + d]), s);
           out[(m0 + g) * V + v + j] = s;
