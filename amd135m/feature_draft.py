@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amd135m import attention as attention_lib, model as model_lib, sampling
+from amd135m import attention as attention_lib, model as model_lib, quantize, sampling
 from amd135m.model_config import ModelConfig
 
 
@@ -191,6 +191,17 @@ def output_embeddings(target_params: dict, config: ModelConfig) -> jax.Array:
   if config.tie_embeddings:
     return target_params["embed_tokens"]["embedding"]
   return target_params["lm_head"]["kernel"].T
+
+
+def decoding_params(params: dict) -> dict:
+  """The head's weights as the speculative loop reads them: every matrix in bf16 (the Linear
+  kernels as quantize.Bf16Weight panels, the output head's rows as they lie), norms f32. A draft
+  step streams the head's ~30 MB of f32 weights from memory (the target's stream evicts them
+  between rounds), so half the bytes are faster rounds: lookup + head 1.91x -> 1.98x at the
+  same acceptance (docs/RESULTS.md). The rounding moves the draft's proposals, never the
+  output's exactness, which rests on the rejection rule alone."""
+  rest = quantize.to_bfloat16({k: v for k, v in params.items() if k != "head"})
+  return {**rest, "head": jnp.asarray(params["head"], jnp.float32).astype(jnp.bfloat16)}
 
 
 def apply(params: dict, config: HeadConfig, method: str, *args):

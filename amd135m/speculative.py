@@ -449,9 +449,9 @@ def load_draft(spec: str, target_config: model_lib.ModelConfig, target_params,
   training). ngram+D: prompt lookup where the text repeats (a 2- to 6-gram match), the feature
   head D elsewhere.
   PATH: a feature-head workdir (amd135m.draft_head), checked against the target it was trained
-  for; or a model (Hugging Face directory, GGUF, training workdir) whose vocabulary is an
-  id-prefix of the target's (with both tokenizers at hand, compared id by id), its weights cast
-  to `dtype` if given."""
+  for (its weights in bf16: feature_draft.decoding_params); or a model (Hugging Face directory,
+  GGUF, training workdir) whose vocabulary is an id-prefix of the target's (with both tokenizers
+  at hand, compared id by id), its weights cast to `dtype` if given."""
   from amd135m import checkpoints, feature_draft  # noqa: PLC0415 (checkpoints pulls orbax)
   from amd135m.checkpoints import head_io  # noqa: PLC0415
   if spec == "ngram":
@@ -500,7 +500,7 @@ def load_draft(spec: str, target_config: model_lib.ModelConfig, target_params,
     draft = feature_draft.FeatureDraft(config)
     draft.check(target_config)
     embedding = target_params["embed_tokens"]["embedding"]
-    return draft, {"head": jax.tree.map(jnp.asarray, head), "vocab": jnp.asarray(vocab),
+    return draft, {"head": feature_draft.decoding_params(head), "vocab": jnp.asarray(vocab),
                    "embedding": embedding}
   config, params = checkpoints.load_params(path, dtype)
   draft_tokenizer = None

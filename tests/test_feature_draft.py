@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import hf_reference as ref
-from amd135m import feature_draft, model as model_lib, sampling, speculative
+from amd135m import feature_draft, model as model_lib, quantize, sampling, speculative
 from amd135m.checkpoints import head_io
 from amd135m.errors import UserError
 from test_speculative import (
@@ -134,6 +134,26 @@ def test_greedy_equals_target_only_and_ragged_rows_equal_single_runs(target, lay
   # Ragged rows with their own stops, sampled: each row equals its run alone.
   stops = [[expected[0][10]], [-1], [expected[2][4]]]
   assert_ragged_rows_equal_single_runs(params, config, draft, draft_params, stops)
+
+
+def test_the_loop_reads_the_head_in_bf16(target):
+  """load_draft hands the loop decoding_params: every matrix in bf16 (the Linear kernels as
+  panels), the norms f32, and logits that are the f32 head's up to the weights' rounding."""
+  config, params, _ = target
+  draft, draft_params = random_head(config, params, (0, 1, 2), list(range(0, 64, 3)))
+  head = draft_params["head"]
+  low = feature_draft.decoding_params(head)
+  assert quantize.precision(low) == "bf16" and low["head"].dtype == jnp.bfloat16
+  assert isinstance(low["layer"]["mlp"]["down_proj"]["kernel"], quantize.Bf16Weight)
+  assert low["norm"]["scale"].dtype == jnp.float32
+  rng = np.random.default_rng(0)
+  features = jnp.asarray(rng.normal(size=(2, 5, draft.config.feature_dim)), jnp.float32)
+  embeddings = jnp.asarray(rng.normal(size=(2, 5, config.dim)), jnp.float32)
+  positions = jnp.broadcast_to(jnp.arange(5), (2, 5))
+  logits = [np.asarray(feature_draft.apply(p, draft.config, "__call__", features, embeddings,
+                                           positions)) for p in (head, low)]
+  scale = np.abs(logits[0]).max()
+  assert 0 < np.abs(logits[1] - logits[0]).max() < 0.01 * scale
 
 
 def test_sampling_with_a_pruned_vocabulary_matches_the_target_distribution(monkeypatch):
