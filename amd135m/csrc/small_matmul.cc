@@ -212,8 +212,13 @@ void MatmulNN(const float* __restrict x, const W* __restrict w, float* __restric
   if constexpr (M == 1 && std::is_same_v<W, uint16_t>)
     n = MatmulNNBf16Row(x, w, out, K, N, n, n1);
 #endif
-  n = MatmulNNColumns<M, ColumnVectors<M>(), W>(x, w, out, K, N, n, n1);
-  if (ColumnVectors<M>() > 1) n = MatmulNNColumns<M, 1, W>(x, w, out, K, N, n, n1);
+  // A thread's share is whole vectors of columns, not whole blocks (see SmallMatmul): what is
+  // left after the widest blocks goes through narrower ones, each with its own accumulators.
+  constexpr int CB = ColumnVectors<M>();
+  n = MatmulNNColumns<M, CB, W>(x, w, out, K, N, n, n1);
+  if constexpr (CB > 4) n = MatmulNNColumns<M, 4, W>(x, w, out, K, N, n, n1);
+  if constexpr (CB > 2) n = MatmulNNColumns<M, 2, W>(x, w, out, K, N, n, n1);
+  if constexpr (CB > 1) n = MatmulNNColumns<M, 1, W>(x, w, out, K, N, n, n1);
   for (; n < n1; ++n)  // the last columns, one at a time, in the same order over k
     for (int64_t k = 0; k < k_end; k += KB)
       for (int m = 0; m < M; ++m) {
@@ -468,13 +473,14 @@ ffi::Error SmallMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<D> w,
   const float* xp = x.typed_data();
   const W* wp = w.typed_data();
   float* op = out->typed_data();
-  // One chunk of columns (rows of a transposed weight) per thread, in multiples of the kernels'
-  // blocks: each thread streams the widest contiguous runs of every weight row. (Four chunks per
-  // thread, so that a helper starting late would still find work, made a SmolLM2 step 5% and a
-  // 5-token forward 10% slower; a helper that has not started when the caller's chunk is done
-  // leaves its chunk to the caller.)
+  // One chunk of columns per thread, in whole vectors (rows of a transposed weight, in fours):
+  // each thread streams the widest contiguous runs of every weight row. Chunks of whole 8-vector
+  // blocks split a 576-column product (SmolLM2's q, o and down) 384 / 192, at the pace of the
+  // larger share. (Four chunks per thread, so that a helper starting late would still find work,
+  // made a SmolLM2 step 5% and a 5-token forward 10% slower; a helper that has not started when
+  // the caller's chunk is done leaves its chunk to the caller.)
   const int64_t threads = KernelThreads();
-  const int64_t block = transposed ? 4 : 8 * kLanes;
+  const int64_t block = transposed ? 4 : kLanes;
   const int64_t blocks_per_thread = (n + threads * block - 1) / (threads * block);
   const int64_t per = std::max<int64_t>(block, blocks_per_thread * block);
   const int chunks = static_cast<int>((n + per - 1) / per);
