@@ -935,18 +935,18 @@ ffi::Error CachedAttention(ffi::Buffer<ffi::F32> q,
         acc += *reinterpret_cast<const vec*>(q0 + h) * *reinterpret_cast<const vec*>(key + h);
       return acc;
     };
-    int64_t s = 0;
+    int64_t scored = 0;  // keys whose scores are in
 #if defined(__AVX512F__)
     // 16 keys' lane sums as one shuffle tree (Sum16: each bitwise its Sum()); one Sum() per key
     // was most of the kernel's time.
-    for (; s + 16 <= n_keys; s += 16) {
+    for (; scored + 16 <= n_keys; scored += 16) {
       vec acc[16];
-      for (int j = 0; j < 16; ++j) acc[j] = score(s + j);
+      for (int j = 0; j < 16; ++j) acc[j] = score(scored + j);
       const vec tree = Sum16(acc);
-      for (int j = 0; j < 16; ++j) scores[s + j] = tree[kSumOrder.lane[j]];
+      for (int j = 0; j < 16; ++j) scores[scored + j] = tree[kSumOrder.lane[j]];
     }
 #endif
-    for (; s < n_keys; ++s) scores[s] = Sum(score(s));
+    for (; scored < n_keys; ++scored) scores[scored] = Sum(score(scored));
     const vec zero = {};
     vec lanes;
     for (int l = 0; l < kLanes; ++l) lanes[l] = static_cast<float>(l);
