@@ -276,10 +276,10 @@ def _first_state(first_logits, target_cache, draft_state, features, seq, prompt_
                 draft_state, features, zeros, zeros, zeros, zeros_at, zeros_at)
 
 
-def _verify(target_params, target_config, draft, s: _State, proposals, knobs):
+def _verify(target_params, target_config, draft, s: _State, proposals):
   """The target's one forward over the newest committed token and the proposals, at each row's
-  own offset: its distributions p [B, G+1, V], its cache, and (for a feature draft) the hidden
-  states it computed anyway."""
+  own offset: its logits [B, G+1, V], its cache, and (for a feature draft) the hidden states it
+  computed anyway."""
   newest = jnp.take_along_axis(s.seq, s.seq_len[:, None] - 1, axis=1)
   verify = jnp.concatenate([newest, proposals], axis=1)                          # [B, G+1]
   cache = s.target_cache.replace(length=s.seq_len - 1)
@@ -289,7 +289,19 @@ def _verify(target_params, target_config, draft, s: _State, proposals, knobs):
   else:
     logits, cache = model_lib.forward(target_params, target_config, verify, cache)
     features = s.features
-  return sampling.probabilities(logits, knobs), cache, features
+  return logits, cache, features
+
+
+def _accept_greedy(logits, proposals, gamma, max_gamma: int):
+  """_accept when the target decodes greedily (p one-hot on its argmax): a proposal is accepted
+  while it is the target's argmax, and the token after the accepted prefix is the argmax there
+  (the residual of a one-hot p and any q that put its mass on a rejected proposal is p again).
+  The same tokens as _accept, without its vocabulary-sized distributions."""
+  target = sampling.argmax(logits)                                               # [B, G+1]
+  in_gamma = jnp.arange(max_gamma)[None] < gamma
+  ok = (proposals == target[:, :-1]) & in_gamma
+  n_accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)       # [B]
+  return n_accepted, jnp.take_along_axis(target, n_accepted[:, None], axis=1)[:, 0]
 
 
 def _accept(p, q, proposals, gamma, max_gamma: int, accept_keys, residual_keys, temperature):
@@ -348,12 +360,15 @@ def _commit(s: _State, rows: _Rows, proposals, n_accepted, final, cache, draft_s
                 s.accepted + count * n_accepted, accepted_at, drafted_at)
 
 
-@functools.partial(jax.jit, static_argnames=("target_config", "draft", "max_gamma", "adaptive"))
+@functools.partial(jax.jit, static_argnames=("target_config", "draft", "max_gamma", "adaptive",
+                                             "greedy"))
 def _loop(target_params, draft_params, first_logits, target_cache, draft_state, features, seq,
           prompt_lens, rows: _Rows, knobs: sampling.SamplingParams, gamma, *, target_config,
-          draft, max_gamma: int, adaptive: bool):
+          draft, max_gamma: int, adaptive: bool, greedy: bool):
   """Rounds of propose, verify, accept and commit until every row is done; knobs are device
-  scalars (SamplingParams.traced)."""
+  scalars (SamplingParams.traced). greedy (temperature 0) compiles a loop that compares argmaxes:
+  the drafts' q and the target's p are then unused, and XLA drops them (4 x 49152-wide one-hots,
+  residuals and pads a round)."""
   keys = jax.vmap(jax.random.key)(rows.seeds)
   state = _first_state(first_logits, target_cache, draft_state, features, seq, prompt_lens,
                        rows, keys, knobs, gamma, max_gamma)
@@ -364,9 +379,12 @@ def _loop(target_params, draft_params, first_logits, target_cache, draft_state, 
     proposals, q, draft_state = draft.propose(draft_params, s.draft_state, s.seq, s.seq_len,
                                               s.gamma, max_gamma, draft_keys, knobs,
                                               target_config.vocab_size, s.features)
-    p, cache, features = _verify(target_params, target_config, draft, s, proposals, knobs)
-    n_accepted, final = _accept(p, q, proposals, s.gamma, max_gamma, accept_keys, residual_keys,
-                                knobs.temperature)
+    logits, cache, features = _verify(target_params, target_config, draft, s, proposals)
+    if greedy:
+      n_accepted, final = _accept_greedy(logits, proposals, s.gamma, max_gamma)
+    else:
+      n_accepted, final = _accept(sampling.probabilities(logits, knobs), q, proposals, s.gamma,
+                                  max_gamma, accept_keys, residual_keys, knobs.temperature)
     return _commit(s, rows, proposals, n_accepted, final, cache, draft_state, features,
                    max_gamma, adaptive)
 
@@ -574,7 +592,8 @@ def speculative_generate(target_params, target_config: model_lib.ModelConfig, dr
                stop_ids=jnp.asarray(request.stops))
   out = _loop(target_params, draft_params, first_logits, target_cache, draft_state, features, seq,
               lens, rows, sampling_params.traced(), jnp.int32(gamma), target_config=target_config,
-              draft=draft, max_gamma=max_gamma, adaptive=adaptive)
+              draft=draft, max_gamma=max_gamma, adaptive=adaptive,
+              greedy=bool(sampling_params.temperature == 0))
   out.pop("draft_state")
   out = jax.tree.map(np.asarray, out)
   per_token = draft.forwards_per_token

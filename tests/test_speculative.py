@@ -257,6 +257,37 @@ def test_sampling_matches_the_target_distribution(sampled_pair, knobs, lookup_fi
   assert not all(chi_square_passes(wrong[:, i], exact[i]) for i in range(length))
 
 
+def test_greedy_acceptance_is_the_rejection_rule_with_one_hot_p():
+  """The greedy loop compares argmaxes (_accept_greedy); on random logits, proposals that agree
+  with the target for a random prefix, drafts' q one-hot, spread or without mass on the proposal,
+  and every gamma up to max_gamma, it gives _accept's accepted lengths and tokens."""
+  rng = np.random.default_rng(0)
+  batch, max_gamma, vocab = 64, 4, 50
+  logits = jnp.asarray(rng.normal(size=(batch, max_gamma + 1, vocab)), jnp.float32)
+  target = np.asarray(sampling.argmax(logits))
+  agree = rng.integers(0, max_gamma + 1, batch)
+  proposals = np.where(np.arange(max_gamma)[None] < agree[:, None], target[:, :-1],
+                       rng.integers(0, vocab, (batch, max_gamma)))
+  proposals = jnp.asarray(proposals, jnp.int32)
+  one_hot = jax.nn.one_hot(proposals, vocab)
+  spread = jax.nn.softmax(jnp.asarray(rng.normal(size=(batch, max_gamma, vocab)), jnp.float32))
+  no_mass = jnp.where(one_hot > 0, 0.0, 1.0 / (vocab - 1))
+  p = jax.nn.one_hot(target, vocab)
+  keys = jax.vmap(jax.random.key)(jnp.arange(batch))
+  accept_keys, residual_keys = (jax.vmap(jax.random.fold_in, (0, None))(keys, i) for i in (1, 2))
+  accepted_somewhere = False
+  for gamma in range(1, max_gamma + 1):
+    n_greedy, final_greedy = speculative._accept_greedy(logits, proposals, jnp.int32(gamma),
+                                                        max_gamma)
+    for q in (one_hot, spread, no_mass):
+      n, final = speculative._accept(p, q, proposals, jnp.int32(gamma), max_gamma, accept_keys,
+                                     residual_keys, jnp.float32(0.0))
+      np.testing.assert_array_equal(n_greedy, n)
+      np.testing.assert_array_equal(final_greedy, final)
+    accepted_somewhere |= bool(np.any((np.asarray(n_greedy) > 0) & (np.asarray(n_greedy) < gamma)))
+  assert accepted_somewhere  # the prefixes were partly accepted, not all-or-nothing
+
+
 def test_context_free_acceptance_matches_theory():
   """Models whose logits ignore the context (equal embedding rows, zeroed residual branches):
   the per-token acceptance is a = sum(min(p, q)), and the tokens per target call,
