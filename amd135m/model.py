@@ -152,6 +152,9 @@ class Embedding(nn.Module):
     rows = x.reshape(-1, x.shape[-1]).astype(dtype)                               # [B*T, D]
     if isinstance(self.embedding, QUANTIZED):
       logits = self.embedding.matmul(rows)
+    elif self.has_variable("params", "output_kernel"):  # quantize.with_output_kernel: [D, V]
+      logits = _product(rows, self.get_variable("params", "output_kernel"), transposed=False,
+                        allow_cpu_kernels=self.allow_cpu_kernels)
     else:
       logits = _product(rows, self.embedding, transposed=True,
                         allow_cpu_kernels=self.allow_cpu_kernels)

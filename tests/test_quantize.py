@@ -476,3 +476,40 @@ def test_a_bf16_prefill_rounds_its_rows_only_where_the_cpu_has_bf16_dots(native,
   few = np.asarray(product(jnp.asarray(x[:8]), w))
   np.testing.assert_array_less(np.abs(few - exact_f32[:8]), bound[:8])
   jax.clear_caches()
+
+
+def test_f32_decode_reads_the_head_from_its_transposed_copy(smollm2, monkeypatch):
+  """cast_weights(f32) adds the tied embedding's transpose [D, V] (with_output_kernel), which the
+  head then multiplies by as a row-major product: the same logits up to f32 rounding, the same
+  greedy tokens; the other precisions and the fingerprint ignore it."""
+  from amd135m.benchmarks import decode_bench
+  from amd135m.checkpoints import head_io
+  config, params = smollm2
+  copied = quantize.cast_weights(params, config, "f32")
+  table = params["embed_tokens"]["embedding"]
+  assert np.array_equal(np.asarray(copied["embed_tokens"]["output_kernel"]), np.asarray(table).T)
+  assert quantize.cast_weights(copied, config, "f32")["embed_tokens"].keys() == {
+      "embedding", "output_kernel"}  # cast again: still one copy
+  assert quantize.without_output_kernel(copied)["embed_tokens"].keys() == {"embedding"}
+
+  products = []
+  original = cpu_kernels.matmul
+  monkeypatch.setattr(cpu_kernels, "matmul", lambda x, w, transposed=False: (
+      products.append((w.shape, transposed)), original(x, w, transposed))[1])
+  tokens = jnp.asarray([[504, 3074, 4303, 282, 253]])
+  cache = model_lib.init_cache(config, 1, 32)
+  ours = model_lib.forward(copied, config, tokens, cache)[0]
+  assert ((config.dim, config.vocab_size), False) in products
+  monkeypatch.setattr(cpu_kernels, "matmul", original)
+  plain = model_lib.forward(params, config, tokens, cache)[0]
+  np.testing.assert_allclose(np.asarray(ours), np.asarray(plain), rtol=0, atol=1e-4)
+  prompts = [[1, 504, 3074, 4303, 282, 253, 1345, 314, 2, 1348, 30, 2210], [1, 422, 5]]
+  assert (sampling.generate(copied, config, prompts, 16).tokens ==
+          sampling.generate(params, config, prompts, 16).tokens)
+
+  int8 = quantize.cast_weights(copied, config, "int8")
+  assert "output_kernel" not in int8["embed_tokens"]
+  assert head_io.fingerprint(config, copied) == head_io.fingerprint(config, params)
+  # The head reads the copy, the lookup one row of the table.
+  assert (decode_bench.bytes_per_token(config, copied, 100) ==
+          decode_bench.bytes_per_token(config, params, 100) + config.dim * 4)

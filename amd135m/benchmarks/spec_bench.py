@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amd135m import checkpoints, model as model_lib, sampling, speculative
+from amd135m import checkpoints, model as model_lib, quantize, sampling, speculative
 from amd135m.benchmarks import decode_bench
 from amd135m.errors import UserError
 from amd135m.provenance import provenance
@@ -150,7 +150,7 @@ def bench_speculative(target: str, draft: str, gamma: int, n_prompts: int = 4,
     raise UserError(f"--batch {batch} must be >= 1 and divide --prompts {n_prompts}")
   sampling_params.validate()
   config, params = checkpoints.load_params(target)
-  params = jax.tree.map(jnp.asarray, params)
+  params = quantize.with_output_kernel(jax.tree.map(jnp.asarray, params), config)
   tokenizer = load_tokenizer(target)
   d, dp = speculative.load_draft(draft, config, params, tokenizer)
   prompts = [tokenizer.encode(text) for text in humaneval_prompts(n_prompts)]

@@ -37,6 +37,8 @@ def fingerprint(config: ModelConfig, params) -> str:
 
   def visit(prefix: str, tree) -> None:
     for name in sorted(tree):
+      if name == "output_kernel":  # quantize.with_output_kernel's copy of the embedding
+        continue
       value = tree[name]
       if isinstance(value, dict):
         visit(f"{prefix}{name}/", value)
