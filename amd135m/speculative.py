@@ -470,7 +470,7 @@ def load_draft(spec: str, target_config: model_lib.ModelConfig, target_params,
   for (its weights in bf16: feature_draft.decoding_params); or a model (Hugging Face directory,
   GGUF, training workdir) whose vocabulary is an id-prefix of the target's (with both tokenizers
   at hand, compared id by id), its weights cast to `dtype` if given."""
-  from amd135m import checkpoints, feature_draft  # noqa: PLC0415 (checkpoints pulls orbax)
+  from amd135m import checkpoints, feature_draft, quantize  # noqa: PLC0415 (orbax)
   from amd135m.checkpoints import head_io  # noqa: PLC0415
   if spec == "ngram":
     return NgramDraft(), None
@@ -486,7 +486,6 @@ def load_draft(spec: str, target_config: model_lib.ModelConfig, target_params,
   if spec == "self":
     return ModelDraft(target_config), target_params
   if spec in COPY_DRAFTS:
-    from amd135m import quantize  # noqa: PLC0415
     if (stored := quantize.precision(target_params)) != "f32":
       raise UserError(f"--draft {spec}: the target's weights are {stored} already; draft for "
                       "an f32 target")
@@ -527,7 +526,8 @@ def load_draft(spec: str, target_config: model_lib.ModelConfig, target_params,
     draft_tokenizer = load_tokenizer(path)
   check_vocabularies(config.vocab_size, target_config.vocab_size, draft_tokenizer,
                      target_tokenizer)
-  return ModelDraft(config), jax.tree.map(jnp.asarray, params)
+  # An f32 draft's tied head, a large share of a small model's step, from its transposed copy.
+  return ModelDraft(config), quantize.with_output_kernel(jax.tree.map(jnp.asarray, params), config)
 
 
 def check_vocabularies(draft_vocab: int, target_vocab: int, draft_tokenizer=None,
