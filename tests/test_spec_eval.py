@@ -8,6 +8,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -48,11 +49,42 @@ def pair(tmp_path_factory):
               draft=jax.tree.map(jax.numpy.asarray, draft))
 
 
+LOOP_RUNS = []  # (timed, whether speculative._loop compiled) per speculative run of `table`
+
+
+class _Clock:
+  """spec_table's clock: counts its readings (odd while a timed run is in progress)."""
+  def __init__(self):
+    self.readings = 0
+
+  def perf_counter(self):
+    self.readings += 1
+    return time.perf_counter()
+
+
 @pytest.fixture(scope="module")
 def table(pair):
-  return spec_table.speculative_table(pair["target"], TARGET, speculative.ModelDraft(DRAFT),
-                                     pair["draft"], pair["tokenizer"], PROMPTS, gammas=(1, 3),
-                                     max_new_tokens=MAX_NEW)
+  clock, original = _Clock(), speculative.speculative_generate
+
+  def recorded(*args, **kwargs):
+    timed, before = clock.readings % 2 == 1, speculative._loop._cache_size()
+    out = original(*args, **kwargs)
+    LOOP_RUNS.append((timed, speculative._loop._cache_size() > before))
+    return out
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(spec_table, "time", clock)
+    patch.setattr(speculative, "speculative_generate", recorded)
+    return spec_table.speculative_table(pair["target"], TARGET, speculative.ModelDraft(DRAFT),
+                                       pair["draft"], pair["tokenizer"], PROMPTS, gammas=(1, 3),
+                                       max_new_tokens=MAX_NEW)
+
+
+def test_timed_runs_compile_nothing(table):
+  """Every speculative loop a timed run needs (greedy and sampled settings compile their own) was
+  compiled by an untimed warm-up run before it."""
+  assert any(timed for timed, _ in LOOP_RUNS) and any(grew for _, grew in LOOP_RUNS)
+  assert not any(grew for timed, grew in LOOP_RUNS if timed)
 
 
 def test_greedy_rows_are_exact_and_report_acceptance_and_speedup(pair, table):

@@ -141,7 +141,9 @@ def speculative_table(target_params, target_config: ModelConfig, draft: speculat
                     f"({max_new_tokens}) exceeds the draft's context of "
                     f"{draft_context}: shorten one of them")
   stop_ids = list(stop_ids)
-  warmed = set()  # (method, prompt bucket): compiled programs, shared by all settings
+  # (method, prompt bucket): compiled programs. Target-only decode is one program for every
+  # setting; a speculative loop is one for greedy settings and one for sampled ones.
+  warmed = set()
 
   def timed(key, fn):
     if key not in warmed:  # the first prompt of each length bucket compiles; not timed
@@ -165,9 +167,10 @@ def speculative_table(target_params, target_config: ModelConfig, draft: speculat
           sampling.generate, target_params, target_config, [ids], max_new_tokens, knobs,
           seed + i, stop_ids)))
       for gamma in gammas:
-        spec_runs[gamma].append(timed(("speculative", gamma, bucket), functools.partial(
+        run = functools.partial(
             speculative.speculative_generate, target_params, target_config, draft, draft_params,
-            [ids], max_new_tokens, gamma, knobs, seed + i, stop_ids, adaptive=adaptive)))
+            [ids], max_new_tokens, gamma, knobs, seed + i, stop_ids, adaptive=adaptive)
+        spec_runs[gamma].append(timed(("speculative", gamma, bucket, knobs.temperature == 0), run))
 
     target_tokens = [out.tokens[0] for out, _ in target_runs]
     outputs[f"{name}/target"] = target_tokens
