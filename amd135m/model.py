@@ -7,7 +7,9 @@ params['layers_3']['self_attn']['q_proj']['kernel'] [in, out]; `embed_tokens.wei
 ['embed_tokens']['embedding'] [V, D]; norms' `weight` is `scale`. Kernels are [in, out] because
 XLA's CPU matrix-vector product streams that layout about 1.4-2x faster (measured on this
 project's 2-core machine), and decode is bound by reading the weights. quantize.py's int8 copy
-stores them [out, in] instead (its integer dot products read contiguous inputs). Attention
+stores them [out, in] instead (its integer dot products read contiguous inputs), and its f32
+decode layout adds ['embed_tokens']['output_kernel'], the tied table transposed [D, V], which the
+output head then reads (the same reason: a row-major product streams faster). Attention
 proper, and which implementation computes it, is attention.py's.
 """
 import contextlib
