@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from amd135m import attention as attention_lib, cpu_kernels
 from amd135m.model_config import ModelConfig  # noqa: F401 (re-exported: model.ModelConfig)
-from amd135m.quantize import QUANTIZED
+from amd135m.quantize import OUTPUT_KERNEL, QUANTIZED
 
 # ---------------------------------------------------------------------------------------------
 # KV cache: an explicit pytree, passed in and returned; rollback is moving `length` back.
@@ -154,8 +154,8 @@ class Embedding(nn.Module):
     rows = x.reshape(-1, x.shape[-1]).astype(dtype)                               # [B*T, D]
     if isinstance(self.embedding, QUANTIZED):
       logits = self.embedding.matmul(rows)
-    elif self.has_variable("params", "output_kernel"):  # quantize.with_output_kernel: [D, V]
-      logits = _product(rows, self.get_variable("params", "output_kernel"), transposed=False,
+    elif self.has_variable("params", OUTPUT_KERNEL):  # quantize.with_output_kernel: [D, V]
+      logits = _product(rows, self.get_variable("params", OUTPUT_KERNEL), transposed=False,
                         allow_cpu_kernels=self.allow_cpu_kernels)
     else:
       logits = _product(rows, self.embedding, transposed=True,

@@ -63,7 +63,7 @@ def bytes_per_token(config: ModelConfig, params, context: float) -> float:
   weights = sum(x.nbytes for x in jax.tree.leaves(params))
   # The lookup touches one row, not the table, where the head reads another copy: an untied
   # head, or quantize.with_output_kernel's transposed one.
-  if not config.tie_embeddings or "output_kernel" in params["embed_tokens"]:
+  if not config.tie_embeddings or quantize.OUTPUT_KERNEL in params["embed_tokens"]:
     table = sum(x.nbytes for x in jax.tree.leaves(params["embed_tokens"]["embedding"]))
     weights -= table - table // config.vocab_size
   kv = 2 * config.n_layers * config.n_kv_heads * config.head_dim * jnp.dtype(config.dtype).itemsize
