@@ -46,9 +46,11 @@ def test_products_equal_float64_within_f32_rounding(k, n, transposed):
 
 
 @pytest.mark.parametrize("transposed", [False, True])
-def test_each_row_is_bitwise_its_one_row_product(transposed):
-  """A speculative verification's row m equals the decode step that would have scored it."""
-  k, n = 576, 200
+@pytest.mark.parametrize("k", [576, 584, 587])
+def test_each_row_is_bitwise_its_one_row_product(transposed, k):
+  """A speculative verification's row m equals the decode step that would have scored it
+  (K a multiple of the kernels' 16-row blocks, of 8 only, and neither)."""
+  n = 200
   for rows in (2, 5, 8):
     x, w, out = _product(rows, k, n, transposed, seed=rows)
     for m in range(rows):
