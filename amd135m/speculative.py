@@ -187,6 +187,11 @@ class LookupFirstDraft:
   inner: Draft
   min_ngram: int = 2
   lookup: NgramDraft = NgramDraft()
+  # Tokens a round verifies where every row has a lookup (the others verify gamma): a lookup's
+  # continuation often runs on for many tokens, and 8 rows are the CPU kernels' widest cheap
+  # product (HumanEval prompts, SmolLM2, behind a feature head at gamma 3: 2.30 -> 2.60 tokens
+  # per target call in simulation; docs/RESULTS.md). Used when it exceeds gamma.
+  long_gamma: int = 7
 
   @property
   def forwards_per_token(self) -> int:
@@ -212,6 +217,10 @@ class LookupFirstDraft:
     one_hot = jax.nn.one_hot(found_tokens, target_vocab, dtype=jnp.float32)
     return (jnp.where(found[:, None], found_tokens, tokens),
             jnp.where(found[:, None, None], one_hot, q), state)
+
+  def long_rounds(self, seq, seq_len):
+    """[B] bool: the rows whose proposals this round are a lookup's (see long_gamma)."""
+    return self.lookup.lookup(seq, seq_len, 1, self.min_ngram)[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,13 +301,12 @@ def _verify(target_params, target_config, draft, s: _State, proposals):
   return logits, cache, features
 
 
-def _accept_greedy(logits, proposals, gamma, max_gamma: int):
-  """_accept when the target decodes greedily (p one-hot on its argmax): a proposal is accepted
-  while it is the target's argmax, and the token after the accepted prefix is the argmax there
-  (the residual of a one-hot p and any q that put its mass on a rejected proposal is p again).
-  The same tokens as _accept, without its vocabulary-sized distributions."""
-  target = sampling.argmax(logits)                                               # [B, G+1]
-  in_gamma = jnp.arange(max_gamma)[None] < gamma
+def _accept_greedy(target, proposals, gamma, max_gamma: int):
+  """_accept when the target decodes greedily (p one-hot on its argmax, target [B, G+1]): a
+  proposal is accepted while it is the target's argmax, and the token after the accepted prefix
+  is the argmax there (the residual of a one-hot p and any q that put its mass on a rejected
+  proposal is p again). The same tokens as _accept, without its vocabulary-sized distributions."""
+  in_gamma = jnp.arange(max_gamma)[None] < jnp.reshape(gamma, (-1, 1))  # gamma: scalar or [B]
   ok = (proposals == target[:, :-1]) & in_gamma
   n_accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)       # [B]
   return n_accepted, jnp.take_along_axis(target, n_accepted[:, None], axis=1)[:, 0]
@@ -311,7 +319,7 @@ def _accept(p, q, proposals, gamma, max_gamma: int, accept_keys, residual_keys, 
   p_x = jnp.take_along_axis(p[:, :-1], proposals[..., None], axis=-1)[..., 0]    # [B, G]
   q_x = jnp.take_along_axis(q, proposals[..., None], axis=-1)[..., 0]
   u = jax.vmap(lambda k: jax.random.uniform(k, (max_gamma,)))(accept_keys)
-  in_gamma = jnp.arange(max_gamma)[None] < gamma
+  in_gamma = jnp.arange(max_gamma)[None] < jnp.reshape(gamma, (-1, 1))  # gamma: scalar or [B]
   ok = (u * q_x < p_x) & in_gamma
   n_accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)       # [B]
   p_n = jnp.take_along_axis(p, n_accepted[:, None, None], axis=1)[:, 0]
@@ -323,10 +331,10 @@ def _accept(p, q, proposals, gamma, max_gamma: int, accept_keys, residual_keys, 
 
 
 def _commit(s: _State, rows: _Rows, proposals, n_accepted, final, cache, draft_state, features,
-            max_gamma: int, adaptive: bool) -> _State:
+            round_gamma, max_gamma: int, adaptive: bool) -> _State:
   """The round's new tokens (proposals[:n], then `final`), cut at a stop id and at the budget,
   written after each row's committed ones; the caches rolled back to what was accepted; the
-  statistics; and (adaptive) the next gamma."""
+  statistics (round_gamma [B]: each row's proposals this round); and (adaptive) the next gamma."""
   active = ~s.done
   slot = jnp.arange(max_gamma + 1)[None]
   candidates = jnp.where(slot < n_accepted[:, None],
@@ -346,7 +354,7 @@ def _commit(s: _State, rows: _Rows, proposals, n_accepted, final, cache, draft_s
   done = s.done | (active & ((first_stop <= n_accepted) | (new_tokens >= rows.max_new_tokens)))
 
   count = active.astype(jnp.int32)
-  in_gamma = jnp.arange(max_gamma)[None] < s.gamma
+  in_gamma = jnp.arange(max_gamma)[None] < round_gamma[:, None]
   accepted_at = s.accepted_at + (count[:, None] * (slot[:, :-1] < n_accepted[:, None]))
   drafted_at = s.drafted_at + count[:, None] * in_gamma
   if adaptive:  # HF's heuristic, per batch: +2 after an all-accepted round, else -1
@@ -356,19 +364,23 @@ def _commit(s: _State, rows: _Rows, proposals, n_accepted, final, cache, draft_s
     gamma = s.gamma
   return _State(s.iteration + 1, seq, s.seq_len + produced, new_tokens, done, gamma,
                 cache.replace(length=s.seq_len + n_accepted), draft_state, features,
-                s.target_calls + count, s.drafted + count * s.gamma,
+                s.target_calls + count, s.drafted + count * round_gamma,
                 s.accepted + count * n_accepted, accepted_at, drafted_at)
 
 
 @functools.partial(jax.jit, static_argnames=("target_config", "draft", "max_gamma", "adaptive",
-                                             "greedy"))
+                                             "greedy", "short_gamma"))
 def _loop(target_params, draft_params, first_logits, target_cache, draft_state, features, seq,
           prompt_lens, rows: _Rows, knobs: sampling.SamplingParams, gamma, *, target_config,
-          draft, max_gamma: int, adaptive: bool, greedy: bool):
+          draft, max_gamma: int, adaptive: bool, greedy: bool, short_gamma: int | None = None):
   """Rounds of propose, verify, accept and commit until every row is done; knobs are device
   scalars (SamplingParams.traced). greedy (temperature 0) compiles a loop that compares argmaxes:
   the drafts' q and the target's p are then unused, and XLA drops them (4 x 49152-wide one-hots,
-  residuals and pads a round)."""
+  residuals and pads a round).
+
+  short_gamma (static; the draft then has `long_rounds`): each row's round takes max_gamma
+  proposals where its draft says so (a lookup), else short_gamma (= gamma). The target's forward
+  is as wide as the longest: two compiled forwards, of which each round runs one."""
   keys = jax.vmap(jax.random.key)(rows.seeds)
   state = _first_state(first_logits, target_cache, draft_state, features, seq, prompt_lens,
                        rows, keys, knobs, gamma, max_gamma)
@@ -379,14 +391,32 @@ def _loop(target_params, draft_params, first_logits, target_cache, draft_state, 
     proposals, q, draft_state = draft.propose(draft_params, s.draft_state, s.seq, s.seq_len,
                                               s.gamma, max_gamma, draft_keys, knobs,
                                               target_config.vocab_size, s.features)
-    logits, cache, features = _verify(target_params, target_config, draft, s, proposals)
-    if greedy:
-      n_accepted, final = _accept_greedy(logits, proposals, s.gamma, max_gamma)
+
+    def verified(proposals):  # [B, G'] -> argmaxes [B, G+1] or p [B, G+1, V], cache, features
+      logits, cache, features = _verify(target_params, target_config, draft, s, proposals)
+      scores = sampling.argmax(logits) if greedy else sampling.probabilities(logits, knobs)
+      pad = max_gamma - proposals.shape[1]  # positions past this round's gamma: never read
+      scores = jnp.pad(scores, [(0, 0), (0, pad)] + [(0, 0)] * (scores.ndim - 2))
+      if draft.feature_layers:
+        features = jnp.pad(features, ((0, 0), (0, pad), (0, 0)))
+      return scores, cache, features
+
+    if short_gamma is None:
+      round_gamma = jnp.broadcast_to(s.gamma, s.seq_len.shape)
+      scores, cache, features = verified(proposals)
     else:
-      n_accepted, final = _accept(sampling.probabilities(logits, knobs), q, proposals, s.gamma,
-                                  max_gamma, accept_keys, residual_keys, knobs.temperature)
+      long = draft.long_rounds(s.seq, s.seq_len) & ~s.done                         # [B]
+      round_gamma = jnp.where(long, max_gamma, s.gamma)
+      scores, cache, features = jax.lax.cond(
+          jnp.any(long), verified, lambda proposals: verified(proposals[:, :short_gamma]),
+          proposals)
+    if greedy:
+      n_accepted, final = _accept_greedy(scores, proposals, round_gamma, max_gamma)
+    else:
+      n_accepted, final = _accept(scores, q, proposals, round_gamma, max_gamma, accept_keys,
+                                  residual_keys, knobs.temperature)
     return _commit(s, rows, proposals, n_accepted, final, cache, draft_state, features,
-                   max_gamma, adaptive)
+                   round_gamma, max_gamma, adaptive)
 
   final = jax.lax.while_loop(lambda s: ~jnp.all(s.done), round_, state)
   return dict(seq=final.seq, new_tokens=final.new_tokens, target_calls=final.target_calls,
@@ -551,22 +581,32 @@ def speculative_generate(target_params, target_config: model_lib.ModelConfig, dr
                          gamma: int = 4, sampling_params: sampling.SamplingParams =
                          sampling.SamplingParams(), seed: int | Sequence[int] = 0,
                          stop_ids: Sequence[int] | Sequence[Sequence[int]] = (),
-                         adaptive: bool = False, max_gamma: int | None = None
-                         ) -> SpeculativeResult:
+                         adaptive: bool = False, max_gamma: int | None = None,
+                         long_rounds: bool | None = None) -> SpeculativeResult:
   """Speculative decoding of a batch of token-id prompts; the same arguments as
   sampling.generate, plus the draft (ModelDraft or NgramDraft) and gamma.
 
   adaptive: start at `gamma` and adapt per batch up to max_gamma (default 2 * gamma). gamma is then
   one value for the whole batch, so a row's tokens and statistics (not their distribution) depend
-  on its batch; with a fixed gamma each row equals its single run."""
+  on its batch; with a fixed gamma each row equals its single run.
+
+  long_rounds: with a draft that has them (ngram+HEAD: where a row's text repeats, its lookup
+  proposes `long_gamma` tokens; see LookupFirstDraft), a row's round verifies that many there and
+  gamma elsewhere; a round's forward is as wide as its longest row. None: at batch 1 only, where a
+  forward of 8 tokens costs little more than one of 4 on a CPU (a batch of 4 x 8 rows costs about
+  twice 4 x 4). Either way each row's tokens depend on its own text only."""
   sampling_params.validate()
   if gamma < 1:
     raise UserError(f"gamma must be >= 1, got {gamma}")
   draft.check(target_config)
-  max_gamma = max_gamma or (2 * gamma if adaptive else gamma)
+  request = sampling.prepare_request(target_config, prompts, max_new_tokens, seed, stop_ids)
+  if long_rounds is None:
+    long_rounds = len(prompts) == 1
+  long_gamma = getattr(draft, "long_gamma", 0) if long_rounds and not adaptive else 0
+  max_gamma = max_gamma or (2 * gamma if adaptive else max(gamma, long_gamma))
   if max_gamma < gamma:
     raise UserError(f"max_gamma ({max_gamma}) must be at least gamma ({gamma})")
-  request = sampling.prepare_request(target_config, prompts, max_new_tokens, seed, stop_ids)
+  short_gamma = gamma if long_gamma and max_gamma > gamma else None
   draft_context = getattr(getattr(draft, "config", None), "max_seq_len", None)
   if draft_context is not None and max(request.lens) + max_new_tokens > draft_context:
     raise UserError(f"prompt plus max_new_tokens exceeds the draft's context of "
@@ -593,7 +633,7 @@ def speculative_generate(target_params, target_config: model_lib.ModelConfig, dr
   out = _loop(target_params, draft_params, first_logits, target_cache, draft_state, features, seq,
               lens, rows, sampling_params.traced(), jnp.int32(gamma), target_config=target_config,
               draft=draft, max_gamma=max_gamma, adaptive=adaptive,
-              greedy=bool(sampling_params.temperature == 0))
+              greedy=bool(sampling_params.temperature == 0), short_gamma=short_gamma)
   out.pop("draft_state")
   out = jax.tree.map(np.asarray, out)
   per_token = draft.forwards_per_token
@@ -603,6 +643,10 @@ def speculative_generate(target_params, target_config: model_lib.ModelConfig, dr
     rows_tokens.append(out["seq"][b, request.lens[b]:request.lens[b] + n].tolist())
     rows_stats.append(statistics(out["drafted"][b], out["accepted"][b], out["target_calls"][b],
                                  n - 1, out["accepted_at"][b], out["drafted_at"][b], per_token))
+  # A row's long rounds are those that drafted past gamma.
+  long_counts = out["drafted_at"][:, gamma] if short_gamma else np.zeros(batch, np.int32)
+  for b in range(batch):
+    rows_stats[b]["long_rounds"] = int(long_counts[b])
   stopped = [bool(r) and r[-1] in set(request.row_stops[b]) for b, r in enumerate(rows_tokens)]
   # Over the batch, rates count each row's own rounds; target_calls is the batched forwards
   # (the busiest row's count), which is what the batch's wall time pays for.
@@ -611,7 +655,8 @@ def speculative_generate(target_params, target_config: model_lib.ModelConfig, dr
                       out["drafted_at"].sum(0), per_token)
   totals.update(target_calls=int(out["iterations"]),
                 row_target_calls=int(out["target_calls"].sum()),
-                new_tokens=int(out["new_tokens"].sum()))
+                new_tokens=int(out["new_tokens"].sum()), long_rounds=int(long_counts.sum()),
+                long_gamma=max_gamma if short_gamma else None)
   return SpeculativeResult(rows_tokens, stopped, rows_stats, totals, first_token_at)
 
 

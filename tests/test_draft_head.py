@@ -237,7 +237,8 @@ def test_a_head_workdir_is_a_draft_in_generate_bench_and_spec_eval(trained, tiny
 
 def test_lookup_first_around_a_head_is_exact_and_refuses_a_lookup_inside(trained, tiny_target):
   """ngram+DIR: prompt lookup where the text repeats, the head elsewhere; greedy output equals
-  target-only on a prompt that repeats itself (so both sources propose)."""
+  target-only on a prompt that repeats itself (so both sources propose, the lookup in long
+  rounds: the head catches up on their wider features)."""
   workdir, _ = trained
   config, params = checkpoints.load_params(tiny_target)
   draft, draft_params = speculative.load_draft(f"ngram+{workdir}", config, params)
@@ -248,6 +249,7 @@ def test_lookup_first_around_a_head_is_exact_and_refuses_a_lookup_inside(trained
   result = speculative.speculative_generate(params, config, draft, draft_params, prompt, 24,
                                             gamma=3)
   assert result.tokens == expected
+  assert 0 < result.totals["long_rounds"] < result.totals["target_calls"]
   for bad in ("ngram+ngram", "ngram+ngram+self", "ngram+self", "ngram+int8"):
     with pytest.raises(UserError, match="ngram\\+D takes a"):
       speculative.load_draft(bad, config, params)

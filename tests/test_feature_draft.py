@@ -214,6 +214,12 @@ def test_smollm2_greedy_with_random_and_trained_pruned_heads_equals_target_only(
                                               gamma=3, stop_ids=tokenizer.stop_ids)
     for row, cut in enumerate(cuts):
       assert result.tokens[row][:cut] == expected[row][:cut]
+  # Behind prompt lookup, alone (long rounds where the code repeats a name).
+  lookup_first = speculative.LookupFirstDraft(trained[0])
+  result = speculative.speculative_generate(params, config, lookup_first, trained[1], prompts[:1],
+                                            24, gamma=3, stop_ids=tokenizer.stop_ids)
+  assert result.tokens[0][:cuts[0]] == expected[0][:cuts[0]]
+  assert result.totals["long_rounds"] > 0
 
 
 def test_fingerprint_tells_targets_apart(target):

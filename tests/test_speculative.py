@@ -83,6 +83,34 @@ def test_ragged_batch_rows_equal_single_runs(target, poor_draft):
   assert greedy.stopped == [True, False, True] and greedy.tokens[1] == free[1]
 
 
+def test_long_lookup_rounds_are_exact_and_per_row(target, poor_draft):
+  """Behind a lookup, a row's round verifies long_gamma proposals where its text repeats and
+  gamma elsewhere. Alone (the default at batch 1) and in a batch with long rounds forced: greedy
+  tokens equal target-only, long rounds happened, and each sampled row of the batch, its tokens
+  and statistics, equals its run alone."""
+  config, params = target
+  draft = speculative.LookupFirstDraft(speculative.ModelDraft(poor_draft[0]), long_gamma=6)
+  expected = sampling.generate(params, config, PROMPTS, 40).tokens
+  for prompt, tokens in zip(PROMPTS, expected):
+    alone = speculative.speculative_generate(params, config, draft, poor_draft[1], [prompt], 40,
+                                             gamma=2)
+    assert alone.tokens == [tokens] and alone.totals["long_gamma"] == 6
+  assert alone.totals["long_rounds"] > 0  # the last prompt's text repeats
+  knobs = sampling.SamplingParams(0.9, 10, 0.95)
+  run = lambda prompts, seeds: speculative.speculative_generate(
+      params, config, draft, poor_draft[1], prompts, 40, gamma=2, sampling_params=knobs,
+      seed=seeds, long_rounds=True)
+  batch = run(PROMPTS, [1, 2, 3])
+  assert batch.totals["long_rounds"] > 0
+  for row, prompt in enumerate(PROMPTS):
+    alone = run([prompt], [row + 1])
+    assert batch.tokens[row] == alone.tokens[0] and batch.rows[row] == alone.rows[0]
+  # Without long rounds (a batch's default), none.
+  plain = speculative.speculative_generate(params, config, draft, poor_draft[1], PROMPTS, 40,
+                                           gamma=2)
+  assert plain.tokens == expected and plain.totals["long_rounds"] == 0
+
+
 @pytest.mark.parametrize("max_new", [16, 17, 1])
 def test_runs_that_end_exactly_at_the_limit(target, max_new):
   """The buffer's bucket is exactly full (16) or one past it; an all-accepted final round writes
@@ -218,13 +246,15 @@ def test_lookup_first_asks_one_token_of_the_inner_draft_when_every_row_has_a_loo
 
 @pytest.mark.parametrize("knobs,lookup_first,adaptive",
                          [((1.0, 0, 1.0), False, False), ((0.8, 5, 0.9), False, False),
-                          ((0.8, 5, 0.9), True, False), ((0.8, 5, 0.9), False, True)],
-                         ids=["plain", "shaped", "shaped-lookup-first", "shaped-adaptive"])
+                          ((0.8, 5, 0.9), True, False), ((0.8, 5, 0.9), "long", False),
+                          ((0.8, 5, 0.9), False, True)],
+                         ids=["plain", "shaped", "shaped-lookup-first", "shaped-lookup-long",
+                              "shaped-adaptive"])
 def test_sampling_matches_the_target_distribution(sampled_pair, knobs, lookup_first, adaptive):
   """8000 seeds (one row each) of 5 tokens (gamma 2, so two or more rounds): each position's
   tokens pass a chi-square test against the exact target-only marginals, and a deliberately wrong
   residual (sampling from p instead of normalize(max(0, p - q)) at a rejection) fails the same
-  test. Adaptive: gamma 1-4 by round."""
+  test. Adaptive: gamma 1-4 by round. Long: rows with a lookup verify 6 proposals."""
   (config, params), (draft_config, draft_params) = sampled_pair
   prompt, n, length = [1, 2, 3], 8000, 5  # 5 tokens: the prefill token, then several rounds
   if lookup_first:  # a prompt ending on a 2-gram it holds earlier: the first round looks it up
@@ -234,16 +264,18 @@ def test_sampling_matches_the_target_distribution(sampled_pair, knobs, lookup_fi
 
   draft = speculative.ModelDraft(draft_config)
   if lookup_first:  # one-hot lookups where the sampled text repeats a 2-gram, the model elsewhere
-    draft = speculative.LookupFirstDraft(draft)
+    draft = speculative.LookupFirstDraft(draft, long_gamma=6 if lookup_first == "long" else 0)
 
   def run():
     result = speculative.speculative_generate(
         params, config, draft, draft_params, [prompt] * n, length,
-        gamma=2, sampling_params=knobs_p, seed=list(range(n)), adaptive=adaptive)
-    return np.asarray(result.tokens), result.totals["acceptance_rate"]
+        gamma=2, sampling_params=knobs_p, seed=list(range(n)), adaptive=adaptive,
+        long_rounds=lookup_first == "long")
+    return np.asarray(result.tokens), result.totals
 
-  tokens, acceptance = run()
-  assert 0.05 < acceptance < 0.95  # some acceptance and some rejection: the residual matters
+  tokens, totals = run()
+  assert 0.05 < totals["acceptance_rate"] < 0.95  # some rejection: the residual matters
+  assert (totals["long_rounds"] > 0) == (lookup_first == "long")
   assert all(chi_square_passes(tokens[:, i], exact[i]) for i in range(length))
 
   original = speculative._residual
@@ -277,8 +309,8 @@ def test_greedy_acceptance_is_the_rejection_rule_with_one_hot_p():
   accept_keys, residual_keys = (jax.vmap(jax.random.fold_in, (0, None))(keys, i) for i in (1, 2))
   accepted_somewhere = False
   for gamma in range(1, max_gamma + 1):
-    n_greedy, final_greedy = speculative._accept_greedy(logits, proposals, jnp.int32(gamma),
-                                                        max_gamma)
+    n_greedy, final_greedy = speculative._accept_greedy(jnp.asarray(target), proposals,
+                                                        jnp.int32(gamma), max_gamma)
     for q in (one_hot, spread, no_mass):
       n, final = speculative._accept(p, q, proposals, jnp.int32(gamma), max_gamma, accept_keys,
                                      residual_keys, jnp.float32(0.0))
@@ -334,15 +366,19 @@ def test_the_rounds_prediction_counts_the_prefill_both_sides_pay():
   assert spec_bench.rounds_speedup(8, 64, 32, 1, 0.0, 1.0) == pytest.approx(71 / 40)
   # Each round's cost: gamma draft steps of c and a verification of v.
   assert spec_bench.rounds_speedup(0, 64, 20, 3, 0.1, 1.2) == pytest.approx(63 / (20 * 1.5))
+  # 5 of them a lookup's long rounds: one draft step and a verification of 1.3 steps.
+  assert spec_bench.rounds_speedup(0, 64, 20, 3, 0.1, 1.2, long_rounds=5, long_ratio=1.3) == (
+      pytest.approx(63 / (15 * 1.5 + 5 * 1.4)))
 
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_verification_cost_times_both_forwards(target, batch):
   config, params = target
   cost = spec_bench.verification_cost(params, config, gamma=3, context=5, cache_size=16, repeats=2,
-                                      batch=batch)
+                                      batch=batch, long_gamma=6)
   assert 0 < cost["step_seconds"] < 10 and 0 < cost["verify_seconds"] < 10
   assert cost["ratio"] == cost["verify_seconds"] / cost["step_seconds"]
+  assert cost["long_ratio"] == cost["long_verify_seconds"] / cost["step_seconds"]
 
 
 def test_draft_round_and_prefill_costs_time_a_ragged_batch(target):

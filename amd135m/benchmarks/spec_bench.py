@@ -86,10 +86,11 @@ def draft_round_cost(draft, draft_params, params, config, prompts: list[list[int
 
 
 def verification_cost(params, config, gamma: int, context: int, cache_size: int,
-                      repeats: int = 10, batch: int = 1) -> dict:
+                      repeats: int = 10, batch: int = 1, long_gamma: int | None = None) -> dict:
   """A cached target forward of gamma + 1 new tokens per row (a speculative round's verification)
   against one of a single token per row (a decode step), `batch` rows, at the same context and
   cache size: the best of `repeats`, the two interleaved so that the machine's load falls on both.
+  With long_gamma, also a forward of long_gamma + 1 tokens (a lookup's long round).
   The issue's predicted speedup assumes the ratio is 1; on a CPU it is not (through XLA alone a
   1-row forward runs matrix-vector kernels, a forward of 2+ rows weight-packing GEMMs; cpu_kernels
   narrows the gap), and a batch of rows widens it again (4 rows of 4 tokens are 16 products)."""
@@ -98,7 +99,8 @@ def verification_cost(params, config, gamma: int, context: int, cache_size: int,
   forward = jax.jit(lambda p, t, c: model_lib.forward(p, config, t, c), donate_argnums=2)
   cache = model_lib.init_cache(config, batch, cache_size).replace(
       length=jnp.full((batch,), context, jnp.int32))
-  inputs = {n: jnp.zeros((batch, n), jnp.int32) for n in (1, gamma + 1)}
+  widths = (1, gamma + 1) + ((long_gamma + 1,) if long_gamma else ())
+  inputs = {n: jnp.zeros((batch, n), jnp.int32) for n in widths}
   best = dict.fromkeys(inputs, float("inf"))
   for round_ in range(repeats + 1):  # round 0 compiles and warms up
     for n, tokens in inputs.items():
@@ -107,8 +109,11 @@ def verification_cost(params, config, gamma: int, context: int, cache_size: int,
       jax.block_until_ready(forward(params, tokens, fresh))
       if round_:
         best[n] = min(best[n], time.perf_counter() - start)
-  return dict(step_seconds=best[1], verify_seconds=best[gamma + 1],
+  cost = dict(step_seconds=best[1], verify_seconds=best[gamma + 1],
               ratio=best[gamma + 1] / best[1], context=context)
+  if long_gamma:
+    cost.update(long_verify_seconds=best[long_gamma + 1], long_ratio=best[long_gamma + 1] / best[1])
+  return cost
 
 
 def prefill_cost(params, config, prompts: list[list[int]], cache_size: int,
@@ -129,13 +134,17 @@ def prefill_cost(params, config, prompts: list[list[int]], cache_size: int,
 
 
 def rounds_speedup(prefill_steps: float, new_tokens: int, rounds: float, gamma: int,
-                   cost_ratio: float, verify_ratio: float) -> float:
+                   cost_ratio: float, verify_ratio: float, long_rounds: float = 0.0,
+                   long_ratio: float = 0.0) -> float:
   """The speedup that `rounds` speculative rounds per batch predict, in target steps: target-only
   pays its prefill and new_tokens - 1 decode steps (the prefill gives the first token), the
   speculative loop the same prefill and, per round, gamma draft steps of cost_ratio and a
-  verification of verify_ratio."""
+  verification of verify_ratio; of those rounds, `long_rounds` (a lookup's) draft one step and
+  verify at long_ratio."""
+  short = rounds - long_rounds
   return ((prefill_steps + new_tokens - 1)
-          / (prefill_steps + rounds * (gamma * cost_ratio + verify_ratio)))
+          / (prefill_steps + short * (gamma * cost_ratio + verify_ratio)
+             + long_rounds * (cost_ratio + long_ratio)))
 
 
 def bench_speculative(target: str, draft: str, gamma: int, n_prompts: int = 4,
@@ -183,6 +192,8 @@ def bench_speculative(target: str, draft: str, gamma: int, n_prompts: int = 4,
     tokens = [row for o in outs for row in o.tokens]
     return dict(tokens_per_second=total / sum(seconds), seconds=seconds,
                 speedup=sum(target_s) / sum(seconds),
+                long_rounds=sum(o.totals["long_rounds"] for o in outs),
+                long_gamma=outs[0].totals["long_gamma"],
                 acceptance_rate=accepted / drafted if drafted else 0.0,
                 amd_acceptance=None if None in amd else float(np.mean(amd)),
                 tokens_per_target_call=(total - len(prompts)) / calls, target_calls=calls,
@@ -203,11 +214,12 @@ def bench_speculative(target: str, draft: str, gamma: int, n_prompts: int = 4,
   # copies whole lines), so the third prediction takes the rounds as counted: target-only's
   # p + (new_tokens - 1) steps against p + rounds (gamma c + v); what it leaves out is the
   # loop's own bookkeeping.
+  s = result["speculative"]
   context = int(np.mean([len(p) for p in prompts])) + new_tokens // 2
   cache_size = (sampling.bucket(max(map(len, prompts))) + sampling.bucket(new_tokens)
-                + gamma + 1)
+                + max(gamma, s["long_gamma"] or 0) + 1)
   verify = verification_cost(params, config, gamma, context=context, cache_size=cache_size,
-                              batch=batch)
+                              batch=batch, long_gamma=s["long_gamma"])
   round_seconds = draft_round_cost(d, dp, params, config, batches[0], gamma)
   cost_ratio = round_seconds / gamma / verify["step_seconds"]
   prefill_steps = (prefill_cost(params, config, batches[0], cache_size)
@@ -215,12 +227,12 @@ def bench_speculative(target: str, draft: str, gamma: int, n_prompts: int = 4,
   result["verification"] = verify
   result["draft_round"] = dict(seconds=round_seconds, cost_ratio=cost_ratio)
   result["prefill_steps"] = prefill_steps
-  s = result["speculative"]
   a, busy = s["acceptance_rate"], s["busy_share"]
   predicted = busy * speculative.predicted_speedup(a, gamma, cost_ratio)
   with_verify = busy * speculative.predicted_speedup(a, gamma, cost_ratio, verify["ratio"])
   from_rounds = rounds_speedup(prefill_steps, new_tokens, s["target_calls"] / len(batches), gamma,
-                               cost_ratio, verify["ratio"])
+                               cost_ratio, verify["ratio"], s["long_rounds"] / len(batches),
+                               verify.get("long_ratio", 0.0))
   s.update(predicted_speedup=predicted, share_of_predicted=s["speedup"] / predicted,
            predicted_with_verification=with_verify,
            share_of_predicted_with_verification=s["speedup"] / with_verify,
@@ -285,6 +297,10 @@ def print_speculative(r: dict) -> None:
         f"({100 * s['share_of_predicted_with_verification']:.0f}%); from the rounds counted, "
         f"these costs and a prefill of {r['prefill_steps']:.1f} steps: "
         f"{s['predicted_from_rounds']:.2f}x ({100 * s['share_of_predicted_from_rounds']:.0f}%)")
+  if s["long_rounds"]:
+    print(f"long rounds (a lookup's {s['long_gamma']} proposals, {s['long_gamma'] + 1} tokens "
+          f"verified at {v['long_ratio']:.2f} steps): {s['long_rounds']} of "
+          f"{s['target_calls']} rounds")
   if "transformers" in r:
     hf = r["transformers"]
     print("transformers " + ", ".join(f"{k} {v['tokens_per_second']:.1f}" for k, v in hf.items())
