@@ -54,7 +54,11 @@ class Draft(Protocol):
     features [B, max_gamma + 1, F]: the target's hidden states at positions seq_len_prev - 1 + j
     from the last verification (at the first round, slot 0 is the last prompt position's).
     Returns tokens [B, max_gamma] int32, q [B, max_gamma, target_vocab] f32 (positions >= gamma
-    unused), and the state."""
+    unused), and the state.
+
+    A draft may also have long rounds (LookupFirstDraft): `long_gamma`, and `long_rounds(seq,
+    seq_len)` -> [B] bool, the rows whose proposals past gamma, up to max_gamma, are worth
+    verifying this round."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,10 +191,11 @@ class LookupFirstDraft:
   inner: Draft
   min_ngram: int = 2
   lookup: NgramDraft = NgramDraft()
-  # Tokens a round verifies where every row has a lookup (the others verify gamma): a lookup's
+  # Proposals a row's round takes where it has a lookup (other rows take gamma): a lookup's
   # continuation often runs on for many tokens, and 8 rows are the CPU kernels' widest cheap
-  # product (HumanEval prompts, SmolLM2, behind a feature head at gamma 3: 2.30 -> 2.60 tokens
-  # per target call in simulation; docs/RESULTS.md). Used when it exceeds gamma.
+  # product (HumanEval prompts, SmolLM2, behind a feature head at gamma 3: 2.60 -> 3.04 tokens
+  # per target call; docs/RESULTS.md). Used when it exceeds gamma (speculative_generate's
+  # long_rounds).
   long_gamma: int = 7
 
   @property
