@@ -300,7 +300,8 @@ def print_speculative(r: dict) -> None:
   if s["long_rounds"]:
     print(f"long rounds (a lookup's {s['long_gamma']} proposals, {s['long_gamma'] + 1} tokens "
           f"verified at {v['long_ratio']:.2f} steps): {s['long_rounds']} of "
-          f"{s['target_calls']} rounds")
+          f"{s['target_calls']} rounds, which only the prediction from the rounds counts (the "
+          f"first two take every round to verify {r['gamma']})")
   if "transformers" in r:
     hf = r["transformers"]
     print("transformers " + ", ".join(f"{k} {v['tokens_per_second']:.1f}" for k, v in hf.items())
