@@ -224,7 +224,9 @@ class LookupFirstDraft:
             jnp.where(found[:, None, None], one_hot, q), state)
 
   def long_rounds(self, seq, seq_len):
-    """[B] bool: the rows whose proposals this round are a lookup's (see long_gamma)."""
+    """[B] bool: the rows whose proposals this round are a lookup's (see long_gamma). The same
+    match as propose's; XLA merges the two (a compiled lookup of 585 instructions, 586 with this
+    beside it)."""
     return self.lookup.lookup(seq, seq_len, 1, self.min_ngram)[1]
 
 
