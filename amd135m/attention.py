@@ -10,7 +10,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from amd135m import cpu_kernels
+from amd135m import cpu_kernels, precision
 
 ATTENTION_IMPLS = ("einsum", "cudnn")
 
@@ -86,11 +86,11 @@ def _cached_attention(q, k, v, k_cache, v_cache, length, dtype, return_probs=Fal
   mask = jnp.arange(k_cache.shape[1])[None, None, :] <= positions[:, :, None]     # [B, T, S]
   # Query head n = kv_head * n_groups + group, as in the reference's repeat_kv.
   q = q.reshape(b, t, n_kv, n_heads // n_kv, head_dim)
-  scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_cache.astype(q.dtype)).astype(jnp.float32)
+  scores = precision.einsum("BTKGH,BSKH->BKGTS", q, k_cache.astype(q.dtype)).astype(jnp.float32)
   scores = scores / jnp.sqrt(jnp.float32(head_dim))
   scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(dtype), v_cache.astype(dtype))
+  out = precision.einsum("BKGTS,BSKH->BTKGH", probs.astype(dtype), v_cache.astype(dtype))
   out = out.reshape(b, t, n_heads, head_dim)
   if return_probs:
     return out, k_cache, v_cache, probs.reshape(b, n_heads, t, -1)
@@ -109,12 +109,12 @@ def grouped_attention(q, k, v, mask, dtype) -> tuple[jax.Array, jax.Array]:
   q = q.reshape(b, n_kv, groups * t, head_dim)                                   # [B, K, M, H]
   k = jnp.transpose(k, (0, 2, 1, 3)).astype(q.dtype)                             # [B, K, S, H]
   v = jnp.transpose(v, (0, 2, 1, 3)).astype(dtype)                               # [B, K, S, H]
-  scores = jnp.einsum("BKMH,BKSH->BKMS", q, k).astype(jnp.float32)
+  scores = precision.einsum("BKMH,BKSH->BKMS", q, k).astype(jnp.float32)
   scores = scores / jnp.sqrt(jnp.float32(head_dim))
   rows_mask = jnp.tile(mask, (1, groups, 1))[:, None]                            # [B, 1, M, S]
   scores = jnp.where(rows_mask, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("BKMS,BKSH->BKMH", probs.astype(dtype), v)                    # [B, K, M, H]
+  out = precision.einsum("BKMS,BKSH->BKMH", probs.astype(dtype), v)               # [B, K, M, H]
   out = jnp.transpose(out.reshape(b, n_kv, groups, t, head_dim), (0, 3, 1, 2, 4))
   return out.reshape(b, t, n_heads * head_dim), probs
 

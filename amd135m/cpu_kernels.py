@@ -30,7 +30,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from amd135m import paths
+from amd135m import paths, precision
 
 MAX_ROWS = 8
 _SOURCE = pathlib.Path(__file__).parent / "csrc" / "small_matmul.cc"
@@ -123,6 +123,8 @@ def native_bf16_dot() -> bool:
 
 
 def _xla(x: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
+  if x.dtype != jnp.float32:  # a bf16 model (training or inference): f32 accumulation
+    return precision.einsum("NI,OI->NO" if transposed else "NI,IO->NO", x, w.astype(x.dtype))
   # dot_general rather than einsum: this is traced some 240 times per SmolLM2 program.
   return _bf16_aware_dot(x, w, (((1,), (1 if transposed else 0,)), ((), ())))
 

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from amd135m import attention as attention_lib, cpu_kernels
+from amd135m import attention as attention_lib, cpu_kernels, precision
 from amd135m.model_config import ModelConfig  # noqa: F401 (re-exported: model.ModelConfig)
 from amd135m.quantize import OUTPUT_KERNEL, QUANTIZED
 
@@ -95,7 +95,7 @@ def _product(rows: jax.Array, w: jax.Array, *, transposed: bool,
   allow_cpu_kernels: False where the arrays are sharded (the kernel takes whole ones)."""
   if allow_cpu_kernels:  # cpu_kernels.matmul passes other shapes and dtypes to XLA
     return cpu_kernels.matmul(rows, w, transposed)
-  return jnp.einsum("NI,OI->NO" if transposed else "NI,IO->NO", rows, w.astype(rows.dtype))
+  return precision.einsum("NI,OI->NO" if transposed else "NI,IO->NO", rows, w.astype(rows.dtype))
 
 
 class Linear(nn.Module):

@@ -140,6 +140,13 @@ def test_param_and_compute_dtypes_are_separate():
     jaxpr = jax.make_jaxpr(lambda p, t: model_lib.forward(p, cfg, t, c))(params, tokens)
     operands = set(_dot_operand_dtypes(jaxpr.jaxpr))
     assert operands == {(cfg.dtype, cfg.dtype)}, (cfg.dtype, operands)
+  # And the gradient's products too, all asking for f32 sums (precision.einsum: XLA's CPU backend
+  # runs bf16 GEMMs with a bf16 output no faster than f32 ones, and f32 cotangents by bf16
+  # weights as f32 GEMMs).
+  loss = lambda p: model_lib.forward(p, bf16, tokens)[0].sum()
+  grad = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
+  assert set(_dot_operand_dtypes(grad)) == {("bfloat16", "bfloat16")}
+  assert set(_dot_output_dtypes(grad)) == {"float32"}
   # bf16 rounding shows (a forward that ignored dtype would differ by exactly 0) but stays small:
   # 0.0035 measured here on logits of std 0.15; the bound leaves room for other CPUs' bf16 dots.
   error = np.abs(np.asarray(logits16) - np.asarray(logits32)).max()
@@ -157,6 +164,15 @@ def _dot_operand_dtypes(jaxpr):
       yield tuple(str(v.aval.dtype) for v in eqn.invars)
     for sub in jax.extend.core.jaxprs_in_params(eqn.params):
       yield from _dot_operand_dtypes(sub)
+
+
+def _dot_output_dtypes(jaxpr):
+  """The preferred (accumulation) dtype of every dot_general in a jaxpr, nested calls included."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      yield str(eqn.params["preferred_element_type"])
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      yield from _dot_output_dtypes(sub)
 
 
 def test_greedy_generation_matches_transformers():

@@ -138,8 +138,9 @@ def peak(n: int, runs: int) -> float:
 def bench_train(config_spec: str, batch: int = 2, seq_len: int = 512, steps: int = 5,
                 warmup: int = 2, reference: bool = True, matmul_n: int = 4096,
                 matmul_runs: int = 3, dtype: str = "auto", torch_threads: int = 0) -> dict:
-  """dtype: the compute dtype of both steps; 'auto' is float32 on a CPU (bf16 matmuls there are
-  emulated and slow, and the peak is an f32 matmul) and the config's own elsewhere.
+  """dtype: the compute dtype of both steps; 'auto' is float32 on a CPU (the peak is an f32
+  matmul; bf16 runs the CPU's bf16 dot instructions where it has them, AVX512-BF16 or AMX, and
+  is emulated and slow elsewhere) and the config's own elsewhere.
   torch_threads: torch's intra-op threads; 0 is its default, one per CPU. (On a CPU that other
   processes also load, torch's 2-thread small ops can wait a scheduler slice at each barrier:
   the tiny config's step once ran ~70x slower on 2 threads than on 1.)"""
