@@ -131,7 +131,7 @@ def _causal_attention(q, k, v, mask, dtype) -> jax.Array:
     # Each block reads a prefix of the keys and values, so their gradient is a sum of the
     # blocks' parts: taken in f32 (widened here, rounded back per block, exactly), that sum
     # rounds to bf16 once instead of at each of its adds, which XLA's CPU backend also ran as
-    # chains of slow converts (~0.5 s of a 2.4 s bf16 135M step on a Sapphire Rapids).
+    # chains of slow converts (~0.5 s of a 2.4 s bf16 135M step on a 2-core Intel Xeon).
     k, v = k.astype(jnp.promote_types(k.dtype, jnp.float32)), v.astype(
         jnp.promote_types(v.dtype, jnp.float32))
   outs = [grouped_attention(q[:, i * size:(i + 1) * size], k[:, :(i + 1) * size],

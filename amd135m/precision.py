@@ -1,10 +1,11 @@
 """Products of low-precision operands that accumulate in f32, forward and backward.
 
 Why: a bf16 x bf16 product whose output is bf16 runs on XLA's CPU backend at its f32 GEMM's speed
-or below (352 GFLOP/s for 1024 x 768 x 2048 on a 2-core Sapphire Rapids), while one that asks for
-an f32 output runs the CPU's bf16 dot instructions (AMX there: 2300 GFLOP/s; AVX512-BF16 on a
-Zen 4 about 1.9x its f32 GEMM). GPUs accumulate a bf16 GEMM in f32 either way. So a bf16 model's
-products ask for f32 and round the result to bf16 once, which is also the better arithmetic.
+or below (352 GFLOP/s for 1024 x 768 x 2048 on a 2-core Intel Xeon, family 6 model 207), while
+one that asks for an f32 output runs the CPU's bf16 dot instructions (AMX there: 2300 GFLOP/s;
+AVX512-BF16 on a Zen 4 about 1.9x its f32 GEMM). GPUs accumulate a bf16 GEMM in f32 either way.
+So a bf16 model's products ask for f32 and round the result to bf16 once, which is also the
+better arithmetic.
 
 The backward needs the same care: JAX's transpose of such a product multiplies the f32 cotangent
 by the bf16 operand, which XLA runs as an f32 GEMM. `einsum` rounds the cotangent to bf16 first
@@ -18,12 +19,12 @@ import jax.numpy as jnp
 
 
 def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-  """jnp.einsum(spec, a, b) in a's dtype. f32 operands: exactly jnp.einsum. Narrower floats (a
-  and b of one dtype): the products are summed in f32 and the result rounded once, and the
-  backward's two products likewise. spec: two operands, each of whose indices is also in the
+  """jnp.einsum(spec, a, b) in a's dtype. f32 or wider operands: exactly jnp.einsum. Narrower
+  floats (a and b of one dtype): the products are summed in f32 and the result rounded once, and
+  the backward's two products likewise. spec: two operands, each of whose indices is also in the
   other operand or in the output (contractions, batch and free axes; no sum over one operand's
   axis alone, whose gradient is not a product)."""
-  if a.dtype == jnp.float32 or not jnp.issubdtype(a.dtype, jnp.floating):
+  if not jnp.issubdtype(a.dtype, jnp.floating) or jnp.dtype(a.dtype).itemsize >= 4:
     return jnp.einsum(spec, a, b)
   if b.dtype != a.dtype:
     raise ValueError(f"precision.einsum: operands of {a.dtype} and {b.dtype}; cast one first")
