@@ -46,12 +46,13 @@ def test_products_equal_float64_within_f32_rounding(k, n, transposed):
 
 
 @pytest.mark.parametrize("transposed", [False, True])
-@pytest.mark.parametrize("k", [576, 584, 587])
-def test_each_row_is_bitwise_its_one_row_product(transposed, k):
+@pytest.mark.parametrize("k,n", [(576, 200), (584, 200), (587, 200), (40, 12011)])
+def test_each_row_is_bitwise_its_one_row_product(transposed, k, n):
   """A speculative verification's row m equals the decode step that would have scored it
-  (K a multiple of the kernels' 16-row blocks, of 8 only, and neither)."""
-  n = 200
-  for rows in (2, 5, 8):
+  (K a multiple of the kernels' 16-row blocks, of 8 only, and neither; and N wide enough that
+  several rows go in column tiles, with a partial last tile and single columns, where one row
+  does not, on two kernel threads)."""
+  for rows in (2, 5, 7, 8):
     x, w, out = _product(rows, k, n, transposed, seed=rows)
     for m in range(rows):
       alone = np.asarray(jax.jit(lambda x, w: cpu_kernels.matmul(x, w, transposed))(x[m:m + 1], w))
