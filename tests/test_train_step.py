@@ -37,18 +37,24 @@ def _param_bytes_on(state, device) -> int:
              for shard in leaf.addressable_shards if shard.device == device)
 
 
-def test_sharded_step_equals_single_device_and_shards_the_parameters():
-  config = config_lib.load("configs/tiny.py")
-  config.batch_size, config.data.seq_len, config.warmup_steps = 8, 32, 1
+def _single_and_sharded(config, steps: int = 3):
+  """`steps` steps on one device and on a data x fsdp x tensor mesh of 8: (states, losses)."""
   single = _compiled(config, {"data": 1}, jax.devices()[:1])
   sharded = _compiled(config, {"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
   states = [c.init(jax.random.key(0)) for c in (single, sharded)]
   losses = [[], []]
-  for step in range(3):
+  for step in range(steps):
     batch = _batch(config, step)
     for k, c in enumerate((single, sharded)):
       states[k], metrics = c.step(states[k], _place(c, batch))
       losses[k].append(float(metrics["loss"]))
+  return states, losses
+
+
+def test_sharded_step_equals_single_device_and_shards_the_parameters():
+  config = config_lib.load("configs/tiny.py")
+  config.batch_size, config.data.seq_len, config.warmup_steps = 8, 32, 1
+  states, losses = _single_and_sharded(config)
   # Same math, different reduction order across devices: f32 rounding only.
   np.testing.assert_allclose(losses[1], losses[0], rtol=1e-6)
   for a, b in zip(jax.tree.leaves(states[0]["params"]), jax.tree.leaves(states[1]["params"])):
@@ -69,15 +75,7 @@ def test_a_bf16_sharded_step_equals_single_device():
   config = config_lib.load("configs/tiny.py")
   config.batch_size, config.data.seq_len, config.warmup_steps = 8, 128, 1
   config.model.dtype = "bfloat16"
-  single = _compiled(config, {"data": 1}, jax.devices()[:1])
-  sharded = _compiled(config, {"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
-  states = [c.init(jax.random.key(0)) for c in (single, sharded)]
-  losses = [[], []]
-  for step in range(3):
-    batch = _batch(config, step)
-    for k, c in enumerate((single, sharded)):
-      states[k], metrics = c.step(states[k], _place(c, batch))
-      losses[k].append(float(metrics["loss"]))
+  _, losses = _single_and_sharded(config)
   np.testing.assert_allclose(losses[1], losses[0], rtol=2e-5)
 
 
