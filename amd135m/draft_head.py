@@ -1,5 +1,6 @@
 """python -m amd135m.draft_head train --target MODEL --workdir DIR (--minutes M | --steps N)
-    [--vocab K] [--layers eagle3|last|I,J,K] [--generate-every N] [--resume]
+    [--vocab K] [--layers eagle3|last|I,J,K] [--generate-every N] [--compute auto|float32|bfloat16]
+    [--resume]
 
 Trains a feature draft head for a target (amd135m.feature_draft; the work is in
 amd135m.training.feature_head): the target's hidden states and next-token distributions are
@@ -46,6 +47,9 @@ def parse_args(argv):
                           "the others corpus text it reads (cheaper); 0: read text only")
   train.add_argument("--collect-batch", type=int, default=defaults.collect_batch,
                      help="rows the target continues at once while collecting")
+  train.add_argument("--compute", default=defaults.compute, choices=feature_head.COMPUTE,
+                     help="the head's products while training: bfloat16 inputs (f32 weights "
+                          "and sums) or float32; auto: bfloat16 where the CPU has bf16 dots")
   train.add_argument("--seed", type=int, default=defaults.seed)
   train.add_argument("--resume", action="store_true", help="continue the head in --workdir")
   train.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -54,7 +58,7 @@ def parse_args(argv):
                                  unroll=args.unroll, lr=args.lr, seq_len=args.seq_len,
                                  batch=args.batch, seed=args.seed,
                                  collect_batch=args.collect_batch,
-                                 generate_every=args.generate_every)
+                                 generate_every=args.generate_every, compute=args.compute)
   return args, settings
 
 

@@ -40,11 +40,13 @@ class HeadConfig:
   target: ModelConfig               # the target's architecture (the draft layer takes its shape)
   feature_layers: tuple[int, ...]   # depths of the target's residual stream (0 = embeddings)
   draft_vocab: int                  # K: the output head's size
+  dtype: str = "float32"            # the products' inputs: float32, or bfloat16 when training
+                                    # on a CPU with bf16 dots (f32 weights and sums either way)
 
   @property
   def layer_config(self) -> ModelConfig:
-    """One decoder layer shaped like the target's, always computing in f32 here."""
-    return dataclasses.replace(self.target, n_layers=1, dtype="float32", param_dtype="float32",
+    """One decoder layer shaped like the target's, with f32 weights, computing in `dtype`."""
+    return dataclasses.replace(self.target, n_layers=1, dtype=self.dtype, param_dtype="float32",
                                remat="none", attention="einsum")
 
   @property
@@ -135,7 +137,7 @@ def _causal_core(q, k, v):
   t = q.shape[1]
   mask = jnp.tril(jnp.ones((t, t), bool))[None]
   out, _ = attention_lib.grouped_attention(q, k, v, jnp.broadcast_to(mask, (q.shape[0], t, t)),
-                                        jnp.float32)
+                                        q.dtype)
   return out.reshape(q.shape), (k, v)
 
 
@@ -165,7 +167,7 @@ def _ttt_core(previous: list, mask: np.ndarray):
     keys = jnp.concatenate([kv[0] for kv in previous] + [k], axis=1)
     values = jnp.concatenate([kv[1] for kv in previous] + [v], axis=1)
     full = jnp.broadcast_to(jnp.asarray(mask)[None], (q.shape[0], *mask.shape))
-    out, _ = attention_lib.grouped_attention(q, keys, values, full, jnp.float32)
+    out, _ = attention_lib.grouped_attention(q, keys, values, full, q.dtype)
     return out.reshape(q.shape), (k, v)
   return core
 

@@ -172,7 +172,8 @@ def run_main(*args, capsys):
 
 
 @pytest.mark.parametrize("case", ["missing target", "minutes 0", "vocab too large",
-                                  "unwritable workdir", "no budget", "existing head"])
+                                  "unwritable workdir", "no budget", "existing head",
+                                  "compute int8"])
 def test_bad_input_is_one_line(case, tiny_target, trained, tmp_path, capsys):
   workdir = tmp_path / "w"
   args = {"missing target": ["--target", tmp_path / "nope.gguf", "--workdir", workdir,
@@ -184,6 +185,8 @@ def test_bad_input_is_one_line(case, tiny_target, trained, tmp_path, capsys):
                                  "--steps", 1],
           "no budget": ["--target", tiny_target, "--workdir", workdir],
           "existing head": ["--target", tiny_target, "--workdir", trained[0], "--steps", 1],
+          "compute int8": ["--target", tiny_target, "--workdir", workdir, "--steps", 1,
+                           "--compute", "int8"],
           }[case]
   # One case through the command's own process; the others call its main here (seconds each).
   code, out, err = (run_cli("train", *args) if case == "missing target"
@@ -193,7 +196,7 @@ def test_bad_input_is_one_line(case, tiny_target, trained, tmp_path, capsys):
   expected = {"missing target": "no such file", "minutes 0": "--minutes must be",
               "vocab too large": "larger than the target's vocabulary",
               "unwritable workdir": "--workdir", "no budget": "one of the arguments",
-              "existing head": "--resume"}[case]
+              "existing head": "--resume", "compute int8": "--compute"}[case]
   assert expected in err, err
 
 
@@ -312,3 +315,59 @@ def test_generate_every_zero_reads_only_and_a_negative_one_is_refused():
   feature_head.Settings(**{**SMALL.__dict__, "generate_every": 0}).check(49152)
   with pytest.raises(UserError, match="--generate-every must be >= 0"):
     feature_head.Settings(**{**SMALL.__dict__, "generate_every": -1}).check(49152)
+
+
+@pytest.mark.parametrize("vocab", [49152, 1000, 37])
+@pytest.mark.parametrize("levels", [None, 5])
+def test_top_k_by_chunks_is_the_top_k_with_the_lower_id_first_among_equals(vocab, levels):
+  rng = np.random.default_rng(vocab)
+  x = rng.standard_normal((16, vocab)).astype(np.float32)
+  if levels:  # values on a coarse grid: many equal entries, some across chunk boundaries
+    x = np.round(x * levels / 4) / levels
+  ids, values = jax.jit(lambda x: feature_head.top_k_by_chunks(x, 8))(x)
+  # numpy: order by value (largest first), then by id
+  expected = np.stack([np.lexsort((np.arange(vocab), -row))[:8] for row in x])
+  np.testing.assert_array_equal(np.asarray(ids), expected)
+  np.testing.assert_array_equal(np.asarray(values), np.take_along_axis(x, expected, axis=1))
+
+
+def test_compute_auto_is_decided_once_and_recorded(trained):
+  workdir, _ = trained
+  saved = json.loads((workdir / feature_head.SETTINGS_FILE).read_text())
+  assert saved["compute"] == feature_head.Settings().compute_dtype()
+  assert saved["compute"] in ("float32", "bfloat16")
+
+
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+def test_the_head_trains_its_products_in_its_compute_dtype_with_f32_sums(compute, tiny_target):
+  config, params = checkpoints.load_params(tiny_target)
+  layers = feature_head.resolve_layers("eagle3", config.n_layers)
+  vocab = np.arange(64)
+  head_config = feature_draft.HeadConfig(config, layers, len(vocab), dtype=compute)
+  head = feature_draft.init_params(head_config, params, vocab, jax.random.key(0))
+  assert {leaf.dtype for leaf in jax.tree.leaves(head)} == {np.dtype("float32")}
+  b, s, k = 2, 12, 8
+  rng = np.random.default_rng(0)
+  batch = {"tokens": rng.integers(0, 64, (b, s)).astype(np.int32),
+           "features": rng.standard_normal((b, s, head_config.feature_dim)).astype(np.float32),
+           "top_ids": rng.integers(0, 64, (b, s, k)).astype(np.int32),
+           "top_logp": np.log(np.full((b, s, k), 1 / k, np.float32))}
+  to_draft = np.full(config.vocab_size, -1, np.int32)
+  to_draft[vocab] = np.arange(len(vocab))
+  loss = lambda p: feature_head.head_loss(p, head_config, SMALL, batch,
+                                          params["embed_tokens"]["embedding"], to_draft)[0]
+  dots = list(_dots(jax.make_jaxpr(jax.value_and_grad(loss))(head).jaxpr))
+  narrow = {"float32": "float32", "bfloat16": "bfloat16"}[compute]
+  assert len(dots) > 20
+  assert all(d == (narrow, narrow, "float32") for d in dots), sorted(set(dots))
+
+
+def _dots(jaxpr):
+  """(lhs dtype, rhs dtype, preferred dtype) of every dot_general, nested calls included."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      preferred = eqn.params["preferred_element_type"]
+      yield (*(str(v.aval.dtype) for v in eqn.invars),
+             str(preferred if preferred is not None else eqn.outvars[0].aval.dtype))
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      yield from _dots(sub)
