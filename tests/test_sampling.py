@@ -34,6 +34,46 @@ def test_filter_matches_transformers_warpers(temperature, top_k, top_p):
   np.testing.assert_allclose(np.asarray(ours)[kept], expected[kept], rtol=1e-6)
 
 
+@pytest.mark.parametrize("temperature,top_k,top_p", [
+    (0.1, 10, 0.95), (1.0, 64, 0.5), (0.7, 3, 1.0), (1.0, 65, 0.9), (1.5, 0, 0.8)])
+def test_filter_matches_transformers_warpers_on_a_full_vocabulary(temperature, top_k, top_p):
+  """SmolLM2's vocabulary size, where top-k up to FAST_TOP_K is decided among each row's largest
+  logits (k 65 and top-p alone: bisection)."""
+  logits = np.random.RandomState(1).randn(4, 49152).astype(np.float32) * 3
+  warped = torch.as_tensor(logits)
+  for warper in [transformers.TemperatureLogitsWarper(temperature),
+                 top_k and transformers.TopKLogitsWarper(top_k),
+                 top_p < 1.0 and transformers.TopPLogitsWarper(top_p)]:
+    if warper:
+      warped = warper(None, warped)
+  ours = jax.jit(sampling.filter_logits)(jnp.asarray(logits), temperature, top_k, top_p)
+  expected = warped.numpy()
+  np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(expected))
+  kept = np.isfinite(expected)
+  np.testing.assert_allclose(np.asarray(ours)[kept], expected[kept], rtol=1e-6)
+
+
+@pytest.mark.parametrize("levels", [None, 2])
+def test_the_largest_logits_path_equals_bisection(levels):
+  """Rows of 49152 logits, on a coarse grid for many ties (across chunks and at the k-th), and
+  one row where 101 logits tie at the top, past FAST_TOP_K: the same masks as bisection."""
+  x = np.random.RandomState(2).randn(6, 49152).astype(np.float32) * 3
+  if levels:
+    x = np.round(x * levels) / levels
+  x[5, ::491] = 20.0  # 101 equal largest logits
+
+  def both(x, t, k, p):
+    logits = x / t
+    return (sampling.filter_logits(x, t, k, p),
+            sampling._filter_by_bisection(logits, sampling._order_keys(logits), k, p))
+
+  both = jax.jit(both)
+  for knobs in [(0.1, 10, 0.95), (1.0, 64, 0.3), (1.0, 1, 1.0), (0.7, 40, 0.9), (2.0, 7, 0.99)]:
+    fast, bisection = both(x, *knobs)
+    np.testing.assert_array_equal(np.asarray(fast), np.asarray(bisection), err_msg=str(knobs))
+    assert np.isfinite(np.asarray(fast)[5]).sum() >= 101  # the tied row kept every tie
+
+
 def test_sampled_tokens_follow_the_distribution():
   """20000 draws from a 6-token distribution pass a chi-square test at the 0.1% level."""
   logits = jnp.log(jnp.asarray([0.4, 0.25, 0.15, 0.1, 0.07, 0.03]))
