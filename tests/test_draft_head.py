@@ -338,6 +338,14 @@ def test_compute_auto_is_decided_once_and_recorded(trained):
   assert saved["compute"] in ("float32", "bfloat16")
 
 
+def test_a_head_from_before_compute_resumes_in_f32(tmp_path):
+  old = dataclasses.asdict(SMALL)
+  del old["compute"]
+  (tmp_path / feature_head.SETTINGS_FILE).write_text(json.dumps(old))
+  settled = feature_head._settled(tmp_path, dataclasses.replace(SMALL, compute="bfloat16"))
+  assert settled == dataclasses.replace(SMALL, compute="float32")
+
+
 @pytest.mark.parametrize("compute", ["float32", "bfloat16"])
 def test_the_head_trains_its_products_in_its_compute_dtype_with_f32_sums(compute, tiny_target):
   config, params = checkpoints.load_params(tiny_target)

@@ -743,7 +743,7 @@ def _settled(workdir: pathlib.Path, settings: Settings) -> Settings:
   """The workdir's settings if it has them (a resumed run keeps its own), else these, written."""
   saved = _read_json(workdir / SETTINGS_FILE)
   if saved:
-    return Settings(**saved)
+    return Settings(**{"compute": "float32", **saved})  # heads from before --compute: f32
   _write_json(workdir / SETTINGS_FILE, dataclasses.asdict(settings))
   return settings
 
