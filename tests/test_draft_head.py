@@ -15,6 +15,7 @@ from amd135m.checkpoints import head_io
 from amd135m.errors import UserError
 from amd135m.tokenizer import load_tokenizer
 from amd135m.training import feature_head
+from jaxpr_dots import dot_dtypes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Small enough for seconds on a 2-core CPU: 8 rows of 40 tokens per chunk.
@@ -364,18 +365,8 @@ def test_the_head_trains_its_products_in_its_compute_dtype_with_f32_sums(compute
   to_draft[vocab] = np.arange(len(vocab))
   loss = lambda p: feature_head.head_loss(p, head_config, SMALL, batch,
                                           params["embed_tokens"]["embedding"], to_draft)[0]
-  dots = list(_dots(jax.make_jaxpr(jax.value_and_grad(loss))(head).jaxpr))
+  dots = list(dot_dtypes(jax.make_jaxpr(jax.value_and_grad(loss))(head).jaxpr))
   narrow = {"float32": "float32", "bfloat16": "bfloat16"}[compute]
   assert len(dots) > 20
   assert all(d == (narrow, narrow, "float32") for d in dots), sorted(set(dots))
 
-
-def _dots(jaxpr):
-  """(lhs dtype, rhs dtype, preferred dtype) of every dot_general, nested calls included."""
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      preferred = eqn.params["preferred_element_type"]
-      yield (*(str(v.aval.dtype) for v in eqn.invars),
-             str(preferred if preferred is not None else eqn.outvars[0].aval.dtype))
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      yield from _dots(sub)

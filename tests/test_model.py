@@ -7,6 +7,7 @@ import torch
 
 import hf_reference as ref
 from amd135m import model as model_lib, sampling
+from jaxpr_dots import dot_dtypes
 
 # MHA and GQA (and MQA), tied and untied heads, odd head counts and widths.
 CONFIGS = {
@@ -146,7 +147,7 @@ def test_param_and_compute_dtypes_are_separate():
   loss = lambda p: model_lib.forward(p, bf16, tokens)[0].sum()
   grad = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
   assert set(_dot_operand_dtypes(grad)) == {("bfloat16", "bfloat16")}
-  assert {str(e.params["preferred_element_type"]) for e in _dots(grad)} == {"float32"}
+  assert {d[2] for d in dot_dtypes(grad)} == {"float32"}
   # bf16 rounding shows (a forward that ignored dtype would differ by exactly 0) but stays small:
   # 0.0035 measured here on logits of std 0.15; the bound leaves room for other CPUs' bf16 dots.
   error = np.abs(np.asarray(logits16) - np.asarray(logits32)).max()
@@ -157,18 +158,9 @@ def test_param_and_compute_dtypes_are_separate():
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(init))
 
 
-def _dots(jaxpr):
-  """Every dot_general equation of a jaxpr, nested calls included."""
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      yield eqn
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      yield from _dots(sub)
-
-
 def _dot_operand_dtypes(jaxpr):
   """(lhs, rhs) dtype names of every dot_general in a jaxpr, nested calls included."""
-  return [tuple(str(v.aval.dtype) for v in eqn.invars) for eqn in _dots(jaxpr)]
+  return [d[:2] for d in dot_dtypes(jaxpr)]
 
 
 def test_greedy_generation_matches_transformers():

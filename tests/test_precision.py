@@ -5,19 +5,11 @@ import numpy as np
 import pytest
 
 from amd135m import precision
+from jaxpr_dots import dot_dtypes
 
 
 def _bf16(shape, seed):
   return jnp.asarray(np.random.RandomState(seed).standard_normal(shape), jnp.bfloat16)
-
-
-def _dots(jaxpr):
-  """(lhs dtype, rhs dtype, preferred dtype) of every dot_general, nested calls included."""
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      yield (*(str(v.aval.dtype) for v in eqn.invars), str(eqn.params["preferred_element_type"]))
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      yield from _dots(sub)
 
 
 def _rounded(x):
@@ -73,7 +65,7 @@ def test_the_backward_multiplies_bf16_operands_and_sums_in_f32():
   expect_b = np.asarray(np.asarray(a, np.float64).T @ g)
   for got, exact in [(grad_a, expect_a), (grad_b, expect_b)]:
     assert (np.abs(np.asarray(got, np.float64) - exact) / _ulp(exact)).max() <= 1.0
-  dots = set(_dots(jax.make_jaxpr(jax.grad(loss, (0, 1)))(a, b).jaxpr))
+  dots = set(dot_dtypes(jax.make_jaxpr(jax.grad(loss, (0, 1)))(a, b).jaxpr))
   assert dots == {("bfloat16", "bfloat16", "float32")}, dots
 
 
