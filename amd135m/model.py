@@ -86,15 +86,18 @@ def _weight(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[st
   return constrain(weight, tuple(f"use_{a}" for a in axes))
 
 
-def _product(rows: jax.Array, w: jax.Array, *, transposed: bool,
-             allow_cpu_kernels: bool) -> jax.Array:
+def _product(rows: jax.Array, w: jax.Array, *, transposed: bool, allow_cpu_kernels: bool,
+             tokens_per_sequence: int | None = None) -> jax.Array:
   """rows [N, in] @ w [in, out], or @ w.T for w [out, in] when transposed, in the rows' dtype. A
-  decode step or a speculative verification (1-8 f32 rows, unsharded) goes to cpu_kernels'
-  streaming kernel on CPUs, which reads the weight once for all rows where XLA's GEMM packs it on
-  every call; a bf16 weight (quantize.to_bfloat16) is widened there in registers, never copied.
-  allow_cpu_kernels: False where the arrays are sharded (the kernel takes whole ones)."""
+  decode step or a speculative verification (1-8 f32 rows, unsharded; up to 16 where each of a
+  batch's sequences has 8 or fewer new tokens) goes to cpu_kernels' streaming kernel on CPUs,
+  which reads the weight once for all rows where XLA's GEMM packs it on every call; a bf16
+  weight (quantize.to_bfloat16) is widened there in registers, never copied.
+  allow_cpu_kernels: False where the arrays are sharded (the kernel takes whole ones).
+  tokens_per_sequence: the T of the [B, T, in] the rows were flattened from."""
   if allow_cpu_kernels:  # cpu_kernels.matmul passes other shapes and dtypes to XLA
-    return cpu_kernels.matmul(rows, w, transposed)
+    wide = tokens_per_sequence is not None and tokens_per_sequence <= cpu_kernels.MAX_ROWS
+    return cpu_kernels.matmul(rows, w, transposed, wide=wide)
   return precision.einsum("NI,OI->NO" if transposed else "NI,IO->NO", rows, w.astype(rows.dtype))
 
 
@@ -117,7 +120,8 @@ class Linear(nn.Module):
       out = quantized.matmul(rows).astype(dtype)
     else:
       w = _weight(self, "kernel", (x.shape[-1], self.features), self.axes)
-      out = _product(rows, w, transposed=False, allow_cpu_kernels=self.allow_cpu_kernels)
+      out = _product(rows, w, transposed=False, allow_cpu_kernels=self.allow_cpu_kernels,
+                     tokens_per_sequence=x.shape[-2])
     return out.reshape(*x.shape[:-1], self.features)
 
 
@@ -156,10 +160,10 @@ class Embedding(nn.Module):
       logits = self.embedding.matmul(rows)
     elif self.has_variable("params", OUTPUT_KERNEL):  # quantize.with_output_kernel: [D, V]
       logits = _product(rows, self.get_variable("params", OUTPUT_KERNEL), transposed=False,
-                        allow_cpu_kernels=self.allow_cpu_kernels)
+                        allow_cpu_kernels=self.allow_cpu_kernels, tokens_per_sequence=x.shape[-2])
     else:
       logits = _product(rows, self.embedding, transposed=True,
-                        allow_cpu_kernels=self.allow_cpu_kernels)
+                        allow_cpu_kernels=self.allow_cpu_kernels, tokens_per_sequence=x.shape[-2])
     return logits.reshape(*x.shape[:-1], -1)
 
 

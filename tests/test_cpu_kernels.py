@@ -19,20 +19,22 @@ pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
 # Tails everywhere: K not a multiple of the 8-row blocks or 16 lanes, N not a multiple of 16,
 # V not a multiple of the 4-row blocks, and SmolLM2's real shapes.
 SHAPES = [(37, 50), (8, 16), (576, 192), (1536, 576), (3, 1)]
+# Rows past 8 on AVX-512 hosts: one group of 9 or 12 rows, two groups (8 + 5, 8 + 8).
+WIDE = (9, 12, 13, 16) if cpu_kernels.wide_rows() else ()
 
 
 def _product(rows, k, n, transposed, seed=0):
   rng = np.random.default_rng(seed)
   x = rng.standard_normal((rows, k)).astype(np.float32)
   w = rng.standard_normal((n, k) if transposed else (k, n)).astype(np.float32)
-  out = jax.jit(lambda x, w: cpu_kernels.matmul(x, w, transposed))(x, w)
+  out = jax.jit(lambda x, w: cpu_kernels.matmul(x, w, transposed, wide=True))(x, w)
   return x, w, np.asarray(out)
 
 
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("k,n", SHAPES)
 def test_products_equal_float64_within_f32_rounding(k, n, transposed):
-  for rows in range(1, cpu_kernels.MAX_ROWS + 1):
+  for rows in (*range(1, cpu_kernels.MAX_ROWS + 1), *WIDE):
     x, w, out = _product(rows, k, n, transposed)
     w64 = w.astype(np.float64)
     exact = x.astype(np.float64) @ (w64.T if transposed else w64)
@@ -52,7 +54,7 @@ def test_each_row_is_bitwise_its_one_row_product(transposed, k, n):
   (K a multiple of the kernels' 16-row blocks, of 8 only, and neither; and N wide enough that
   several rows go in column tiles, with a partial last tile and single columns, where one row
   does not, on two kernel threads)."""
-  for rows in (2, 5, 7, 8):
+  for rows in (2, 5, 7, 8, *WIDE):
     x, w, out = _product(rows, k, n, transposed, seed=rows)
     for m in range(rows):
       alone = np.asarray(jax.jit(lambda x, w: cpu_kernels.matmul(x, w, transposed))(x[m:m + 1], w))
@@ -71,9 +73,9 @@ def test_gradients_and_vmap_follow_xla():
   np.testing.assert_allclose(batched, jnp.stack([x @ w, 2 * x @ w]), rtol=1e-5, atol=1e-4)
 
 
-def _lowered(rows, platforms=None, dtype=jnp.float32):
-  x, w = jnp.ones((rows, 16), dtype), jnp.ones((16, 32), dtype)
-  lowered = jax.jit(lambda x, w: cpu_kernels.matmul(x, w)).trace(x, w)
+def _lowered(rows, platforms=None, dtype=jnp.float32, weight_dtype=None, wide=False):
+  x, w = jnp.ones((rows, 16), dtype), jnp.ones((16, 32), weight_dtype or dtype)
+  lowered = jax.jit(lambda x, w: cpu_kernels.matmul(x, w, wide=wide)).trace(x, w)
   return (lowered.lower(lowering_platforms=platforms) if platforms else lowered.lower()).as_text()
 
 
@@ -81,6 +83,14 @@ def test_only_few_f32_rows_on_cpu_reach_the_kernel(monkeypatch):
   assert "amd135m_small_matmul" in _lowered(1)
   assert "amd135m_small_matmul" in _lowered(cpu_kernels.MAX_ROWS)
   assert "amd135m_small_matmul" not in _lowered(cpu_kernels.MAX_ROWS + 1)
+  # A batch's few tokens a sequence: 16 rows where wide_rows(), not 17; not with a bf16 weight
+  # (XLA's, with bf16 dots where the CPU has them).
+  widest = cpu_kernels.WIDE_ROWS if cpu_kernels.wide_rows() else cpu_kernels.MAX_ROWS
+  assert "amd135m_small_matmul" in _lowered(widest, wide=True)
+  assert "amd135m_small_matmul" not in _lowered(widest + 1, wide=True)
+  assert "amd135m_small_matmul" in _lowered(cpu_kernels.MAX_ROWS, weight_dtype=jnp.bfloat16)
+  assert "amd135m_small_matmul" not in _lowered(cpu_kernels.MAX_ROWS + 1, wide=True,
+                                                weight_dtype=jnp.bfloat16)
   assert "amd135m_small_matmul" not in _lowered(2, dtype=jnp.bfloat16)
   # Where the default backend is not the CPU (a GPU host), XLA's product, lowered for a GPU.
   monkeypatch.setattr(cpu_kernels.jax, "default_backend", lambda: "gpu")
@@ -105,8 +115,15 @@ def test_the_model_decodes_through_the_kernel():
   text = step.trace(params, jnp.zeros((1, 3), jnp.int32), cache).lower().compile().as_text()
   assert text.count('custom_call_target="amd135m_small_matmul"') == 7 * config.n_layers + 1
   assert text.count('custom_call_target="amd135m_cached_attention"') == config.n_layers
+  # A 12-token prompt: XLA's products and attention; 4 sequences of 3 tokens (12 rows): the
+  # kernels where they take 16 rows.
   wide = step.trace(params, jnp.zeros((1, 12), jnp.int32), cache).lower().as_text()
   assert "amd135m_small_matmul" not in wide and "amd135m_cached_attention" not in wide
+  batch = model_lib.init_cache(config, 4, 24)
+  text = step.trace(params, jnp.zeros((4, 3), jnp.int32), batch).lower().compile().as_text()
+  expected = 7 * config.n_layers + 1 if cpu_kernels.wide_rows() else 0
+  assert text.count('custom_call_target="amd135m_small_matmul"') == expected
+  assert text.count('custom_call_target="amd135m_cached_attention"') == config.n_layers
 
 
 def test_switching_it_off_leaves_xla_and_the_same_logits(tmp_path):

@@ -494,8 +494,8 @@ def test_f32_decode_reads_the_head_from_its_transposed_copy(smollm2, monkeypatch
 
   products = []
   original = cpu_kernels.matmul
-  monkeypatch.setattr(cpu_kernels, "matmul", lambda x, w, transposed=False: (
-      products.append((w.shape, transposed)), original(x, w, transposed))[1])
+  monkeypatch.setattr(cpu_kernels, "matmul", lambda x, w, transposed=False, **kw: (
+      products.append((w.shape, transposed)), original(x, w, transposed, **kw))[1])
   tokens = jnp.asarray([[504, 3074, 4303, 282, 253]])
   cache = model_lib.init_cache(config, 1, 32)
   ours = model_lib.forward(copied, config, tokens, cache)[0]

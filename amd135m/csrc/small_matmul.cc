@@ -53,6 +53,7 @@ constexpr int kLanes = 8;
 typedef float vec __attribute__((vector_size(kLanes * 4), aligned(4)));
 
 constexpr int kMaxRows = 8;
+constexpr int kMaxWideRows = 16;  // the row-major kernel (SmallMatmul; cpu_kernels.wide_rows)
 
 inline vec Load(const float* p) { return *reinterpret_cast<const vec*>(p); }
 inline void Store(float* p, vec v) { *reinterpret_cast<vec*>(p) = v; }
@@ -90,18 +91,20 @@ inline float ToFloat(uint16_t w) {
 // each one's latency; two pipes of 4-5 cycles want 8-10 chains): CB vectors of columns per row,
 // M * CB accumulator registers, at most 14 of AVX2's 16 and 24 of AVX-512's 32.
 // Rows past a group of RG share the block's weight vectors from L1 (8 rows' 16 accumulators
-// would not fit AVX2's registers).
+// would not fit AVX2's registers; 13-16 rows' 26-32 would not fit AVX-512's: two groups of up to
+// 8, which on a Zen 4 ran a SmolLM2 forward's 16-row products in 39-42 ms against 43-45 with one
+// group of 16 rows x 1 vector and 47-49 through XLA's GEMM).
 template <int M>
 constexpr int ColumnVectors() {
-  constexpr int avx2[kMaxRows + 1] = {0, 8, 4, 3, 2, 2, 3, 2, 2};
-  constexpr int avx512[kMaxRows + 1] = {0, 8, 4, 4, 4, 3, 3, 2, 2};
+  constexpr int avx2[kMaxWideRows + 1] = {0, 8, 4, 3, 2, 2, 3, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2};
+  constexpr int avx512[kMaxWideRows + 1] = {0, 8, 4, 4, 4, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2};
   return kLanes == 16 ? avx512[M] : avx2[M];
 }
 
 template <int M>
 constexpr int RowGroup() {
-  constexpr int avx2[kMaxRows + 1] = {0, 1, 2, 3, 4, 5, 3, 4, 4};
-  return kLanes == 16 ? M : avx2[M];
+  constexpr int avx2[kMaxWideRows + 1] = {0, 1, 2, 3, 4, 5, 3, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4};
+  return kLanes == 16 ? (M > 12 ? 8 : M) : avx2[M];
 }
 
 // Weight rows per visit of an output block: 8, or 16 for 5-8 rows on AVX-512, where each visit's
@@ -490,12 +493,16 @@ using Kernel = void (*)(const float*, const W*, float*, int64_t, int64_t, int64_
 
 template <typename W>
 Kernel<W> Select(bool transposed, int64_t rows) {
-  static const Kernel<W> nn[kMaxRows] = {
+  static const Kernel<W> nn[kMaxWideRows] = {
       &MatmulNN<1, W>, &MatmulNN<2, W>, &MatmulNN<3, W>, &MatmulNN<4, W>,
-      &MatmulNN<5, W>, &MatmulNN<6, W>, &MatmulNN<7, W>, &MatmulNN<8, W>};
-  static const Kernel<W> nt[kMaxRows] = {
+      &MatmulNN<5, W>, &MatmulNN<6, W>, &MatmulNN<7, W>, &MatmulNN<8, W>,
+      &MatmulNN<9, W>, &MatmulNN<10, W>, &MatmulNN<11, W>, &MatmulNN<12, W>,
+      &MatmulNN<13, W>, &MatmulNN<14, W>, &MatmulNN<15, W>, &MatmulNN<16, W>};
+  static const Kernel<W> nt[kMaxWideRows] = {
       &MatmulNT<1, W>, &MatmulNT<2, W>, &MatmulNT<3, W>, &MatmulNT<4, W>,
-      &MatmulNT<5, W>, &MatmulNT<6, W>, &MatmulNT<7, W>, &MatmulNT<8, W>};
+      &MatmulNT<5, W>, &MatmulNT<6, W>, &MatmulNT<7, W>, &MatmulNT<8, W>,
+      &MatmulNT<9, W>, &MatmulNT<10, W>, &MatmulNT<11, W>, &MatmulNT<12, W>,
+      &MatmulNT<13, W>, &MatmulNT<14, W>, &MatmulNT<15, W>, &MatmulNT<16, W>};
   return (transposed ? nt : nn)[rows - 1];
 }
 
@@ -510,8 +517,8 @@ ffi::Error SmallMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<D> w,
   const int64_t n = transposed ? wd[0] : wd[1];
   if ((transposed ? wd[1] : wd[0]) != k)
     return ffi::Error::InvalidArgument("small_matmul: x and the weight disagree on K");
-  if (rows < 1 || rows > kMaxRows)
-    return ffi::Error::InvalidArgument("small_matmul takes 1 to 8 rows");
+  if (rows < 1 || rows > kMaxWideRows)
+    return ffi::Error::InvalidArgument("small_matmul takes 1 to 16 rows");
   Kernel<W> kernel = Select<W>(transposed, rows);
   const float* xp = x.typed_data();
   const W* wp = w.typed_data();
