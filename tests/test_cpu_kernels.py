@@ -177,6 +177,19 @@ def test_cached_attention_equals_xla(t, lengths):
       lambda *a: cpu_kernels.cached_attention(reference, *a)).trace(*args).lower().as_text()
 
 
+def test_a_rows_attention_is_bitwise_the_same_in_a_batch_and_alone():
+  """Many rows split the work by kv head (its query heads together), one row by query head:
+  each output is the same sums either way, so a batch's step scores what single steps would."""
+  lengths = [0, 17, 190, 63, 5, 199]
+  args = _attention_inputs(len(lengths), 1, 200, lengths, seed=3)
+  reference = functools.partial(attention_lib._cached_attention, dtype="float32")
+  attend = jax.jit(lambda *a: cpu_kernels.cached_attention(reference, *a))
+  batch = attend(*args)[0]
+  for b in range(len(lengths)):
+    alone = attend(*(a[b:b + 1] for a in args))[0]
+    assert np.array_equal(batch[b], alone[0]), b
+
+
 def test_cached_attention_gradient_is_xlas():
   args = _attention_inputs(1, 2, 12, [4])
   reference = functools.partial(attention_lib._cached_attention, dtype="float32")

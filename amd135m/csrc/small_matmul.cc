@@ -963,16 +963,21 @@ ffi::Error CachedAttention(ffi::Buffer<ffi::F32> q,
   float* op = out->typed_data();
   const float root = std::sqrt(static_cast<float>(H));
   // One chunk per (row, new token, query head): 9 chunks for SmolLM2's one-token step, where
-  // one per kv head (3) left a thread two of them. A query head reads its kv head's keys and
-  // values from cache; every score and output is computed as before, whatever the split.
-  RunChunks(static_cast<int>(B * T * N), [=](int i) {
-    const int64_t n_head = i % N, t = (i / N) % T, b = i / (N * T), kh = n_head / G;
+  // one per kv head (3) left a thread two of them. With many rows (a batch's step or
+  // verification, the collection's 32 rows) one chunk per (row, new token, kv head) instead: its
+  // G query heads score each block of keys while it is in L1 and share each value vector, where
+  // one head a chunk read every key and value G times. Every score and output is computed as
+  // before, whatever the split.
+  const int64_t heads = B * T * K >= 4 * KernelThreads() ? G : 1;  // query heads a chunk
+  RunChunks(static_cast<int>(B * T * N / heads), [=](int i) {
+    const int64_t first = (i * heads) % N, t = (i * heads / N) % T, b = i * heads / (N * T);
+    const int64_t kh = first / G;
     const int64_t last = std::min<int64_t>(static_cast<int64_t>(len[b]) + t, S - 1);
     if (last < 0) return;
     const int64_t n_keys = last + 1, padded = (n_keys + kLanes - 1) / kLanes * kLanes;
-    std::vector<float> scores(padded);
-    const float* q0 = qp + ((b * T + t) * N + n_head) * H;
-    auto score = [&](int64_t s) {  // q . key s over the head, as a vector of partial sums
+    std::vector<float> scores(heads * padded);
+    auto query = [&](int64_t g) { return qp + ((b * T + t) * N + first + g) * H; };
+    auto score = [&](const float* q0, int64_t s) {  // q . key s over the head, as partial sums
       const float* key = kc + ((b * S + s) * K + kh) * H;
       vec acc = {};
       for (int64_t h = 0; h < H; h += kLanes)
@@ -983,63 +988,80 @@ ffi::Error CachedAttention(ffi::Buffer<ffi::F32> q,
 #if defined(__AVX512F__)
     // 16 keys' lane sums as one shuffle tree (Sum16: each bitwise its Sum()); one Sum() per key
     // was most of the kernel's time.
-    for (; scored + 16 <= n_keys; scored += 16) {
-      vec acc[16];
-      for (int j = 0; j < 16; ++j) acc[j] = score(scored + j);
-      const vec tree = Sum16(acc);
-      for (int j = 0; j < 16; ++j) scores[scored + j] = tree[kSumOrder.lane[j]];
-    }
+    for (; scored + 16 <= n_keys; scored += 16)
+      for (int64_t g = 0; g < heads; ++g) {
+        vec acc[16];
+        for (int j = 0; j < 16; ++j) acc[j] = score(query(g), scored + j);
+        const vec tree = Sum16(acc);
+        for (int j = 0; j < 16; ++j) scores[g * padded + scored + j] = tree[kSumOrder.lane[j]];
+      }
 #endif
-    for (; scored < n_keys; ++scored) scores[scored] = Sum(score(scored));
+    for (; scored < n_keys; ++scored)
+      for (int64_t g = 0; g < heads; ++g)
+        scores[g * padded + scored] = Sum(score(query(g), scored));
     const vec zero = {};
     vec lanes;
     for (int l = 0; l < kLanes; ++l) lanes[l] = static_cast<float>(l);
     const float keys = static_cast<float>(n_keys);  // exact below 2^24 slots
     // As XLA's softmax of q.k / sqrt(H): the max, exp(x - max), their sum, each over it. The
     // padding's slots (s >= n_keys) are left out of the max and get probability 0.
-    float* row = scores.data();
-    vec top = zero - INFINITY;
-    for (int64_t s = 0; s < padded; s += kLanes) {
-      vec x = *reinterpret_cast<vec*>(row + s) / root;
-      *reinterpret_cast<vec*>(row + s) = x;
-      top = (lanes + static_cast<float>(s) < keys && x > top) ? x : top;
-    }
-    float max = top[0];
-    for (int l = 1; l < kLanes; ++l) max = std::max(max, top[l]);
-    vec sum = zero;
-    for (int64_t s = 0; s < padded; s += kLanes) {
-      vec e = Exp(*reinterpret_cast<vec*>(row + s) - max);
-      e = lanes + static_cast<float>(s) < keys ? e : zero;
-      *reinterpret_cast<vec*>(row + s) = e;
-      sum += e;
-    }
-    const float total = Sum(sum);
-    for (int64_t s = 0; s < padded; s += kLanes) *reinterpret_cast<vec*>(row + s) /= total;
-    // The weighted sum of values, kAcc lane blocks of the head at a time with an accumulator
-    // each (one chain of FMAs would wait on its own latency). The blocks are a compile-time
-    // count: indices computed per product (two integer divisions per FMA) made this loop most of
-    // a SmolLM2 decode step's attention, 0.15 ms a layer at 200 positions.
-    constexpr int64_t kAcc = 4;
-    const int64_t blocks = H / kLanes;
-    const float* p = scores.data();
-    float* o = op + ((b * T + t) * N + n_head) * H;
-    int64_t h0 = 0;
-    for (; h0 + kAcc <= blocks; h0 += kAcc) {
-      vec acc[kAcc] = {};
-      for (int64_t s = 0; s < n_keys; ++s) {
-        const float* value = vc + ((b * S + s) * K + kh) * H + h0 * kLanes;
-        const vec weight = zero + p[s];
-        for (int64_t j = 0; j < kAcc; ++j)
-          acc[j] += weight * *reinterpret_cast<const vec*>(value + j * kLanes);
+    for (int64_t g = 0; g < heads; ++g) {
+      float* row = scores.data() + g * padded;
+      vec top = zero - INFINITY;
+      for (int64_t s = 0; s < padded; s += kLanes) {
+        vec x = *reinterpret_cast<vec*>(row + s) / root;
+        *reinterpret_cast<vec*>(row + s) = x;
+        top = (lanes + static_cast<float>(s) < keys && x > top) ? x : top;
       }
-      for (int64_t j = 0; j < kAcc; ++j) *reinterpret_cast<vec*>(o + (h0 + j) * kLanes) = acc[j];
+      float max = top[0];
+      for (int l = 1; l < kLanes; ++l) max = std::max(max, top[l]);
+      vec sum = zero;
+      for (int64_t s = 0; s < padded; s += kLanes) {
+        vec e = Exp(*reinterpret_cast<vec*>(row + s) - max);
+        e = lanes + static_cast<float>(s) < keys ? e : zero;
+        *reinterpret_cast<vec*>(row + s) = e;
+        sum += e;
+      }
+      const float total = Sum(sum);
+      for (int64_t s = 0; s < padded; s += kLanes) *reinterpret_cast<vec*>(row + s) /= total;
     }
-    for (; h0 < blocks; ++h0) {
-      vec acc = {};
-      for (int64_t s = 0; s < n_keys; ++s)
-        acc += (zero + p[s]) *
-               *reinterpret_cast<const vec*>(vc + ((b * S + s) * K + kh) * H + h0 * kLanes);
-      *reinterpret_cast<vec*>(o + h0 * kLanes) = acc;
+    // The weighted sum of values, kAcc lane blocks of the head at a time with an accumulator
+    // each (one chain of FMAs would wait on its own latency), for up to kHeads query heads at
+    // once, each value vector loaded once for them. The blocks are a compile-time count: indices
+    // computed per product (two integer divisions per FMA) made this loop most of a SmolLM2
+    // decode step's attention, 0.15 ms a layer at 200 positions.
+    constexpr int64_t kAcc = 4;
+    constexpr int64_t kHeads = 3;
+    const int64_t blocks = H / kLanes;
+    for (int64_t g0 = 0; g0 < heads; g0 += kHeads) {
+      const int64_t group = std::min(kHeads, heads - g0);
+      const float* p = scores.data() + g0 * padded;
+      float* o = op + ((b * T + t) * N + first + g0) * H;
+      int64_t h0 = 0;
+      for (; h0 + kAcc <= blocks; h0 += kAcc) {
+        vec acc[kHeads][kAcc] = {};
+        for (int64_t s = 0; s < n_keys; ++s) {
+          const float* value = vc + ((b * S + s) * K + kh) * H + h0 * kLanes;
+          vec v[kAcc];
+          for (int64_t j = 0; j < kAcc; ++j) v[j] = *reinterpret_cast<const vec*>(value + j * kLanes);
+          for (int64_t g = 0; g < kHeads; ++g) {
+            if (g >= group) break;
+            const vec weight = zero + p[g * padded + s];
+            for (int64_t j = 0; j < kAcc; ++j) acc[g][j] += weight * v[j];
+          }
+        }
+        for (int64_t g = 0; g < group; ++g)
+          for (int64_t j = 0; j < kAcc; ++j)
+            *reinterpret_cast<vec*>(o + g * H + (h0 + j) * kLanes) = acc[g][j];
+      }
+      for (; h0 < blocks; ++h0)
+        for (int64_t g = 0; g < group; ++g) {
+          vec acc = {};
+          for (int64_t s = 0; s < n_keys; ++s)
+            acc += (zero + p[g * padded + s]) *
+                   *reinterpret_cast<const vec*>(vc + ((b * S + s) * K + kh) * H + h0 * kLanes);
+          *reinterpret_cast<vec*>(o + g * H + h0 * kLanes) = acc;
+        }
     }
   });
   return ffi::Error::Success();
