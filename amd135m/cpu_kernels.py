@@ -165,12 +165,12 @@ _small_matmul.defvjp(_forward, _backward)
 def matmul(x: jax.Array, w: jax.Array, transposed: bool = False, *, wide: bool = False
            ) -> jax.Array:
   """x [M, K] @ w [K, N] (or @ w.T for w [N, K] when transposed), in x's dtype: the kernel for 1-8
-  f32 rows with f32 or bf16 weights on a CPU-capable build, XLA's dot otherwise (wide: the rows
-  are a batch's few new tokens a sequence, a batch's decode step or verification, and 9-16 of
-  them with an f32 weight go to the kernel too where wide_rows(); a prompt's rows keep XLA's
-  summation, which the logits' comparisons with transformers were made on) (a bf16 weight
+  f32 rows with f32 or bf16 weights on a CPU-capable build, XLA's dot otherwise (a bf16 weight
   widened to x's dtype, as the kernel does in registers; or, for more rows on a CPU with bf16 dot
-  instructions, the rows rounded to bf16 and the products accumulated in f32: see _xla)."""
+  instructions, the rows rounded to bf16 and the products accumulated in f32: see _xla).
+  wide: the rows come from sequences of 8 or fewer new tokens each (a batch's decode step or
+  verification); then 9-16 of them with an f32 weight go to the kernel too where wide_rows().
+  Longer prompts keep XLA's product and its summation order."""
   if (x.dtype == jnp.float32 and w.dtype in (jnp.float32, jnp.bfloat16) and x.ndim == 2
       and w.ndim == 2 and available()
       and (x.shape[0] <= MAX_ROWS or (wide and x.shape[0] <= WIDE_ROWS
@@ -184,11 +184,12 @@ WIDE_ROWS = 16
 
 @functools.cache
 def wide_rows() -> bool:
-  """Whether 9-16 f32 rows times an f32 weight go through the kernel too (a batch of 4 verifying
-  2-3 tokens a row, a short prompt): on AVX-512 hosts, where 12 or 16 rows' accumulators fit
-  the registers in one pass over the weight. On a 2-core Zen 4, SmolLM2 forwards of 4 rows x 3
-  tokens 54-65 -> 39-45 ms, 4 x 4 58-64 -> 47-51 against XLA's GEMM, which packs the weight on
-  every call (docs/RESULTS.md). AVX2 hosts (16 registers) keep XLA's product: not measured."""
+  """Whether 9-16 f32 rows times an f32 weight go through the kernel too (`matmul(wide=True)`: a
+  batch of 4 verifying 2-3 tokens a row): on AVX-512 hosts, where 12 rows' accumulators, or two
+  groups of 8, fit the registers in one pass over the weight. On a 2-core Zen 4, SmolLM2
+  forwards of 4 rows x 3 tokens 54-65 -> 39-45 ms, 4 x 4 58-64 -> 47-51 against XLA's GEMM,
+  which packs the weight on every call (docs/RESULTS.md). AVX2 hosts (16 registers) keep XLA's
+  product: not measured there."""
   return "avx512f" in _cpu_signature().split()
 
 
