@@ -188,8 +188,8 @@ def wide_rows() -> bool:
   batch of 4 verifying 2-3 tokens a row): on AVX-512 hosts, where 12 rows' accumulators, or two
   groups of 8, fit the registers in one pass over the weight. On a 2-core Zen 4, SmolLM2
   forwards of 4 rows x 3 tokens 54-65 -> 39-45 ms, 4 x 4 58-64 -> 47-51 against XLA's GEMM,
-  which packs the weight on every call (docs/RESULTS.md). AVX2 hosts (16 registers) keep XLA's
-  product: not measured there."""
+  which packs the weight on every call (docs/RESULTS.md); on the Intel Xeon kind (AVX-512 too)
+  it is on but not yet timed. AVX2 hosts (16 registers) keep XLA's product: not measured there."""
   return "avx512f" in _cpu_signature().split()
 
 
