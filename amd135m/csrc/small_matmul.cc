@@ -491,19 +491,36 @@ void RunChunks(int chunks, std::function<void(int)> body) {
 template <typename W>
 using Kernel = void (*)(const float*, const W*, float*, int64_t, int64_t, int64_t, int64_t);
 
+// The rows a product of weight type W takes: 1-16 for f32 weights (cpu_kernels.wide_rows), 1-8
+// for bf16 ones, which cpu_kernels never sends more (their 9-16-row copies took 4 s of the build).
+template <typename W>
+constexpr int MaxRows() {
+  return std::is_same_v<W, float> ? kMaxWideRows : kMaxRows;
+}
+
 template <typename W>
 Kernel<W> Select(bool transposed, int64_t rows) {
-  static const Kernel<W> nn[kMaxWideRows] = {
-      &MatmulNN<1, W>, &MatmulNN<2, W>, &MatmulNN<3, W>, &MatmulNN<4, W>,
-      &MatmulNN<5, W>, &MatmulNN<6, W>, &MatmulNN<7, W>, &MatmulNN<8, W>,
-      &MatmulNN<9, W>, &MatmulNN<10, W>, &MatmulNN<11, W>, &MatmulNN<12, W>,
-      &MatmulNN<13, W>, &MatmulNN<14, W>, &MatmulNN<15, W>, &MatmulNN<16, W>};
-  static const Kernel<W> nt[kMaxWideRows] = {
-      &MatmulNT<1, W>, &MatmulNT<2, W>, &MatmulNT<3, W>, &MatmulNT<4, W>,
-      &MatmulNT<5, W>, &MatmulNT<6, W>, &MatmulNT<7, W>, &MatmulNT<8, W>,
-      &MatmulNT<9, W>, &MatmulNT<10, W>, &MatmulNT<11, W>, &MatmulNT<12, W>,
-      &MatmulNT<13, W>, &MatmulNT<14, W>, &MatmulNT<15, W>, &MatmulNT<16, W>};
-  return (transposed ? nt : nn)[rows - 1];
+  if constexpr (MaxRows<W>() == kMaxWideRows) {
+    static const Kernel<W> nn[kMaxWideRows] = {
+        &MatmulNN<1, W>, &MatmulNN<2, W>, &MatmulNN<3, W>, &MatmulNN<4, W>,
+        &MatmulNN<5, W>, &MatmulNN<6, W>, &MatmulNN<7, W>, &MatmulNN<8, W>,
+        &MatmulNN<9, W>, &MatmulNN<10, W>, &MatmulNN<11, W>, &MatmulNN<12, W>,
+        &MatmulNN<13, W>, &MatmulNN<14, W>, &MatmulNN<15, W>, &MatmulNN<16, W>};
+    static const Kernel<W> nt[kMaxWideRows] = {
+        &MatmulNT<1, W>, &MatmulNT<2, W>, &MatmulNT<3, W>, &MatmulNT<4, W>,
+        &MatmulNT<5, W>, &MatmulNT<6, W>, &MatmulNT<7, W>, &MatmulNT<8, W>,
+        &MatmulNT<9, W>, &MatmulNT<10, W>, &MatmulNT<11, W>, &MatmulNT<12, W>,
+        &MatmulNT<13, W>, &MatmulNT<14, W>, &MatmulNT<15, W>, &MatmulNT<16, W>};
+    return (transposed ? nt : nn)[rows - 1];
+  } else {
+    static const Kernel<W> nn[kMaxRows] = {
+        &MatmulNN<1, W>, &MatmulNN<2, W>, &MatmulNN<3, W>, &MatmulNN<4, W>,
+        &MatmulNN<5, W>, &MatmulNN<6, W>, &MatmulNN<7, W>, &MatmulNN<8, W>};
+    static const Kernel<W> nt[kMaxRows] = {
+        &MatmulNT<1, W>, &MatmulNT<2, W>, &MatmulNT<3, W>, &MatmulNT<4, W>,
+        &MatmulNT<5, W>, &MatmulNT<6, W>, &MatmulNT<7, W>, &MatmulNT<8, W>};
+    return (transposed ? nt : nn)[rows - 1];
+  }
 }
 
 template <ffi::DataType D>
@@ -517,8 +534,10 @@ ffi::Error SmallMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<D> w,
   const int64_t n = transposed ? wd[0] : wd[1];
   if ((transposed ? wd[1] : wd[0]) != k)
     return ffi::Error::InvalidArgument("small_matmul: x and the weight disagree on K");
-  if (rows < 1 || rows > kMaxWideRows)
-    return ffi::Error::InvalidArgument("small_matmul takes 1 to 16 rows");
+  if (rows < 1 || rows > MaxRows<W>())
+    return ffi::Error::InvalidArgument(MaxRows<W>() == kMaxWideRows
+                                           ? "small_matmul takes 1 to 16 rows of f32 weights"
+                                           : "small_matmul takes 1 to 8 rows of bf16 weights");
   Kernel<W> kernel = Select<W>(transposed, rows);
   const float* xp = x.typed_data();
   const W* wp = w.typed_data();
