@@ -8,8 +8,10 @@ once for all rows (f32 weights, or bf16 widened in registers: half the bytes, th
 `matmul_int8` integer products with int8 weights (a quarter of the bytes), `matmul_int4` with
 4-bit ones in GGUF's Q4_1 arithmetic (a scale and a minimum per 32 inputs: 3/16 of the bytes), and
 `cached_attention` does a layer's cached attention for 1-8 new tokens in one call (XLA ran it as
-a dozen small ops scoring every cache slot). Everything else (more rows, other dtypes, GPUs,
-gradients) stays with XLA.
+a dozen small ops scoring every cache slot). `matmul_panels` multiplies weights stored as panels
+(quantize.F32Panels, the decode layout of f32 params, and quantize.Bf16Weight): each thread's
+share one contiguous stream, a row group's sums in registers over all of K. Everything else (more
+rows with row-major weights, other dtypes, GPUs, gradients) stays with XLA.
 
 The kernels are compiled with the system's C++ compiler on first use and cached per CPU under
 $AMD135M_CACHE/kernels. Each product is split over the cores (at most 8; AMD135M_KERNEL_THREADS=N
@@ -40,6 +42,7 @@ _ATTENTION = "amd135m_cached_attention"
 _INT8 = "amd135m_small_matmul_int8"
 _INT4 = "amd135m_small_matmul_int4"
 _PANELS = "amd135m_small_matmul_bf16_panels"
+_F32_PANELS = "amd135m_small_matmul_f32_panels"
 
 
 def _cpu_signature() -> str:
@@ -95,6 +98,9 @@ def available() -> bool:
                                 platform="cpu")
     jax.ffi.register_ffi_target(_PANELS,
                                 jax.ffi.pycapsule(library.Amd135mSmallMatmulBf16Panels),
+                                platform="cpu")
+    jax.ffi.register_ffi_target(_F32_PANELS,
+                                jax.ffi.pycapsule(library.Amd135mSmallMatmulF32Panels),
                                 platform="cpu")
     return True
   except (OSError, RuntimeError) as e:
@@ -194,34 +200,46 @@ def wide_rows() -> bool:
 
 
 PANEL = 64  # output columns per panel of a bf16 weight stored as panels (quantize.Bf16Weight)
+F32_PANEL = 32  # and of an f32 one (quantize.F32Panels): 2 vectors a row, 12 rows in registers
 
 
-def to_panels(w: jax.Array) -> jax.Array:
-  """w [K, N] -> [ceil(N / PANEL), K, PANEL], the last panel padded with zeros."""
+def to_panels(w: jax.Array, width: int = PANEL) -> jax.Array:
+  """w [K, N] -> [ceil(N / width), K, width], the last panel padded with zeros."""
   k, n = w.shape
-  panels = -(-n // PANEL)
-  w = jnp.pad(w, ((0, 0), (0, panels * PANEL - n)))
-  return w.reshape(k, panels, PANEL).transpose(1, 0, 2)
+  panels = -(-n // width)
+  w = jnp.pad(w, ((0, 0), (0, panels * width - n)))
+  return w.reshape(k, panels, width).transpose(1, 0, 2)
 
 
 def from_panels(panels: jax.Array, n: int) -> jax.Array:
-  """The inverse of to_panels: [P, K, PANEL] -> [K, n]."""
-  p, k, _ = panels.shape
-  return panels.transpose(1, 0, 2).reshape(k, p * PANEL)[:, :n]
+  """The inverse of to_panels: [P, K, width] -> [K, n]."""
+  p, k, width = panels.shape
+  return panels.transpose(1, 0, 2).reshape(k, p * width)[:, :n]
 
 
 def matmul_panels(x: jax.Array, panels: jax.Array, n: int) -> jax.Array:
-  """x [M, K] @ w [K, n] for a bf16 w stored as panels (to_panels): the panel kernel for 1-16 f32
-  rows (bitwise the row-major kernel's sums: each output summed over k in order), otherwise XLA
-  with `matmul`'s arithmetic (rows rounded to bf16 on CPUs with bf16 dots, else f32)."""
-  if (x.shape[0] <= 2 * MAX_ROWS and x.dtype == jnp.float32 and x.ndim == 2
-      and panels.dtype == jnp.bfloat16 and available()):
-    # Up to 16 rows (a short prompt) the kernel, 8 rows a call: XLA's product took the first
-    # token of a 7-token prompt (16 rows) from 45 to 99 ms.
-    call = lambda rows, panels: jax.ffi.ffi_call(
-        _PANELS, jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32),
-        vmap_method="sequential")(rows, panels)
-    return _in_chunks(call, x, panels)
+  """x [M, K] @ w [K, n] for a weight stored as panels (to_panels): bf16 panels of PANEL columns
+  or f32 ones of F32_PANEL.
+
+  bf16: the panel kernel for 1-16 f32 rows (bitwise the row-major kernel's sums: each output
+  summed over k in order), otherwise XLA with `matmul`'s arithmetic (rows rounded to bf16 on CPUs
+  with bf16 dots, else f32).
+  f32: the f32 panel kernel for any number of f32 rows, each output summed over k in order (as
+  the row-major kernel does): decode steps and verifications stream the weight at nearly one
+  row's pace, and a prefill runs 16 rows a pass over each panel while it is in L2. XLA's product
+  of the panels copies the weight on every call (a 24-token SmolLM2 forward 93 -> 235 ms), so it
+  is only the fallback where the kernels are unavailable."""
+  if x.dtype == jnp.float32 and x.ndim == 2 and available():
+    if panels.dtype == jnp.float32:
+      return jax.ffi.ffi_call(_F32_PANELS, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32),
+                              vmap_method="sequential")(x, panels)
+    if panels.dtype == jnp.bfloat16 and x.shape[0] <= 2 * MAX_ROWS:
+      # Up to 16 rows (a short prompt) the kernel, 8 rows a call: XLA's product took the first
+      # token of a 7-token prompt (16 rows) from 45 to 99 ms.
+      call = lambda rows, panels: jax.ffi.ffi_call(
+          _PANELS, jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32),
+          vmap_method="sequential")(rows, panels)
+      return _in_chunks(call, x, panels)
   # XLA contracts the panels as they lie ([M, K] . [P, K, PANEL] -> [M, P, PANEL]): putting the
   # weight back together first cost a transposing copy per product (a 512-token prefill ran
   # 800 tokens/s instead of 1100).

@@ -116,8 +116,9 @@ class Linear(nn.Module):
     rows = x.reshape(-1, x.shape[-1]).astype(dtype)                               # [B*T, in]
     if self.has_variable("params", "kernel") and isinstance(
         quantized := self.get_variable("params", "kernel"), QUANTIZED):
-      # quantize.quantize_params: int8 or int4 [out, in] (flax's check would expect [in, out])
-      out = quantized.matmul(rows).astype(dtype)
+      # quantize.quantize_params: int8 or int4 [out, in] (flax's check would expect [in, out]);
+      # or quantize.decode_layout's f32 panels
+      out = quantized.matmul(rows, wide=x.shape[-2] <= cpu_kernels.MAX_ROWS).astype(dtype)
     else:
       w = _weight(self, "kernel", (x.shape[-1], self.features), self.axes)
       out = _product(rows, w, transposed=False, allow_cpu_kernels=self.allow_cpu_kernels,
@@ -159,8 +160,12 @@ class Embedding(nn.Module):
     if isinstance(self.embedding, QUANTIZED):
       logits = self.embedding.matmul(rows)
     elif self.has_variable("params", OUTPUT_KERNEL):  # quantize.with_output_kernel: [D, V]
-      logits = _product(rows, self.get_variable("params", OUTPUT_KERNEL), transposed=False,
-                        allow_cpu_kernels=self.allow_cpu_kernels, tokens_per_sequence=x.shape[-2])
+      kernel = self.get_variable("params", OUTPUT_KERNEL)
+      if isinstance(kernel, QUANTIZED):  # as panels (quantize.decode_layout)
+        logits = kernel.matmul(rows, wide=x.shape[-2] <= cpu_kernels.MAX_ROWS)
+      else:
+        logits = _product(rows, kernel, transposed=False, allow_cpu_kernels=self.allow_cpu_kernels,
+                          tokens_per_sequence=x.shape[-2])
     else:
       logits = _product(rows, self.embedding, transposed=True,
                         allow_cpu_kernels=self.allow_cpu_kernels, tokens_per_sequence=x.shape[-2])

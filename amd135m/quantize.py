@@ -21,6 +21,10 @@ SmolLM2's GGUF ships as Q4_1, so its f32 weights are such blocks already and the
 gives them back (up to f32 rounding of the scale). Products as for int8 (cpu_kernels.matmul_int4).
 The embedding (and tied head) stays int8 (quantize_params says why).
 
+f32 (`decode_layout`): the same numbers, each Linear kernel stored as panels of 32 output columns
+(F32Panels) and the tied head as a transposed copy, in panels too: what f32 decode reads
+(`cast_weights(..., "f32")`); every product is the row-major kernel's sum.
+
 Either way norms, attention, the KV cache, the residual stream and the accumulation stay f32.
 Used as the target's own low-precision copy drafting for it (speculative.load_draft('int8',
 'int4' or 'bf16')): the same model in fewer bytes, that nearly always predicts what the f32 one
@@ -55,8 +59,9 @@ class Int8Weight:
     """The f32 weight it stands for, [out, in]."""
     return self.values.astype(jnp.float32) * self.scale[:, None]
 
-  def matmul(self, rows: jax.Array) -> jax.Array:
-    """rows [M, in] -> [M, out] f32 (cpu_kernels.matmul_int8)."""
+  def matmul(self, rows: jax.Array, *, wide: bool = False) -> jax.Array:
+    """rows [M, in] -> [M, out] f32 (cpu_kernels.matmul_int8; `wide` as F32Panels.matmul's,
+    unused: any number of rows goes to the kernel in chunks)."""
     return cpu_kernels.matmul_int8(rows, self.groups, self.scale)
 
   def lookup(self, tokens: jax.Array) -> jax.Array:
@@ -98,8 +103,8 @@ class Int4Weight:
     weight = u * self.scale[..., None] + self.minimum[..., None]
     return weight.reshape(n, -1)[:, :self.inputs]
 
-  def matmul(self, rows: jax.Array) -> jax.Array:
-    """rows [M, in] -> [M, out] f32 (cpu_kernels.matmul_int4)."""
+  def matmul(self, rows: jax.Array, *, wide: bool = False) -> jax.Array:
+    """rows [M, in] -> [M, out] f32 (cpu_kernels.matmul_int4; `wide` unused, as for int8)."""
     return cpu_kernels.matmul_int4(rows, self.nibbles, self.scale, self.minimum)
 
   def rows(self, start: int, stop: int) -> "Int4Weight":
@@ -121,12 +126,33 @@ class Bf16Weight:
     """The weight as f32 [out, in] (the orientation of Int8Weight's)."""
     return cpu_kernels.from_panels(self.panels, self.outputs).astype(jnp.float32).T
 
-  def matmul(self, rows: jax.Array) -> jax.Array:
-    """rows [M, in] -> [M, out] f32 (cpu_kernels.matmul_panels)."""
+  def matmul(self, rows: jax.Array, *, wide: bool = False) -> jax.Array:
+    """rows [M, in] -> [M, out] f32 (cpu_kernels.matmul_panels; up to 16 rows the kernel
+    whatever `wide`)."""
     return cpu_kernels.matmul_panels(rows.astype(jnp.float32), self.panels, self.outputs)
 
 
-QUANTIZED = (Int8Weight, Int4Weight, Bf16Weight)  # what model.py multiplies through .matmul
+@flax.struct.dataclass
+class F32Panels:
+  """A Linear kernel [in, out] in f32, stored as panels of cpu_kernels.F32_PANEL output columns,
+  each contiguous over the inputs: the decode layout of f32 params (decode_layout). The numbers are
+  the weight's own, and every product the row-major one's sums: only the order in memory differs,
+  which lets a verification's 12 rows stream the weights at nearly one row's pace
+  (docs/RESULTS.md)."""
+  panels: jax.Array  # f32 [ceil(out / F32_PANEL), in, F32_PANEL]
+  outputs: int = flax.struct.field(pytree_node=False)
+
+  def dequantize(self) -> jax.Array:
+    """The weight as f32 [out, in] (the orientation of Int8Weight's)."""
+    return cpu_kernels.from_panels(self.panels, self.outputs).T
+
+  def matmul(self, rows: jax.Array, *, wide: bool = False) -> jax.Array:
+    """rows [M, in] -> [M, out] f32 (cpu_kernels.matmul_panels: any number of rows through the
+    kernel; `wide` unused, as for int8)."""
+    return cpu_kernels.matmul_panels(rows, self.panels, self.outputs)
+
+
+QUANTIZED = (Int8Weight, Int4Weight, Bf16Weight, F32Panels)  # what model.py multiplies via .matmul
 
 
 def quantize(w) -> Int8Weight:
@@ -272,19 +298,43 @@ def without_output_kernel(params: dict) -> dict:
   return {**params, "embed_tokens": {k: v for k, v in embed.items() if k != OUTPUT_KERNEL}}
 
 
+def decode_layout(params: dict, config: ModelConfig) -> dict:
+  """f32 params as CPU decode reads them, where the CPU kernels run: every Linear kernel as
+  F32Panels, and the tied head's transposed copy (with_output_kernel) as F32Panels too. The same
+  numbers and the same sums as the row-major layout (a decode-time layout: training never sees
+  it; plain_layout undoes it)."""
+  params = with_output_kernel(params, config)
+  if not cpu_kernels.available() or precision(params) != "f32":
+    return params
+
+  def convert(path, leaf):
+    if (path[-1].key in ("kernel", OUTPUT_KERNEL) and not isinstance(leaf, QUANTIZED)
+        and leaf.ndim == 2 and leaf.dtype == jnp.float32):
+      return F32Panels(cpu_kernels.to_panels(jnp.asarray(leaf), cpu_kernels.F32_PANEL),
+                       leaf.shape[1])
+    return leaf
+  return jax.tree_util.tree_map_with_path(convert, params, is_leaf=_is_quantized)
+
+
+def plain_layout(params: dict) -> dict:
+  """decode_layout undone: Linear kernels as [in, out] arrays, no copy of the head."""
+  return jax.tree.map(lambda leaf: leaf.dequantize().T if isinstance(leaf, F32Panels) else leaf,
+                      without_output_kernel(params), is_leaf=_is_quantized)
+
+
 def cast_weights(params: dict, config: ModelConfig, weights: str) -> dict:
   """f32 params at the precision `weights` (one of WEIGHTS), in the layout decode reads them in
-  (f32: with_output_kernel)."""
+  (f32: decode_layout)."""
   if weights not in WEIGHTS:
     raise ValueError(f"weights {weights!r}: choose one of {', '.join(WEIGHTS)}")
-  params = without_output_kernel(params)
+  params = plain_layout(params)
   if precision(params) != "f32":
     raise ValueError(f"the params are {precision(params)} already; cast from f32 weights")
   if weights in QUANTIZERS:
     return quantize_params(params, config, weights)
   if weights == "bf16":
     return to_bfloat16(params)
-  return with_output_kernel(params, config)
+  return decode_layout(params, config)
 
 
 def precision(params: dict) -> str:

@@ -543,7 +543,7 @@ def load_draft(spec: str, target_config: model_lib.ModelConfig, target_params,
   path = pathlib.Path(spec).expanduser()
   if head_io.is_head_workdir(path):
     record, vocab, head = head_io.load_head_params(path)
-    target_print = head_io.fingerprint(target_config, target_params)
+    target_print = head_io.fingerprint(target_config, quantize.plain_layout(target_params))
     if record.target_fingerprint != target_print:
       raise UserError(
           f"--draft {spec} is a feature head trained for another target ({record.target_path}, "
@@ -563,8 +563,8 @@ def load_draft(spec: str, target_config: model_lib.ModelConfig, target_params,
     draft_tokenizer = load_tokenizer(path)
   check_vocabularies(config.vocab_size, target_config.vocab_size, draft_tokenizer,
                      target_tokenizer)
-  # An f32 draft's tied head, a large share of a small model's step, from its transposed copy.
-  return ModelDraft(config), quantize.with_output_kernel(jax.tree.map(jnp.asarray, params), config)
+  # An f32 draft in the decode layout (its weights as panels, its tied head a transposed copy).
+  return ModelDraft(config), quantize.decode_layout(jax.tree.map(jnp.asarray, params), config)
 
 
 def check_vocabularies(draft_vocab: int, target_vocab: int, draft_tokenizer=None,

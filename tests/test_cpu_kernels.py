@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amd135m import attention as attention_lib, cpu_kernels, model as model_lib
+from amd135m import attention as attention_lib, cpu_kernels, model as model_lib, quantize
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
                                 reason="no C++ compiler: the kernel could not be built")
@@ -124,6 +124,15 @@ def test_the_model_decodes_through_the_kernel():
   expected = 7 * config.n_layers + 1 if cpu_kernels.wide_rows() else 0
   assert text.count('custom_call_target="amd135m_small_matmul"') == expected
   assert text.count('custom_call_target="amd135m_cached_attention"') == config.n_layers
+  # The decode layout (quantize.decode_layout): every product through the f32 panel kernel, the
+  # head's transposed copy too, whatever the number of rows (a prompt's as well).
+  panels = quantize.decode_layout(params, config)
+  for tokens, c in ((jnp.zeros((1, 3), jnp.int32), cache), (jnp.zeros((1, 12), jnp.int32), cache),
+                    (jnp.zeros((4, 3), jnp.int32), batch)):
+    text = step.trace(panels, tokens, c).lower().compile().as_text()
+    assert text.count('custom_call_target="amd135m_small_matmul_f32_panels"') == (
+        7 * config.n_layers + 1), tokens.shape
+    assert 'amd135m_small_matmul"' not in text
 
 
 def test_switching_it_off_leaves_xla_and_the_same_logits(tmp_path):

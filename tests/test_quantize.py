@@ -432,6 +432,36 @@ def test_bf16_panels_are_bitwise_the_row_major_kernels(k, n):
                                bound)
 
 
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler for the kernels")
+@pytest.mark.parametrize("k,n", SHAPES)
+def test_f32_panels_are_bitwise_the_row_major_kernels(k, n):
+  """An f32 weight stored as panels (quantize.F32Panels, the decode layout) multiplies any number
+  of rows with the row-major kernel's sums: bitwise its product of 1-8 rows (and of 9-16 where it
+  takes them), each row of a longer product (a prefill: groups of 12 rows, blocks of 256) bitwise
+  that row alone, within f32 summation of the float64 product; the last panel's padding never
+  reaches the output."""
+  rng = np.random.default_rng(k * n + 1)
+  w = jnp.asarray(rng.standard_normal((k, n)).astype(np.float32))
+  panels = quantize.F32Panels(cpu_kernels.to_panels(w, cpu_kernels.F32_PANEL), n)
+  assert panels.panels.shape == (-(-n // cpu_kernels.F32_PANEL), k, cpu_kernels.F32_PANEL)
+  assert np.array_equal(np.asarray(panels.dequantize()).T, np.asarray(w))
+  ours = jax.jit(type(panels).matmul)
+  widest = cpu_kernels.WIDE_ROWS if cpu_kernels.wide_rows() else cpu_kernels.MAX_ROWS
+  for rows in range(1, widest + 1):
+    x = jnp.asarray(rng.standard_normal((rows, k)).astype(np.float32))
+    row_major = jax.jit(lambda x, w: cpu_kernels.matmul(x, w, wide=True))(x, w)
+    assert np.array_equal(np.asarray(ours(panels, x)), np.asarray(row_major)), rows
+  for rows in (17, 40, 300):
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    out = np.asarray(ours(panels, jnp.asarray(x)))
+    for m in (0, 11, 12, 16, rows - 1):
+      alone = np.asarray(ours(panels, jnp.asarray(x[m:m + 1])))
+      assert np.array_equal(out[m], alone[0]), (rows, m)
+    exact = x.astype(np.float64) @ np.asarray(w, np.float64)
+    bound = k * 6e-8 * (np.abs(x).astype(np.float64) @ np.abs(np.asarray(w, np.float64)))
+    np.testing.assert_array_less(np.abs(out - exact), bound + 1e-30)
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("widened_prefill")
 def test_bf16_decode_is_f32_decode_on_the_rounded_weights(smollm2):
@@ -478,38 +508,54 @@ def test_a_bf16_prefill_rounds_its_rows_only_where_the_cpu_has_bf16_dots(native,
   jax.clear_caches()
 
 
-def test_f32_decode_reads_the_head_from_its_transposed_copy(smollm2, monkeypatch):
-  """cast_weights(f32) adds the tied embedding's transpose [D, V] (with_output_kernel), which the
-  head then multiplies by as a row-major product: the same logits up to f32 rounding, the same
-  greedy tokens; the other precisions and the fingerprint ignore it."""
+def test_f32_decode_layout_is_the_same_model_in_panels(smollm2):
+  """cast_weights(f32) gives the decode layout (decode_layout): every Linear kernel as F32Panels
+  holding the same numbers, and the tied head a transposed copy [D, V], as panels too. Decode
+  steps and verifications give bitwise the row-major kernels' logits, a prompt's logits agree to
+  f32 rounding, greedy tokens are the same; plain_layout gives the params back bit for bit; the
+  other precisions and the fingerprint see the plain params."""
   from amd135m.benchmarks import decode_bench
   from amd135m.checkpoints import head_io
   config, params = smollm2
   copied = quantize.cast_weights(params, config, "f32")
   table = params["embed_tokens"]["embedding"]
-  assert np.array_equal(np.asarray(copied["embed_tokens"]["output_kernel"]), np.asarray(table).T)
-  assert quantize.cast_weights(copied, config, "f32")["embed_tokens"].keys() == {
-      "embedding", "output_kernel"}  # cast again: still one copy
-  assert quantize.without_output_kernel(copied)["embed_tokens"].keys() == {"embedding"}
+  head = copied["embed_tokens"]["output_kernel"]
+  if cpu_kernels.available():
+    assert isinstance(head, quantize.F32Panels)
+    assert np.array_equal(np.asarray(head.dequantize()), np.asarray(table))
+    q = copied["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    assert isinstance(q, quantize.F32Panels)
+    assert np.array_equal(np.asarray(q.dequantize()).T,
+                          np.asarray(params["layers_0"]["self_attn"]["q_proj"]["kernel"]))
+  assert quantize.precision(copied) == "f32"
+  again = quantize.cast_weights(copied, config, "f32")  # cast again: still one copy
+  assert again["embed_tokens"].keys() == {"embedding", "output_kernel"}
+  plain = quantize.plain_layout(again)
+  assert jax.tree.structure(plain) == jax.tree.structure(params)
+  assert all(np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(params)))
 
-  products = []
-  original = cpu_kernels.matmul
-  monkeypatch.setattr(cpu_kernels, "matmul", lambda x, w, transposed=False, **kw: (
-      products.append((w.shape, transposed)), original(x, w, transposed, **kw))[1])
-  tokens = jnp.asarray([[504, 3074, 4303, 282, 253]])
-  cache = model_lib.init_cache(config, 1, 32)
-  ours = model_lib.forward(copied, config, tokens, cache)[0]
-  assert ((config.dim, config.vocab_size), False) in products
-  monkeypatch.setattr(cpu_kernels, "matmul", original)
-  plain = model_lib.forward(params, config, tokens, cache)[0]
-  np.testing.assert_allclose(np.asarray(ours), np.asarray(plain), rtol=0, atol=1e-4)
+  row_major = quantize.with_output_kernel(params, config)
+  forward = jax.jit(lambda p, t, c: model_lib.forward(p, config, t, c)[0])
+  rng = np.random.default_rng(3)
+  # A step, a verification, and a batch's where the row-major path takes the kernel for 12 rows
+  # (AVX-512 hosts; elsewhere XLA's GEMM sums them in its own order).
+  shapes = ((1, 1), (1, 5), (4, 3)) if cpu_kernels.wide_rows() else ((1, 1), (1, 5))
+  for batch, length in shapes:
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (batch, length)), jnp.int32)
+    cache = model_lib.init_cache(config, batch, 64).replace(
+        length=jnp.full((batch,), 20, jnp.int32))
+    assert np.array_equal(np.asarray(forward(copied, tokens, cache)),
+                          np.asarray(forward(row_major, tokens, cache))), (batch, length)
+  # A prompt's logits: the kernel's order, not XLA's (test_smollm2 holds both near float64).
   prompts = [[1, 504, 3074, 4303, 282, 253, 1345, 314, 2, 1348, 30, 2210], [1, 422, 5]]
   assert (sampling.generate(copied, config, prompts, 16).tokens ==
           sampling.generate(params, config, prompts, 16).tokens)
 
   int8 = quantize.cast_weights(copied, config, "int8")
   assert "output_kernel" not in int8["embed_tokens"]
-  assert head_io.fingerprint(config, copied) == head_io.fingerprint(config, params)
+  assert head_io.fingerprint(config, quantize.plain_layout(copied)) == head_io.fingerprint(
+      config, params)
   # The head reads the copy, the lookup one row of the table.
   assert (decode_bench.bytes_per_token(config, copied, 100) ==
           decode_bench.bytes_per_token(config, params, 100) + config.dim * 4)

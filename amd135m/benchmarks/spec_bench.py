@@ -167,7 +167,7 @@ def bench_speculative(target: str, draft: str, gamma: int, n_prompts: int = 4,
     raise UserError(f"--batch {batch} must be >= 1 and divide --prompts {n_prompts}")
   sampling_params.validate()
   config, params = checkpoints.load_params(target)
-  params = quantize.with_output_kernel(jax.tree.map(jnp.asarray, params), config)
+  params = quantize.decode_layout(jax.tree.map(jnp.asarray, params), config)
   tokenizer = load_tokenizer(target)
   d, dp = speculative.load_draft(draft, config, params, tokenizer)
   prompts = [tokenizer.encode(text) for text in humaneval_prompts(n_prompts)]

@@ -392,7 +392,7 @@ def run(target: str, draft: str, out_dir: str, *, paper: bool = False, n_prompts
   import jax.numpy as jnp  # noqa: PLC0415
   config, params = _load_model(target, "target", dtype)
   tokenizer = load_tokenizer(pathlib.Path(target).expanduser())
-  params = quantize.with_output_kernel(jax.tree.map(jnp.asarray, params), config)
+  params = quantize.decode_layout(jax.tree.map(jnp.asarray, params), config)
   # A model draft's tokenizer must agree with the target's id by id; a head its fingerprint.
   draft_model, draft_params = speculative.load_draft(draft, config, params, tokenizer, dtype)
   chosen = {name: knobs for name, knobs in default_settings(sampling_params).items()

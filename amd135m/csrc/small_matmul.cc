@@ -122,10 +122,20 @@ constexpr int KBlock() {
 // x[m, k] as a whole vector, loaded inside the loop that uses it: the barrier keeps the compiler
 // from hoisting all M * KB of them out of the column loop, where they no longer fit the
 // registers and every FMA would read one back from the stack.
+// One load-and-broadcast instruction (vbroadcastss from memory, a load): `vec{} + *p`, the
+// generic-vector spelling, compiled to a scalar add of +0.0 (not foldable: -0.0 + 0.0 is +0.0)
+// and a register broadcast, two more floating-point operations for every row and weight row.
 inline vec Broadcast(const float* p) {
-  vec b = vec{} + *p;
+#if defined(__AVX512F__)
+  __m512 b = _mm512_set1_ps(*p);
+  asm volatile("" : "+v"(b));
+#else
+  __m256 b = _mm256_set1_ps(*p);
   asm volatile("" : "+x"(b));
-  return b;
+#endif
+  vec v;
+  __builtin_memcpy(&v, &b, sizeof(v));
+  return v;
 }
 
 template <int M, int CB, typename W>
@@ -633,6 +643,108 @@ ffi::Error SmallMatmulBf16Panels(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16>
 
 
 // ---------------------------------------------------------------------------------------------
+// f32 weights stored as panels of 32 output columns ([N / 32][K][32], quantize.F32Panels, the
+// decode layout of f32 params): each panel one contiguous stream, summed over all of K with its
+// rows' accumulators in registers, where the row-major kernel reads each k row's slice of a
+// column block (128 bytes, strided by N) and loads and stores the accumulators every KB rows.
+// Two Zen 4 threads streamed SmolLM2's 30 layers (425 MB) for 12 rows in 18-21 ms as panels
+// against 32-34 ms row-major, 4-8 rows 17-21 against 21-27, one row alike (16-21 ms;
+// docs/RESULTS.md). Two vectors of columns a row (AVX-512; four on AVX2), up to 12 rows in one
+// group (24 accumulators); 13-16 rows in two groups of 8, the second reading the panel from L2.
+// Each output is the sum over k in order from zero, as MatmulNN sums it: bitwise the row-major
+// kernel's result, and each row its one-row product.
+constexpr int64_t kF32Panel = 32;
+
+template <int M>
+constexpr int F32PanelGroup() {
+  return kLanes == 16 ? (M > 12 ? 8 : M) : std::min(M, 2);
+}
+
+template <int M>
+void F32PanelRows(const float* __restrict x, const float* __restrict w, float* __restrict out,
+                  int64_t K, int64_t N, int64_t p0, int64_t p1) {
+  constexpr int CB = kF32Panel / kLanes;
+  constexpr int RG = F32PanelGroup<M>();
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* panel = w + p * K * kF32Panel;
+    const int64_t n0 = p * kF32Panel, columns = std::min<int64_t>(kF32Panel, N - n0);
+    for (int m0 = 0; m0 < M; m0 += RG) {
+      vec acc[RG][CB];
+      for (int g = 0; g < RG; ++g)
+        for (int c = 0; c < CB; ++c) acc[g][c] = vec{};
+      for (int64_t k = 0; k < K; ++k) {
+        // 16 weight rows (2 KB) ahead, on the first group's pass (a later one reads L2).
+        if (m0 == 0)
+          for (int c = 0; c < CB; c += 16 / kLanes)
+            __builtin_prefetch(panel + (k + 16) * kF32Panel + c * kLanes, 0, 3);
+        vec wv[CB];
+        for (int c = 0; c < CB; ++c) wv[c] = Load(panel + k * kF32Panel + c * kLanes);
+        for (int g = 0; g < RG && m0 + g < M; ++g) {
+          const vec a = Broadcast(x + (m0 + g) * K + k);
+          for (int c = 0; c < CB; ++c) acc[g][c] += a * wv[c];
+        }
+      }
+      for (int g = 0; g < RG && m0 + g < M; ++g) {
+        float lanes[kF32Panel];
+        __builtin_memcpy(lanes, acc[g], sizeof(lanes));
+        std::copy_n(lanes, columns, out + (m0 + g) * N + n0);
+      }
+    }
+  }
+}
+
+// Any number of rows: blocks of kF32RowBlock rows (a block's rows stay in L2 while every panel
+// streams past them once), each panel summed for the block 16 rows at a time while it is in L2.
+// A prefill through the panels runs as fast as XLA's GEMM on the row-major weight or faster
+// (XLA's product of the panels as they lie copied the weight on every call: a 24-token SmolLM2
+// forward 93 -> 235 ms).
+constexpr int64_t kF32RowBlock = 256;
+
+using F32PanelKernel = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t,
+                                int64_t);
+
+ffi::Error SmallMatmulF32Panels(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                                ffi::ResultBuffer<ffi::F32> out) {
+  auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || wd[2] != kF32Panel || od.size() != 2)
+    return ffi::Error::InvalidArgument("small_matmul_f32_panels takes x [M, K], w [P, K, 32]");
+  const int64_t rows = xd[0], k = xd[1], panels = wd[0], n = od[1];
+  if (wd[1] != k || (n + kF32Panel - 1) / kF32Panel != panels || od[0] != rows)
+    return ffi::Error::InvalidArgument("small_matmul_f32_panels: x, panels and out disagree");
+  if (rows < 1) return ffi::Error::Success();
+  static const F32PanelKernel kernels[kMaxWideRows] = {
+      &F32PanelRows<1>, &F32PanelRows<2>, &F32PanelRows<3>, &F32PanelRows<4>,
+      &F32PanelRows<5>, &F32PanelRows<6>, &F32PanelRows<7>, &F32PanelRows<8>,
+      &F32PanelRows<9>, &F32PanelRows<10>, &F32PanelRows<11>, &F32PanelRows<12>,
+      &F32PanelRows<13>, &F32PanelRows<14>, &F32PanelRows<15>, &F32PanelRows<16>};
+  // Up to 16 rows in one call; more in groups of 12 on AVX-512 hosts (one pass each: 24
+  // accumulators), 8 on AVX2 ones (16 registers: more rows, more passes).
+  const int64_t group = kLanes == 16 ? (rows <= kMaxWideRows ? kMaxWideRows : 12) : kMaxRows;
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  float* op = out->typed_data();
+  const int64_t threads = KernelThreads();
+  const int64_t per = std::max<int64_t>(1, (panels + threads - 1) / threads);
+  const int chunks = static_cast<int>((panels + per - 1) / per);
+  for (int64_t r0 = 0; r0 < rows; r0 += kF32RowBlock) {
+    const int64_t r1 = std::min(rows, r0 + kF32RowBlock);
+    RunChunks(chunks, [=](int i) {
+      const int64_t p1 = std::min<int64_t>(panels, (i + 1) * per);
+      // One panel at a time past one group (it stays in L2 for the others), all of the
+      // thread's panels at once for a single group (one stream).
+      const int64_t step = r1 - r0 > group ? 1 : p1 - i * per;
+      for (int64_t p = i * per; p < p1; p += step)
+        for (int64_t g = r0; g < r1; g += group) {
+          const int64_t m = std::min(group, r1 - g);
+          kernels[m - 1](xp + g * k, wp, op + g * n, k, n, p, std::min(p1, p + step));
+        }
+    });
+  }
+  return ffi::Error::Success();
+}
+
+
+// ---------------------------------------------------------------------------------------------
 // Products with int8 weights: out[m, n] = scale[n] * sum_k xq(x)[m, k] * W[n, k], W int8 in row
 // groups (below; one f32 scale per output row n), and the f32 rows x quantized on the fly to int8
 // per block of 32 inputs (xq = sx[m, b] * q, sx = max |x| / 127 over the block, q rounded to
@@ -1105,6 +1217,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Amd135mSmallMatmulBf16Panels, SmallMatmulBf16Panel
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Amd135mSmallMatmulF32Panels, SmallMatmulF32Panels,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Amd135mSmallMatmulInt8, SmallMatmulInt8,
