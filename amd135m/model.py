@@ -118,7 +118,7 @@ class Linear(nn.Module):
         quantized := self.get_variable("params", "kernel"), QUANTIZED):
       # quantize.quantize_params: int8 or int4 [out, in] (flax's check would expect [in, out]);
       # or quantize.decode_layout's f32 panels
-      out = quantized.matmul(rows, wide=x.shape[-2] <= cpu_kernels.MAX_ROWS).astype(dtype)
+      out = quantized.matmul(rows).astype(dtype)
     else:
       w = _weight(self, "kernel", (x.shape[-1], self.features), self.axes)
       out = _product(rows, w, transposed=False, allow_cpu_kernels=self.allow_cpu_kernels,
@@ -162,7 +162,7 @@ class Embedding(nn.Module):
     elif self.has_variable("params", OUTPUT_KERNEL):  # quantize.with_output_kernel: [D, V]
       kernel = self.get_variable("params", OUTPUT_KERNEL)
       if isinstance(kernel, QUANTIZED):  # as panels (quantize.decode_layout)
-        logits = kernel.matmul(rows, wide=x.shape[-2] <= cpu_kernels.MAX_ROWS)
+        logits = kernel.matmul(rows)
       else:
         logits = _product(rows, kernel, transposed=False, allow_cpu_kernels=self.allow_cpu_kernels,
                           tokens_per_sequence=x.shape[-2])

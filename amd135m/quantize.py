@@ -59,9 +59,8 @@ class Int8Weight:
     """The f32 weight it stands for, [out, in]."""
     return self.values.astype(jnp.float32) * self.scale[:, None]
 
-  def matmul(self, rows: jax.Array, *, wide: bool = False) -> jax.Array:
-    """rows [M, in] -> [M, out] f32 (cpu_kernels.matmul_int8; `wide` as F32Panels.matmul's,
-    unused: any number of rows goes to the kernel in chunks)."""
+  def matmul(self, rows: jax.Array) -> jax.Array:
+    """rows [M, in] -> [M, out] f32 (cpu_kernels.matmul_int8)."""
     return cpu_kernels.matmul_int8(rows, self.groups, self.scale)
 
   def lookup(self, tokens: jax.Array) -> jax.Array:
@@ -103,8 +102,8 @@ class Int4Weight:
     weight = u * self.scale[..., None] + self.minimum[..., None]
     return weight.reshape(n, -1)[:, :self.inputs]
 
-  def matmul(self, rows: jax.Array, *, wide: bool = False) -> jax.Array:
-    """rows [M, in] -> [M, out] f32 (cpu_kernels.matmul_int4; `wide` unused, as for int8)."""
+  def matmul(self, rows: jax.Array) -> jax.Array:
+    """rows [M, in] -> [M, out] f32 (cpu_kernels.matmul_int4)."""
     return cpu_kernels.matmul_int4(rows, self.nibbles, self.scale, self.minimum)
 
   def rows(self, start: int, stop: int) -> "Int4Weight":
@@ -126,9 +125,8 @@ class Bf16Weight:
     """The weight as f32 [out, in] (the orientation of Int8Weight's)."""
     return cpu_kernels.from_panels(self.panels, self.outputs).astype(jnp.float32).T
 
-  def matmul(self, rows: jax.Array, *, wide: bool = False) -> jax.Array:
-    """rows [M, in] -> [M, out] f32 (cpu_kernels.matmul_panels; up to 16 rows the kernel
-    whatever `wide`)."""
+  def matmul(self, rows: jax.Array) -> jax.Array:
+    """rows [M, in] -> [M, out] f32 (cpu_kernels.matmul_panels)."""
     return cpu_kernels.matmul_panels(rows.astype(jnp.float32), self.panels, self.outputs)
 
 
@@ -146,9 +144,9 @@ class F32Panels:
     """The weight as f32 [out, in] (the orientation of Int8Weight's)."""
     return cpu_kernels.from_panels(self.panels, self.outputs).T
 
-  def matmul(self, rows: jax.Array, *, wide: bool = False) -> jax.Array:
+  def matmul(self, rows: jax.Array) -> jax.Array:
     """rows [M, in] -> [M, out] f32 (cpu_kernels.matmul_panels: any number of rows through the
-    kernel; `wide` unused, as for int8)."""
+    kernel)."""
     return cpu_kernels.matmul_panels(rows, self.panels, self.outputs)
 
 
