@@ -131,6 +131,37 @@ def test_draft_equal_to_target_accepts_every_token(pair):
   assert greedy["amd_acceptance"] == (10 - 4) / 12
 
 
+def test_several_drafts_share_one_target_only_run_per_prompt(pair, monkeypatch):
+  """`speculative_tables` (the reproduction's table): per prompt the target alone once, then each
+  draft at each of its gammas; every draft's row is over that same baseline, and each is what
+  the draft alone would give (a draft's acceptance does not depend on its neighbours)."""
+  calls = []
+  real_target, real_spec = sampling.generate, speculative.speculative_generate
+  monkeypatch.setattr(sampling, "generate", lambda *a, **k: calls.append("target") or
+                      real_target(*a, **k))
+  monkeypatch.setattr(speculative, "speculative_generate", lambda *a, **k: calls.append(
+      ("self" if a[2].config is TARGET else "draft", a[6])) or real_spec(*a, **k))
+  greedy = {"greedy": sampling.SamplingParams()}
+  tables = spec_table.speculative_tables(
+      pair["target"], TARGET, {"draft": (speculative.ModelDraft(DRAFT), pair["draft"], (1, 2)),
+                               "self": (speculative.ModelDraft(TARGET), pair["target"], (3,))},
+      pair["tokenizer"], PROMPTS, settings=greedy, max_new_tokens=MAX_NEW, predicted=False)
+  one_prompt = ["target", ("draft", 1), ("draft", 2), ("self", 3)]
+  # The first prompt runs everything twice (an untimed warm-up of each program, then timed).
+  warm = [c for call in one_prompt for c in (call, call)]
+  assert calls == warm + one_prompt
+  (d1, d2), (s3,) = tables["draft"].rows, tables["self"].rows
+  assert d1["target_tokens_per_s"] == d2["target_tokens_per_s"] == s3["target_tokens_per_s"]
+  assert d1["target_seconds"] == s3["target_seconds"]
+  assert s3["acceptance"] == 1.0 and d1["acceptance"] < 0.5
+  assert all(r["exact"] for r in (d1, d2, s3))
+  alone = spec_table.speculative_table(pair["target"], TARGET, speculative.ModelDraft(DRAFT),
+                                       pair["draft"], pair["tokenizer"], PROMPTS, gammas=(1, 2),
+                                       settings=greedy, max_new_tokens=MAX_NEW, predicted=False)
+  assert [r["acceptance"] for r in alone.rows] == [d1["acceptance"], d2["acceptance"]]
+  assert tables["draft"].outputs == alone.outputs
+
+
 def test_exact_column_fails_when_outputs_differ(pair, monkeypatch):
   real = speculative.speculative_generate
 

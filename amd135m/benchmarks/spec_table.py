@@ -118,31 +118,55 @@ def speculative_table(target_params, target_config: ModelConfig, draft: speculat
   adaptive: start each prompt at gamma and adapt it (+2 after an all-accepted round, else -1, up
   to 2 gamma), as transformers' "heuristic" schedule.
   """
+  return speculative_tables(
+      target_params, target_config, {"draft": (draft, draft_params, gammas)}, tokenizer, prompts,
+      settings=settings, max_new_tokens=max_new_tokens, adaptive=adaptive, stop_ids=stop_ids,
+      seed=seed, predicted=predicted, progress=progress)["draft"]
+
+
+def speculative_tables(target_params, target_config: ModelConfig,
+                       drafts: Mapping[str, tuple[speculative.Draft, object, Sequence[int]]],
+                       tokenizer, prompts: Sequence[str], *,
+                       settings: Mapping[str, sampling.SamplingParams] | None = None,
+                       max_new_tokens: int = 64, adaptive: bool = False,
+                       stop_ids: Sequence[int] = (), seed: int = 0, predicted: bool = True,
+                       progress: Progress | None = None) -> dict[str, SpecTable]:
+  """`speculative_table` for several drafts against one target-only baseline: {name: table}.
+
+  drafts: name -> (draft, draft_params, gammas). For each setting and prompt the target runs
+  alone once, then every draft at each of its gammas right after it, so all the drafts' speedups
+  share one target-only measurement (a comparison table's "target only" row) and the target-only
+  decode is timed once per prompt rather than once per draft."""
   settings = default_settings() if settings is None else dict(settings)
-  gammas = list(gammas)
-  if not gammas:
-    raise UserError("no gamma given: pass at least one draft length, e.g. --gammas 2 4")
-  for gamma in gammas:
-    if gamma < 1:
-      raise UserError(f"gamma must be >= 1 (the number of draft tokens per round), got {gamma}")
+  if not drafts:
+    raise UserError("no draft given")
+  drafts = {name: (draft, draft_params, list(gammas))
+            for name, (draft, draft_params, gammas) in drafts.items()}
+  for _, _, gammas in drafts.values():
+    if not gammas:
+      raise UserError("no gamma given: pass at least one draft length, e.g. --gammas 2 4")
+    for gamma in gammas:
+      if gamma < 1:
+        raise UserError(f"gamma must be >= 1 (the number of draft tokens per round), got {gamma}")
   if not settings:
     raise UserError("no setting given: choose greedy and/or sampling")
   for knobs in settings.values():
     knobs.validate()
   if not prompts:
     raise UserError("no prompts given")
-  draft.check(target_config)
-  progress = progress or (lambda it, **_: it)
   encoded = [tokenizer.encode(text) for text in prompts]
   sampling.prepare_request(target_config, encoded, max_new_tokens)  # one clear error, up front
-  draft_context = getattr(getattr(draft, "config", None), "max_seq_len", None)
-  if draft_context is not None and max(map(len, encoded)) + max_new_tokens > draft_context:
-    raise UserError(f"the longest prompt ({max(map(len, encoded))} tokens) plus max_new_tokens "
-                    f"({max_new_tokens}) exceeds the draft's context of "
-                    f"{draft_context}: shorten one of them")
+  for draft, _, _ in drafts.values():
+    draft.check(target_config)
+    draft_context = getattr(getattr(draft, "config", None), "max_seq_len", None)
+    if draft_context is not None and max(map(len, encoded)) + max_new_tokens > draft_context:
+      raise UserError(f"the longest prompt ({max(map(len, encoded))} tokens) plus max_new_tokens "
+                      f"({max_new_tokens}) exceeds the draft's context of "
+                      f"{draft_context}: shorten one of them")
+  progress = progress or (lambda it, **_: it)
   stop_ids = list(stop_ids)
   # (method, prompt bucket): compiled programs. Target-only decode is one program for every
-  # setting; a speculative loop is one for greedy settings and one for sampled ones.
+  # setting; a speculative loop is one per draft for greedy settings and one for sampled ones.
   warmed = set()
 
   def timed(key, fn):
@@ -154,48 +178,56 @@ def speculative_table(target_params, target_config: ModelConfig, draft: speculat
     return out, time.perf_counter() - start
 
   @functools.cache
-  def round_cost(gamma: int) -> float:
+  def round_cost(name: str, gamma: int) -> float:
+    draft, draft_params, _ = drafts[name]
     return spec_bench.draft_round_cost(draft, draft_params, target_params, target_config,
                                        [encoded[0]], gamma)
 
-  rows, outputs = [], {}
-  for name, knobs in settings.items():
-    target_runs, spec_runs = [], {g: [] for g in gammas}
-    for i, ids in enumerate(progress(encoded, total=len(encoded), desc=name)):
+  rows = {name: [] for name in drafts}
+  outputs = {name: {} for name in drafts}
+  for setting, knobs in settings.items():
+    target_runs = []
+    spec_runs = {(name, g): [] for name, (_, _, gammas) in drafts.items() for g in gammas}
+    for i, ids in enumerate(progress(encoded, total=len(encoded), desc=setting)):
       bucket = sampling.bucket(len(ids))
       target_runs.append(timed(("target", bucket), functools.partial(
           sampling.generate, target_params, target_config, [ids], max_new_tokens, knobs,
           seed + i, stop_ids)))
-      for gamma in gammas:
-        run = functools.partial(
-            speculative.speculative_generate, target_params, target_config, draft, draft_params,
-            [ids], max_new_tokens, gamma, knobs, seed + i, stop_ids, adaptive=adaptive)
-        spec_runs[gamma].append(timed(("speculative", gamma, bucket, knobs.temperature == 0), run))
+      for name, (draft, draft_params, gammas) in drafts.items():
+        for gamma in gammas:
+          run = functools.partial(
+              speculative.speculative_generate, target_params, target_config, draft,
+              draft_params, [ids], max_new_tokens, gamma, knobs, seed + i, stop_ids,
+              adaptive=adaptive)
+          spec_runs[name, gamma].append(
+              timed(("speculative", name, gamma, bucket, knobs.temperature == 0), run))
 
     target_tokens = [out.tokens[0] for out, _ in target_runs]
-    outputs[f"{name}/target"] = target_tokens
     target_tps = _tokens(target_tokens) / _seconds(target_runs)
-    for gamma in gammas:
-      cost_ratio = None
-      if predicted:
-        cost_ratio = round_cost(gamma) / gamma * target_tps
-      results = [out for out, _ in spec_runs[gamma]]
-      tokens = [r.tokens[0] for r in results]
-      outputs[f"{name}/gamma={gamma}"] = tokens
-      row = _row(results, tokens, gamma, adaptive)
-      spec_tps = _tokens(tokens) / _seconds(spec_runs[gamma])
-      row.update(setting=name, target_tokens_per_s=target_tps, speculative_tokens_per_s=spec_tps,
-                 speedup=spec_tps / target_tps, cost_ratio=cost_ratio,
-                 predicted_speedup=(
-                     None if adaptive or cost_ratio is None
-                     else speculative.predicted_speedup(row["acceptance"], gamma, cost_ratio)),
-                 exact=tokens == target_tokens if knobs.temperature == 0 else None,
-                 target_new_tokens=_tokens(target_tokens), speculative_new_tokens=_tokens(tokens),
-                 target_seconds=_seconds(target_runs),
-                 speculative_seconds=_seconds(spec_runs[gamma]))
-      rows.append({k: row[k] for k in ROW_FIELDS} | {
-          "acceptance_by_position": row["acceptance_by_position"]})
-  return SpecTable(rows, [len(ids) for ids in encoded], outputs)
+    for name, (_, _, gammas) in drafts.items():
+      outputs[name][f"{setting}/target"] = target_tokens
+      for gamma in gammas:
+        cost_ratio = round_cost(name, gamma) / gamma * target_tps if predicted else None
+        runs = spec_runs[name, gamma]
+        results = [out for out, _ in runs]
+        tokens = [r.tokens[0] for r in results]
+        outputs[name][f"{setting}/gamma={gamma}"] = tokens
+        row = _row(results, tokens, gamma, adaptive)
+        spec_tps = _tokens(tokens) / _seconds(runs)
+        row.update(setting=setting, target_tokens_per_s=target_tps,
+                   speculative_tokens_per_s=spec_tps, speedup=spec_tps / target_tps,
+                   cost_ratio=cost_ratio,
+                   predicted_speedup=(
+                       None if adaptive or cost_ratio is None
+                       else speculative.predicted_speedup(row["acceptance"], gamma, cost_ratio)),
+                   exact=tokens == target_tokens if knobs.temperature == 0 else None,
+                   target_new_tokens=_tokens(target_tokens),
+                   speculative_new_tokens=_tokens(tokens),
+                   target_seconds=_seconds(target_runs), speculative_seconds=_seconds(runs))
+        rows[name].append({k: row[k] for k in ROW_FIELDS} | {
+            "acceptance_by_position": row["acceptance_by_position"]})
+  lengths = [len(ids) for ids in encoded]
+  return {name: SpecTable(rows[name], lengths, outputs[name]) for name in drafts}
 
 
 def _tokens(rows: Iterable[list[int]]) -> int:
@@ -364,14 +396,30 @@ def run(target: str, draft: str, out_dir: str, *, paper: bool = False, n_prompts
   paper=True the defaults become AMD's (module docstring); each can still be overridden.
   Returns the table and the paths written.
   """
+  gammas = list(gammas or ([PAPER_GAMMA] if paper else [2, 4]))
+  return run_many(target, {"draft": (draft, gammas, out_dir)}, paper=paper, n_prompts=n_prompts,
+                  max_new_tokens=max_new_tokens, settings=settings,
+                  sampling_params=sampling_params, adaptive=adaptive, stop_at_eos=stop_at_eos,
+                  seed=seed, dtype=dtype, progress=progress)["draft"]
+
+
+def run_many(target: str, drafts: Mapping[str, tuple[str, Sequence[int], str]], *,
+             paper: bool = False, n_prompts: int | None = None,
+             max_new_tokens: int | None = None, settings: Sequence[str] = ("greedy", "sampling"),
+             sampling_params: sampling.SamplingParams = PAPER_SAMPLING,
+             adaptive: bool | None = None, stop_at_eos: bool | None = None, seed: int = 0,
+             dtype=None, progress: Progress | None = None) -> dict[str, tuple[SpecTable, dict]]:
+  """`run` for several drafts of one target, measured together (`speculative_tables`: one
+  target-only baseline, the target loaded once): drafts is name -> (--draft value, gammas,
+  out_dir); returns name -> (table, paths written)."""
   # Everything is checked before loading anything: a 7B takes a while, the paper run hours.
   n_prompts = (HUMANEVAL_SIZE if paper else 4) if n_prompts is None else n_prompts
   if not 1 <= n_prompts <= HUMANEVAL_SIZE:
     raise UserError(f"--prompts must be 1 to {HUMANEVAL_SIZE}, got {n_prompts}")
-  gammas = list(gammas or ([PAPER_GAMMA] if paper else [2, 4]))
-  for gamma in gammas:
-    if gamma < 1:
-      raise UserError(f"gamma must be >= 1 (the number of draft tokens per round), got {gamma}")
+  for _, gammas, _ in drafts.values():
+    for gamma in gammas:
+      if gamma < 1:
+        raise UserError(f"gamma must be >= 1 (the number of draft tokens per round), got {gamma}")
   max_new_tokens = (PAPER_MAX_NEW_TOKENS if paper else 64) if max_new_tokens is None \
       else max_new_tokens
   if max_new_tokens < 1:
@@ -379,14 +427,16 @@ def run(target: str, draft: str, out_dir: str, *, paper: bool = False, n_prompts
   if not 0 <= seed < 2**32:
     raise UserError(f"--seed must be 0 to 2**32 - 1, got {seed}")
   sampling_params.validate()
-  check_dir_creatable(out_dir, "--out")  # now, not after the measurement
+  for _, _, out_dir in drafts.values():
+    check_dir_creatable(out_dir, "--out")  # now, not after the measurement
   adaptive = paper if adaptive is None else adaptive
   stop_at_eos = paper if stop_at_eos is None else stop_at_eos
   unknown = [s for s in settings if s not in ("greedy", "sampling")]
   if unknown:
     raise UserError(f"unknown setting {unknown[0]!r}: choose greedy and/or sampling")
   task_ids, texts = humaneval_prompts(n_prompts, one_shot=paper)
-  speculative.check_draft_spec(draft)
+  for spec, _, _ in drafts.values():
+    speculative.check_draft_spec(spec)
 
   import jax  # noqa: PLC0415 (checks above stay fast)
   import jax.numpy as jnp  # noqa: PLC0415
@@ -394,22 +444,30 @@ def run(target: str, draft: str, out_dir: str, *, paper: bool = False, n_prompts
   tokenizer = load_tokenizer(pathlib.Path(target).expanduser())
   params = quantize.decode_layout(jax.tree.map(jnp.asarray, params), config)
   # A model draft's tokenizer must agree with the target's id by id; a head its fingerprint.
-  draft_model, draft_params = speculative.load_draft(draft, config, params, tokenizer, dtype)
+  loaded = {name: speculative.load_draft(spec, config, params, tokenizer, dtype)
+            for name, (spec, _, _) in drafts.items()}
   chosen = {name: knobs for name, knobs in default_settings(sampling_params).items()
             if name in settings}
   stop_ids = list(tokenizer.stop_ids) if stop_at_eos else []
-  table = speculative_table(params, config, draft_model, draft_params, tokenizer, texts,
-                            settings=chosen, gammas=gammas, max_new_tokens=max_new_tokens,
-                            adaptive=adaptive, stop_ids=stop_ids, seed=seed, progress=progress)
-  setup = dict(target=str(target), draft=str(draft), paper=paper,
-               prompts=f"HumanEval/0..{n_prompts - 1}",
-               prompt_template=(ONE_SHOT_PREFIX + "{prompt}") if paper else "{prompt}",
-               settings={k: dataclasses.asdict(v) for k, v in chosen.items()}, gammas=gammas,
-               adaptive=adaptive, max_new_tokens=max_new_tokens, stop_ids=stop_ids, seed=seed,
-               target_vocab=config.vocab_size, target_param_dtype=config.param_dtype,
-               draft_kind=type(draft_model).__name__)
-  if isinstance(draft_model, speculative.ModelDraft):
-    setup.update(draft_vocab=draft_model.config.vocab_size,
-                 draft_param_dtype=draft_model.config.param_dtype)
-  paths = save_table(table, out_dir, setup, decode=tokenizer.decode, task_ids=task_ids)
-  return table, paths
+  tables = speculative_tables(
+      params, config, {name: (*loaded[name], gammas) for name, (_, gammas, _) in drafts.items()},
+      tokenizer, texts, settings=chosen, max_new_tokens=max_new_tokens, adaptive=adaptive,
+      stop_ids=stop_ids, seed=seed, progress=progress)
+  results = {}
+  for name, (spec, gammas, out_dir) in drafts.items():
+    draft_model = loaded[name][0]
+    setup = dict(target=str(target), draft=str(spec), paper=paper,
+                 prompts=f"HumanEval/0..{n_prompts - 1}",
+                 prompt_template=(ONE_SHOT_PREFIX + "{prompt}") if paper else "{prompt}",
+                 settings={k: dataclasses.asdict(v) for k, v in chosen.items()},
+                 gammas=list(gammas), adaptive=adaptive, max_new_tokens=max_new_tokens,
+                 stop_ids=stop_ids, seed=seed, target_vocab=config.vocab_size,
+                 target_param_dtype=config.param_dtype, draft_kind=type(draft_model).__name__,
+                 # the drafts whose speedups share this table's target-only runs
+                 baseline_shared_with=[d for n, (d, _, _) in drafts.items() if n != name])
+    if isinstance(draft_model, speculative.ModelDraft):
+      setup.update(draft_vocab=draft_model.config.vocab_size,
+                   draft_param_dtype=draft_model.config.param_dtype)
+    paths = save_table(tables[name], out_dir, setup, decode=tokenizer.decode, task_ids=task_ids)
+    results[name] = (tables[name], paths)
+  return results
