@@ -226,8 +226,9 @@ def matmul_panels(x: jax.Array, panels: jax.Array, n: int) -> jax.Array:
   with bf16 dots, else f32).
   f32: the f32 panel kernel for any number of f32 rows, each output summed over k in order (as
   the row-major kernel does): decode steps and verifications stream the weight at nearly one
-  row's pace, and a prompt's rows go 12 at a time over each panel while it is in L2 (alone as
-  fast as XLA's GEMM; inside a long prompt's forward slower: docs/RESULTS.md). XLA's product
+  row's pace, and a prompt's rows go 12 at a time over each panel while it is in L2, split with
+  XLA's own threads from 64 rows on (a 512-token prefill as fast as XLA's GEMM on row-major
+  weights: docs/RESULTS.md). XLA's product
   of the panels copies the weight on every call (a 24-token SmolLM2 forward 93 -> 235 ms), so it
   is only the fallback where the kernels are unavailable."""
   if x.dtype == jnp.float32 and x.ndim == 2 and available():

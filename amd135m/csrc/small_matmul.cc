@@ -498,6 +498,21 @@ void RunChunks(int chunks, std::function<void(int)> body) {
   Workers::Get().Run(chunks, std::move(body));
 }
 
+// The same on XLA's own intra-op threads, for products that come milliseconds apart (a prompt's):
+// between them XLA runs its ops, the helpers above fall asleep, and a woken helper was often
+// queued behind the caller, which then did the product alone (a quarter to half of a 512-token
+// prompt's products ran at one thread's pace; docs/RESULTS.md). XLA's threads are the ones that
+// were just running its ops. A task that starts after the caller took every chunk does nothing.
+void RunChunksOn(ffi::ThreadPool& pool, int chunks, std::function<void(int)> body) {
+  auto job = std::make_shared<Job>();
+  job->chunks = chunks;
+  job->body = std::move(body);
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job] { job->Work(); });
+  job->Work();
+  while (job->done.load(std::memory_order_acquire) < chunks) __builtin_ia32_pause();
+}
+
 template <typename W>
 using Kernel = void (*)(const float*, const W*, float*, int64_t, int64_t, int64_t, int64_t);
 
@@ -699,12 +714,13 @@ void F32PanelRows(const float* __restrict x, const float* __restrict w, float* _
 // (XLA's product of the panels as they lie copied the weight on every call: a 24-token SmolLM2
 // forward 93 -> 235 ms).
 constexpr int64_t kF32RowBlock = 256;
+constexpr int64_t kF32PoolRows = 64;
 
 using F32PanelKernel = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t,
                                 int64_t);
 
-ffi::Error SmallMatmulF32Panels(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                                ffi::ResultBuffer<ffi::F32> out) {
+ffi::Error SmallMatmulF32Panels(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> out) {
   auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
   if (xd.size() != 2 || wd.size() != 3 || wd[2] != kF32Panel || od.size() != 2)
     return ffi::Error::InvalidArgument("small_matmul_f32_panels takes x [M, K], w [P, K, 32]");
@@ -726,9 +742,14 @@ ffi::Error SmallMatmulF32Panels(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w
   const int64_t threads = KernelThreads();
   const int64_t per = std::max<int64_t>(1, (panels + threads - 1) / threads);
   const int chunks = static_cast<int>((panels + per - 1) / per);
+  // From 64 rows on (a prompt's), XLA's threads help (RunChunksOn): a 200-token forward 367-436
+  // ms against 408-430 with the kernels' own helper, 4 x 125 tokens 868-940 against 971-1089
+  // (XLA's GEMM on row-major weights 392-418 and 903-954). At 24-32 rows, products well under a
+  // millisecond apart, the own helper, awake, is as fast or faster (1 x 24: 57-68 against 66-72).
+  const bool prompt = rows >= kF32PoolRows;
   for (int64_t r0 = 0; r0 < rows; r0 += kF32RowBlock) {
     const int64_t r1 = std::min(rows, r0 + kF32RowBlock);
-    RunChunks(chunks, [=](int i) {
+    std::function<void(int)> body = [=](int i) {
       const int64_t p1 = std::min<int64_t>(panels, (i + 1) * per);
       // One panel at a time past one group (it stays in L2 for the others), all of the
       // thread's panels at once for a single group (one stream).
@@ -738,7 +759,9 @@ ffi::Error SmallMatmulF32Panels(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w
           const int64_t m = std::min(group, r1 - g);
           kernels[m - 1](xp + g * k, wp, op + g * n, k, n, p, std::min(p1, p + step));
         }
-    });
+    };
+    if (prompt) RunChunksOn(pool, chunks, std::move(body));
+    else RunChunks(chunks, std::move(body));
   }
   return ffi::Error::Success();
 }
@@ -1221,6 +1244,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Amd135mSmallMatmulBf16Panels, SmallMatmulBf16Panel
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Amd135mSmallMatmulF32Panels, SmallMatmulF32Panels,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
