@@ -370,3 +370,38 @@ def test_the_head_trains_its_products_in_its_compute_dtype_with_f32_sums(compute
   assert len(dots) > 20
   assert all(d == (narrow, narrow, "float32") for d in dots), sorted(set(dots))
 
+
+
+def test_agreement_is_the_heads_first_guess_against_the_targets_first_choice(tiny_target):
+  """head_loss's agreement_j (a max and a gather) equals counting, by hand, the positions where
+  the argmax of the head's unrolled logits is the target's first choice (off the head's ids:
+  never), over the positions each unroll step covers; the first choices are the head's own
+  guesses at some positions, other ids (some off its vocabulary) elsewhere."""
+  config, params = checkpoints.load_params(tiny_target)
+  layers = feature_head.resolve_layers("eagle3", config.n_layers)
+  vocab = np.arange(0, 128, 2)  # the odd ids are off the head's vocabulary
+  head_config = feature_draft.HeadConfig(config, layers, len(vocab))
+  head = feature_draft.init_params(head_config, params, vocab, jax.random.key(1))
+  b, s, k = 3, 16, 4
+  rng = np.random.default_rng(1)
+  tokens = rng.integers(0, 128, (b, s)).astype(np.int32)
+  features = rng.standard_normal((b, s, head_config.feature_dim)).astype(np.float32)
+  embedding = params["embed_tokens"]["embedding"]
+  logits, _ = feature_draft.unrolled_logits(
+      head, head_config, features[:, :-1], np.asarray(embedding)[tokens[:, 1:]], SMALL.unroll)
+  guesses = [np.argmax(np.asarray(step_logits), axis=-1) for step_logits in logits]
+  top_ids = rng.integers(0, 128, (b, s, k)).astype(np.int32)
+  mine = rng.random((b, s - 1)) < 0.5
+  top_ids[:, 1:, 0] = np.where(mine, vocab[guesses[0]], top_ids[:, 1:, 0])
+  batch = {"tokens": tokens, "features": features, "top_ids": top_ids,
+           "top_logp": np.log(np.full((b, s, k), 1 / k, np.float32))}
+  to_draft = np.full(config.vocab_size, -1, np.int32)
+  to_draft[vocab] = np.arange(len(vocab))
+  _, metrics = feature_head.head_loss(head, head_config, SMALL, batch, embedding, to_draft)
+  first = to_draft[top_ids[:, 1:, 0]]
+  assert (first < 0).any()
+  for j, guess in enumerate(guesses):
+    agree = (guess == first) & (first >= 0)
+    expected = agree[:, j:].sum() / (b * (s - 1 - j))
+    assert 0 < expected < 1
+    assert float(metrics[f"agreement_{j}"]) == pytest.approx(expected), j

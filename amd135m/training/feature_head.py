@@ -419,8 +419,11 @@ def head_loss(params, head_config: feature_draft.HeadConfig, settings: Settings,
     ce = -jnp.sum(p * jnp.take_along_axis(logq, jnp.maximum(index, 0), axis=-1), axis=-1)
     count = valid.sum() * ce.shape[0]
     ce = jnp.sum(jnp.where(valid, ce, 0.0)) / count
-    guess = jnp.argmax(step_logits, axis=-1)
-    agree = (guess == index[..., 0]) & (index[..., 0] >= 0)
+    # The head agrees where the target's first choice has its largest logit: a max and a
+    # gather, where XLA's argmax over the K ids took ~4% of a step (ties aside, the same).
+    first = index[..., 0]
+    chosen = jnp.take_along_axis(step_logits, jnp.maximum(first, 0)[..., None], axis=-1)[..., 0]
+    agree = (chosen >= jnp.max(step_logits, axis=-1)) & (first >= 0)
     metrics[f"agreement_{step}"] = jnp.sum(jnp.where(valid, agree, False)) / count
     metrics[f"ce_{step}"] = ce
     weight = 0.8 ** step
