@@ -143,11 +143,7 @@ def speculative_tables(target_params, target_config: ModelConfig,
   drafts = {name: (draft, draft_params, list(gammas))
             for name, (draft, draft_params, gammas) in drafts.items()}
   for _, _, gammas in drafts.values():
-    if not gammas:
-      raise UserError("no gamma given: pass at least one draft length, e.g. --gammas 2 4")
-    for gamma in gammas:
-      if gamma < 1:
-        raise UserError(f"gamma must be >= 1 (the number of draft tokens per round), got {gamma}")
+    _check_gammas(gammas)
   if not settings:
     raise UserError("no setting given: choose greedy and/or sampling")
   for knobs in settings.values():
@@ -228,6 +224,14 @@ def speculative_tables(target_params, target_config: ModelConfig,
             "acceptance_by_position": row["acceptance_by_position"]})
   lengths = [len(ids) for ids in encoded]
   return {name: SpecTable(rows[name], lengths, outputs[name]) for name in drafts}
+
+
+def _check_gammas(gammas: Sequence[int]) -> None:
+  if not gammas:
+    raise UserError("no gamma given: pass at least one draft length, e.g. --gammas 2 4")
+  for gamma in gammas:
+    if gamma < 1:
+      raise UserError(f"gamma must be >= 1 (the number of draft tokens per round), got {gamma}")
 
 
 def _tokens(rows: Iterable[list[int]]) -> int:
@@ -417,9 +421,7 @@ def run_many(target: str, drafts: Mapping[str, tuple[str, Sequence[int], str]], 
   if not 1 <= n_prompts <= HUMANEVAL_SIZE:
     raise UserError(f"--prompts must be 1 to {HUMANEVAL_SIZE}, got {n_prompts}")
   for _, gammas, _ in drafts.values():
-    for gamma in gammas:
-      if gamma < 1:
-        raise UserError(f"gamma must be >= 1 (the number of draft tokens per round), got {gamma}")
+    _check_gammas(gammas)
   max_new_tokens = (PAPER_MAX_NEW_TOKENS if paper else 64) if max_new_tokens is None \
       else max_new_tokens
   if max_new_tokens < 1:
