@@ -16,7 +16,9 @@ from amd135m.errors import UserError
 
 # Tails everywhere: K not a multiple of the 32-input blocks (and under one block), N not a
 # multiple of the 4-row blocks; and SmolLM2's real shapes (K, N) = (in, out).
-SHAPES = [(37, 45), (8, 16), (576, 192), (1536, 576), (3, 1), (64, 7)]
+# (50, 61), (50, 229): on two threads, several-stream passes (cpu_kernels F32/bf16 panels, int8
+# row groups) ending in a partial panel or group, and a thread's panels left over after them.
+SHAPES = [(37, 45), (8, 16), (576, 192), (1536, 576), (3, 1), (64, 7), (50, 61), (50, 229)]
 
 
 def test_quantizer_error_is_at_most_half_a_step_per_channel():
@@ -506,6 +508,33 @@ def test_a_bf16_prefill_rounds_its_rows_only_where_the_cpu_has_bf16_dots(native,
   few = np.asarray(product(jnp.asarray(x[:8]), w))
   np.testing.assert_array_less(np.abs(few - exact_f32[:8]), bound[:8])
   jax.clear_caches()
+
+
+def test_bf16_weights_carry_the_tied_head_as_panels(smollm2):
+  """cast_weights(bf16) adds the tied head as Bf16Weight panels of the rounded table transposed
+  (with_bf16_output_kernel): the same numbers, summed in another order than the table's rows, so
+  decode logits agree with the table's head to f32 rounding and greedy picks are the same;
+  plain_layout drops the copy."""
+  config, params = smollm2
+  bf16 = quantize.cast_weights(params, config, "bf16")
+  embed = bf16["embed_tokens"]
+  if not cpu_kernels.available():
+    assert quantize.OUTPUT_KERNEL not in embed
+    return
+  head = embed[quantize.OUTPUT_KERNEL]
+  assert isinstance(head, quantize.Bf16Weight)
+  assert np.array_equal(np.asarray(head.dequantize()), np.asarray(embed["embedding"], np.float32))
+  table_only = {**bf16, "embed_tokens": {"embedding": embed["embedding"]}}
+  assert quantize.OUTPUT_KERNEL not in quantize.plain_layout(bf16)["embed_tokens"]
+  forward = jax.jit(lambda p, t, c: model_lib.forward(p, config, t, c)[0])
+  cache = model_lib.init_cache(config, 1, 32)
+  for tokens in ([[504]], [[504, 3074, 4303]]):
+    tokens = jnp.asarray(tokens)
+    ours = np.asarray(forward(bf16, tokens, cache), np.float64)
+    rows = np.asarray(forward(table_only, tokens, cache), np.float64)
+    assert not np.array_equal(ours, rows)  # the copy is what runs (another summation order)
+    np.testing.assert_allclose(ours, rows, rtol=0, atol=1e-4 * np.abs(rows).max())
+    assert np.array_equal(ours.argmax(-1), rows.argmax(-1))
 
 
 def test_f32_decode_layout_is_the_same_model_in_panels(smollm2):

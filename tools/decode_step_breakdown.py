@@ -1,7 +1,8 @@
-"""Where a SmolLM2 decode step's time goes, per weight precision: one jitted step at 200 cached
-positions (the cache donated, medians of 30), as is; with every weight product replaced by zeros;
-and with attention skipped too. Prints one dict of milliseconds, each setting measured `--repeats`
-times in turn. A development tool (it swaps library internals), not a benchmark with provenance.
+"""Where a SmolLM2 decode step's time goes, per weight precision (f32 in the decode layout and
+row-major, bf16, int8, int4): one jitted step at 200 cached positions (the cache donated, medians
+of 30), as is; with every weight product replaced by zeros; and with attention skipped too. Prints
+one dict of milliseconds, each setting measured `--repeats` times in turn. A development tool (it
+swaps library internals), not a benchmark with provenance.
 
 python tools/decode_step_breakdown.py [--repeats 2]
 """
@@ -53,21 +54,36 @@ def main():
   config, params = checkpoints.load_params(fetch_test_models.smollm2_path())
   params = jax.device_put(params)
   weights = {w: quantize.cast_weights(params, config, w) for w in quantize.WEIGHTS}
-  real = cpu_kernels.matmul_int8, cpu_kernels.matmul, attention_lib.attend_cached
-  zeros = lambda x, n: jnp.zeros((x.shape[0], n), jnp.float32) + x[:, :1] * 0
+  weights["f32 row-major"] = quantize.with_output_kernel(params, config)
+  products = [(cls, cls.matmul) for cls in quantize.QUANTIZED] + [(cpu_kernels, cpu_kernels.matmul)]
+  real_attention = attention_lib.attend_cached
+
+  def zeroed(product):  # the product's output shape, zeros that still depend on the rows
+    def zeros(*args, **kwargs):
+      shape = jax.eval_shape(product, *args, **kwargs).shape
+      rows = args[1] if product is not cpu_kernels.matmul else args[0]
+      return jnp.zeros(shape, jnp.float32) + rows[:, :1].astype(jnp.float32) * 0
+    return zeros
+
+  def restore():
+    for owner, fn in products:
+      setattr(owner, "matmul", fn)
+    attention_lib.attend_cached = real_attention
+
   results = {}
   for _ in range(args.repeats):
-    cpu_kernels.matmul_int8, cpu_kernels.matmul, attention_lib.attend_cached = real
+    restore()
     for name, p in weights.items():
       results.setdefault(name, []).append(step_ms(config, p))
-    cpu_kernels.matmul_int8 = lambda x, values, scale: zeros(x, values.shape[0])
-    cpu_kernels.matmul = lambda x, w, transposed=False: zeros(x, w.shape[0 if transposed else 1])
-    results.setdefault("int8, no products", []).append(step_ms(config, weights["int8"]))
+    for owner, fn in products:
+      setattr(owner, "matmul", zeroed(fn))
+    for name in ("f32", "int8"):
+      results.setdefault(f"{name}, no products", []).append(step_ms(config, weights[name]))
     attention_lib.attend_cached = lambda q, k, v, k_cache, v_cache, length, dtype, **_: (
         q, k_cache, v_cache)
     results.setdefault("int8, no products, no attention", []).append(
         step_ms(config, weights["int8"]))
-  cpu_kernels.matmul_int8, cpu_kernels.matmul, attention_lib.attend_cached = real
+  restore()
   print({name: [round(t, 2) for t in times] for name, times in results.items()})
 
 
