@@ -311,28 +311,74 @@ def with_bf16_output_kernel(params: dict, config: ModelConfig) -> dict:
   return {**params, "embed_tokens": {**embed, OUTPUT_KERNEL: kernel}}
 
 
+FUSED = {"self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+         "mlp": ("gate_up_proj", ("gate_proj", "up_proj"))}  # as quantize_params stacks them
+
+
+def _f32_panels(kernel) -> "F32Panels":
+  return F32Panels(cpu_kernels.to_panels(jnp.asarray(kernel), cpu_kernels.F32_PANEL),
+                   kernel.shape[1])
+
+
 def decode_layout(params: dict, config: ModelConfig) -> dict:
   """f32 params as CPU decode reads them, where the CPU kernels run: every Linear kernel as
-  F32Panels, and the tied head's transposed copy (with_output_kernel) as F32Panels too. The same
-  numbers and the same sums as the row-major layout (a decode-time layout: training never sees
-  it; plain_layout undoes it)."""
+  F32Panels, each layer's q, k, v as one `qkv_proj` and gate, up as one `gate_up_proj` (their
+  columns side by side, as quantize_params stacks them: 4 products a layer instead of 7, a step's
+  layers 18.8 -> 18.3 ms on the Intel Xeon of 2026-12-08), and the tied head's transposed copy
+  (with_output_kernel) as F32Panels too. The same numbers and the same sums as the row-major
+  layout: each output is summed over its inputs in order either way (a decode-time layout:
+  training never sees it; plain_layout undoes it)."""
   params = with_output_kernel(params, config)
   if not cpu_kernels.available() or precision(params) != "f32":
     return params
+  params = {**params}
+  for name, layer in params.items():
+    if not name.startswith("layers_"):
+      continue
+    layer = {**layer}
+    for block, (fused, parts) in FUSED.items():
+      if block in layer and all(part in layer[block] for part in parts):
+        kernels = [layer[block][part]["kernel"] for part in parts]
+        if all(getattr(k, "ndim", 0) == 2 and k.dtype == jnp.float32 for k in kernels):
+          rest = {k: v for k, v in layer[block].items() if k not in parts}
+          layer[block] = {**rest, fused: _f32_panels(jnp.concatenate(kernels, axis=1))}
+    params[name] = layer
 
   def convert(path, leaf):
     if (path[-1].key in ("kernel", OUTPUT_KERNEL) and not isinstance(leaf, QUANTIZED)
         and leaf.ndim == 2 and leaf.dtype == jnp.float32):
-      return F32Panels(cpu_kernels.to_panels(jnp.asarray(leaf), cpu_kernels.F32_PANEL),
-                       leaf.shape[1])
+      return _f32_panels(leaf)
     return leaf
   return jax.tree_util.tree_map_with_path(convert, params, is_leaf=_is_quantized)
 
 
 def plain_layout(params: dict) -> dict:
-  """decode_layout undone: Linear kernels as [in, out] arrays, no copy of the head."""
+  """decode_layout undone: Linear kernels as [in, out] arrays (the fused projections split again:
+  q's width is o_proj's input, k and v halve the rest; gate and up halve theirs), no copy of the
+  head."""
+  params = {**without_output_kernel(params)}
+  for name, layer in params.items():
+    if not name.startswith("layers_"):
+      continue
+    layer = {**layer}
+    for block, (fused, parts) in FUSED.items():
+      weight = layer.get(block, {}).get(fused)
+      if not isinstance(weight, F32Panels):
+        continue
+      columns = weight.dequantize().T                                             # [in, out]
+      if fused == "qkv_proj":
+        o_proj = layer[block]["o_proj"]["kernel"]
+        q = o_proj.panels.shape[1] if isinstance(o_proj, F32Panels) else o_proj.shape[0]
+        kv = (columns.shape[1] - q) // 2
+        cuts = [0, q, q + kv, q + 2 * kv]
+      else:
+        cuts = [0, columns.shape[1] // 2, columns.shape[1]]
+      rest = {k: v for k, v in layer[block].items() if k != fused}
+      layer[block] = {**rest, **{part: {"kernel": columns[:, a:b]}
+                                 for part, a, b in zip(parts, cuts, cuts[1:])}}
+    params[name] = layer
   return jax.tree.map(lambda leaf: leaf.dequantize().T if isinstance(leaf, F32Panels) else leaf,
-                      without_output_kernel(params), is_leaf=_is_quantized)
+                      params, is_leaf=_is_quantized)
 
 
 def cast_weights(params: dict, config: ModelConfig, weights: str) -> dict:

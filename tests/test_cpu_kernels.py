@@ -124,14 +124,15 @@ def test_the_model_decodes_through_the_kernel():
   expected = 7 * config.n_layers + 1 if cpu_kernels.wide_rows() else 0
   assert text.count('custom_call_target="amd135m_small_matmul"') == expected
   assert text.count('custom_call_target="amd135m_cached_attention"') == config.n_layers
-  # The decode layout (quantize.decode_layout): every product through the f32 panel kernel, the
-  # head's transposed copy too, whatever the number of rows (a prompt's as well).
+  # The decode layout (quantize.decode_layout): every product through the f32 panel kernel, q, k,
+  # v as one and gate, up as one (4 a layer), the head's transposed copy too, whatever the number
+  # of rows (a prompt's as well).
   panels = quantize.decode_layout(params, config)
   for tokens, c in ((jnp.zeros((1, 3), jnp.int32), cache), (jnp.zeros((1, 12), jnp.int32), cache),
                     (jnp.zeros((4, 3), jnp.int32), batch)):
     text = step.trace(panels, tokens, c).lower().compile().as_text()
     assert text.count('custom_call_target="amd135m_small_matmul_f32_panels"') == (
-        7 * config.n_layers + 1), tokens.shape
+        4 * config.n_layers + 1), tokens.shape
     assert 'amd135m_small_matmul"' not in text
 
 

@@ -539,7 +539,8 @@ def test_bf16_weights_carry_the_tied_head_as_panels(smollm2):
 
 def test_f32_decode_layout_is_the_same_model_in_panels(smollm2):
   """cast_weights(f32) gives the decode layout (decode_layout): every Linear kernel as F32Panels
-  holding the same numbers, and the tied head a transposed copy [D, V], as panels too. Decode
+  holding the same numbers (q, k, v as one qkv_proj, gate and up as one gate_up_proj), and the
+  tied head a transposed copy [D, V], as panels too. Decode
   steps and verifications give bitwise the row-major kernels' logits, a prompt's logits agree to
   f32 rounding, greedy tokens are the same; plain_layout gives the params back bit for bit; the
   other precisions and the fingerprint see the plain params."""
@@ -552,10 +553,16 @@ def test_f32_decode_layout_is_the_same_model_in_panels(smollm2):
   if cpu_kernels.available():
     assert isinstance(head, quantize.F32Panels)
     assert np.array_equal(np.asarray(head.dequantize()), np.asarray(table))
-    q = copied["layers_0"]["self_attn"]["q_proj"]["kernel"]
-    assert isinstance(q, quantize.F32Panels)
-    assert np.array_equal(np.asarray(q.dequantize()).T,
-                          np.asarray(params["layers_0"]["self_attn"]["q_proj"]["kernel"]))
+    attention, mlp = copied["layers_0"]["self_attn"], copied["layers_0"]["mlp"]
+    assert attention.keys() == {"qkv_proj", "o_proj"} and mlp.keys() == {"gate_up_proj",
+                                                                         "down_proj"}
+    original = params["layers_0"]
+    for fused, block, parts in ((attention["qkv_proj"], original["self_attn"],
+                                 ("q_proj", "k_proj", "v_proj")),
+                                (mlp["gate_up_proj"], original["mlp"], ("gate_proj", "up_proj"))):
+      assert isinstance(fused, quantize.F32Panels)  # the projections' columns side by side
+      assert np.array_equal(np.asarray(fused.dequantize()).T, np.concatenate(
+          [np.asarray(block[part]["kernel"]) for part in parts], axis=1))
   assert quantize.precision(copied) == "f32"
   again = quantize.cast_weights(copied, config, "f32")  # cast again: still one copy
   assert again["embed_tokens"].keys() == {"embedding", "output_kernel"}
