@@ -656,7 +656,9 @@ int64_t PanelStreams(const float* x, const W* w, float* out, int64_t K, int64_t 
   return p0;
 }
 
-// Streams for M rows: 2 (f32) or 4 (bf16) accumulators a row and stream; up to 24 in all.
+// Streams for M rows: 2 (f32) or 4 (bf16) accumulators a row and stream; up to 24 in all (one
+// stream on AVX2 hosts, whose 16 registers hold one panel's).
+constexpr int kF32StreamedRows = 6;
 template <int M>
 constexpr int F32PanelStreams() {
   return kLanes != 16 ? 1 : M <= 2 ? 4 : M <= 6 ? 2 : 1;
@@ -669,9 +671,10 @@ constexpr int Bf16PanelStreams() {
 
 // ---------------------------------------------------------------------------------------------
 // bf16 weights stored as panels of 64 output columns, each panel contiguous over the inputs
-// ([N / 64][K][64], quantize.Bf16Weight): a thread's share of the weight is one stream, where
-// the model's row-major [K, N] is read as many short ones (each k row's slice of a column block,
-// 128 bytes); two Zen 4 threads streamed panels 1.2-1.6x faster (tools/bf16_panel_bench.cc).
+// ([N / 64][K][64], quantize.Bf16Weight): a thread's share of the weight is one stream (a few
+// for 1-3 rows: PanelStreams), where the model's row-major [K, N] is read as many short ones
+// (each k row's slice of a column block, 128 bytes); two Zen 4 threads streamed panels 1.2-1.6x
+// faster (tools/bf16_panel_bench.cc).
 // Each output is the sum over k in order, as MatmulNN sums it, so the result is bitwise that of
 // the row-major kernel on the same weights.
 constexpr int64_t kPanel = 64;
@@ -829,7 +832,7 @@ ffi::Error SmallMatmulF32Panels(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       &F32PanelRows<5>, &F32PanelRows<6>, &F32PanelRows<7>, &F32PanelRows<8>,
       &F32PanelRows<9>, &F32PanelRows<10>, &F32PanelRows<11>, &F32PanelRows<12>,
       &F32PanelRows<13>, &F32PanelRows<14>, &F32PanelRows<15>, &F32PanelRows<16>};
-  static const F32PanelKernel streamed[6] = {
+  static const F32PanelKernel streamed[kF32StreamedRows] = {
       &F32PanelRowsStreamed<1>, &F32PanelRowsStreamed<2>, &F32PanelRowsStreamed<3>,
       &F32PanelRowsStreamed<4>, &F32PanelRowsStreamed<5>, &F32PanelRowsStreamed<6>};
   // Up to 16 rows in one call; more in groups of 12 on AVX-512 hosts (one pass each: 24
@@ -856,7 +859,7 @@ ffi::Error SmallMatmulF32Panels(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       for (int64_t p = i * per; p < p1; p += step)
         for (int64_t g = r0; g < r1; g += group) {
           const int64_t m = std::min(group, r1 - g);
-          (m <= 6 && step > 1 ? streamed : kernels)[m - 1](
+          (m <= kF32StreamedRows && step > 1 ? streamed : kernels)[m - 1](
               xp + g * k, wp, op + g * n, k, n, p, std::min(p1, p + step));
         }
     };
@@ -1041,9 +1044,10 @@ template <int M>
 void Int8RowsStreamed(const QuantizedRows& x, const int8_t* __restrict w,
                       const float* __restrict scale, float* __restrict out, int64_t N, int64_t g0,
                       int64_t g1) {
-  constexpr int S = M == 1 ? 4 : 2;
+  // 16 accumulators (ymm): AVX-512 hosts have 32 registers, AVX2 ones 16 (two streams, one row).
+  constexpr int S = kLanes == 16 ? (M == 1 ? 4 : 2) : (M == 1 ? 2 : 1);
   const int64_t count = g1 - g0;
-  if (count >= S) {
+  if (S > 1 && count >= S) {
     Int8Streams<M, S>(x, w, scale, out, N, g0, count / S);
     g0 += count / S * S;
   }
@@ -1237,9 +1241,9 @@ template <int M>
 void Int4RowsStreamed(const QuantizedRows& x, const uint8_t* __restrict w,
                       const float* __restrict d, const float* __restrict mins,
                       float* __restrict out, int64_t N, int64_t g0, int64_t g1) {
-  constexpr int S = M == 1 ? 4 : 2;
+  constexpr int S = kLanes == 16 ? (M == 1 ? 4 : 2) : (M == 1 ? 2 : 1);  // as Int8RowsStreamed
   const int64_t count = g1 - g0;
-  if (count >= S) {
+  if (S > 1 && count >= S) {
     Int4Streams<M, S>(x, w, d, mins, out, N, g0, count / S);
     g0 += count / S * S;
   }
