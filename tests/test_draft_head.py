@@ -371,7 +371,6 @@ def test_the_head_trains_its_products_in_its_compute_dtype_with_f32_sums(compute
   assert all(d == (narrow, narrow, "float32") for d in dots), sorted(set(dots))
 
 
-
 def test_agreement_is_the_heads_first_guess_against_the_targets_first_choice(tiny_target):
   """head_loss's agreement_j (a max and a gather) equals counting, by hand, the positions where
   the argmax of the head's unrolled logits is the target's first choice (off the head's ids:

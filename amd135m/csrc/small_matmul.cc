@@ -854,7 +854,7 @@ ffi::Error SmallMatmulF32Panels(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     std::function<void(int)> body = [=](int i) {
       const int64_t p1 = std::min<int64_t>(panels, (i + 1) * per);
       // One panel at a time past one group (it stays in L2 for the others), all of the
-      // thread's panels at once for a single group (one stream).
+      // thread's panels at once for a single group (a few streams for 1-6 rows).
       const int64_t step = r1 - r0 > group ? 1 : p1 - i * per;
       for (int64_t p = i * per; p < p1; p += step)
         for (int64_t g = r0; g < r1; g += group) {
@@ -995,6 +995,14 @@ void RunRowBlocks(int64_t n, Fn fn) {
   RunChunks(chunks, [=](int i) { fn(i * per, std::min<int64_t>(n, (i + 1) * per)); });
 }
 
+// Streams for one or two rows of an int8 or int4 weight: 16 accumulators (ymm) either way, which
+// AVX-512 hosts hold in their 32 registers; AVX2 ones have 16 (two streams for one row, one for
+// two).
+template <int M>
+constexpr int RowGroupStreams() {
+  return kLanes == 16 ? (M == 1 ? 4 : 2) : (M == 1 ? 2 : 1);
+}
+
 // One or two rows over S row groups at once, spaced a thread's share / S apart: S streams from
 // memory, as PanelStreamsOf does for f32 and bf16 panels. Same block order per output: bitwise
 // Int8Rows' result.
@@ -1044,8 +1052,7 @@ template <int M>
 void Int8RowsStreamed(const QuantizedRows& x, const int8_t* __restrict w,
                       const float* __restrict scale, float* __restrict out, int64_t N, int64_t g0,
                       int64_t g1) {
-  // 16 accumulators (ymm): AVX-512 hosts have 32 registers, AVX2 ones 16 (two streams, one row).
-  constexpr int S = kLanes == 16 ? (M == 1 ? 4 : 2) : (M == 1 ? 2 : 1);
+  constexpr int S = RowGroupStreams<M>();
   const int64_t count = g1 - g0;
   if (S > 1 && count >= S) {
     Int8Streams<M, S>(x, w, scale, out, N, g0, count / S);
@@ -1071,9 +1078,9 @@ ffi::Error SmallMatmulInt8(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
     return ffi::Error::InvalidArgument("small_matmul_int8: x, weight and scale disagree");
   if (rows < 1 || rows > kMaxRows)
     return ffi::Error::InvalidArgument("small_matmul_int8 takes 1 to 8 rows");
-  static const Int8Kernel kernels[kMaxRows] = {&Int8RowsStreamed<1>, &Int8RowsStreamed<2>, &Int8Rows<3>,
-                                               &Int8Rows<4>, &Int8Rows<5>, &Int8Rows<6>,
-                                               &Int8Rows<7>, &Int8Rows<8>};
+  static const Int8Kernel kernels[kMaxRows] = {
+      &Int8RowsStreamed<1>, &Int8RowsStreamed<2>, &Int8Rows<3>, &Int8Rows<4>,
+      &Int8Rows<5>, &Int8Rows<6>, &Int8Rows<7>, &Int8Rows<8>};
   Int8Kernel kernel = kernels[rows - 1];
   const QuantizedRows quantized = QuantizeRows(x.typed_data(), rows, k);
   const QuantizedRows* xq = &quantized;
@@ -1241,7 +1248,7 @@ template <int M>
 void Int4RowsStreamed(const QuantizedRows& x, const uint8_t* __restrict w,
                       const float* __restrict d, const float* __restrict mins,
                       float* __restrict out, int64_t N, int64_t g0, int64_t g1) {
-  constexpr int S = kLanes == 16 ? (M == 1 ? 4 : 2) : (M == 1 ? 2 : 1);  // as Int8RowsStreamed
+  constexpr int S = RowGroupStreams<M>();
   const int64_t count = g1 - g0;
   if (S > 1 && count >= S) {
     Int4Streams<M, S>(x, w, d, mins, out, N, g0, count / S);
@@ -1270,10 +1277,9 @@ ffi::Error SmallMatmulInt4(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
         "small_matmul_int4: x, nibbles, scales and minimums disagree");
   if (rows < 1 || rows > kMaxRows)
     return ffi::Error::InvalidArgument("small_matmul_int4 takes 1 to 8 rows");
-  static const Int4Kernel kernels[kMaxRows] = {&Int4RowsStreamed<1>, &Int4RowsStreamed<2>,
-                                               &Int4Rows<3>,
-                                               &Int4Rows<4>, &Int4Rows<5>, &Int4Rows<6>,
-                                               &Int4Rows<7>, &Int4Rows<8>};
+  static const Int4Kernel kernels[kMaxRows] = {
+      &Int4RowsStreamed<1>, &Int4RowsStreamed<2>, &Int4Rows<3>, &Int4Rows<4>,
+      &Int4Rows<5>, &Int4Rows<6>, &Int4Rows<7>, &Int4Rows<8>};
   Int4Kernel kernel = kernels[rows - 1];
   const QuantizedRows quantized = QuantizeRows(x.typed_data(), rows, k);
   const QuantizedRows* xq = &quantized;
