@@ -1,7 +1,8 @@
 """Softmax attention after rotary, and the choice of how to compute it: one entry, `attend`.
 
 Without a cache the mask is plain causal: a fused kernel (cuDNN) where the config asks for one,
-else the queries in blocks that skip the scores above the diagonal. With a cache the new keys and
+cpu_kernels' blocked kernel (f32 on CPUs, unsharded), else the queries in blocks that skip the
+scores above the diagonal. With a cache the new keys and
 values are written into it first: cpu_kernels' kernel where the caller allows it and it applies,
 else XLA's form. Returning the probabilities takes the dense forms, which hold them.
 """
@@ -24,10 +25,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, dtype,
   Without a cache, mask [B, T, S=T] is causal. With cache_kv ([B, S, K, H],)*2, the new keys and
   values go at slots cache_length[b] + [0, T) (cache_length: [B] int32, the filled positions) and
   each query attends to the slots up to its own position (mask is not read). impl ('einsum' or
-  'cudnn', ATTENTION_IMPLS) picks the cacheless form; allow_cpu_kernels lets the cached form go
-  to cpu_kernels (unsharded arrays only). Returns (out [B, T, N*H], kv, probs): kv the written
-  cache or, without one, (k, v) themselves (a prefill keeps them as its cache); probs
-  [B, N, T, S] f32 when return_probs, else None."""
+  'cudnn', ATTENTION_IMPLS) picks the cacheless form; allow_cpu_kernels lets either form go to
+  cpu_kernels where it applies (f32; unsharded arrays only). Returns (out [B, T, N*H], kv,
+  probs): kv the written cache or, without one, (k, v) themselves (a prefill keeps them as its
+  cache); probs [B, N, T, S] f32 when return_probs, else None."""
   b, t, n_heads, head_dim = q.shape
   if cache_kv is not None:
     if return_probs:
@@ -46,6 +47,13 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, dtype,
                                        implementation=_attention_impl(impl))
     return out.reshape(b, t, n_heads * head_dim), (k, v), None
 
+  if (not return_probs and allow_cpu_kernels
+      and cpu_kernels.causal_attention_applies(q, k, dtype)):
+    # One kernel call, forward and backward (blocks in local buffers, FlashAttention's way):
+    # XLA's blocked form below transposed and copied the keys for every query block, 1.6x the
+    # kernel's time for a 135M layer's forward and backward (docs/RESULTS.md).
+    out = cpu_kernels.causal_attention(q, k, v)                                   # [B, T, N, H]
+    return out.reshape(b, t, n_heads * head_dim), (k, v), None
   if return_probs:
     out, probs = grouped_attention(q, k, v, mask, dtype)                        # [B, T, N*H]
     # [B, K, G*T, S] -> [B, N, T, S]

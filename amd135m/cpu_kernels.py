@@ -43,6 +43,8 @@ _INT8 = "amd135m_small_matmul_int8"
 _INT4 = "amd135m_small_matmul_int4"
 _PANELS = "amd135m_small_matmul_bf16_panels"
 _F32_PANELS = "amd135m_small_matmul_f32_panels"
+_CAUSAL = "amd135m_causal_attention"
+_CAUSAL_BACKWARD = "amd135m_causal_attention_backward"
 
 
 def _cpu_signature() -> str:
@@ -101,6 +103,11 @@ def available() -> bool:
                                 platform="cpu")
     jax.ffi.register_ffi_target(_F32_PANELS,
                                 jax.ffi.pycapsule(library.Amd135mSmallMatmulF32Panels),
+                                platform="cpu")
+    jax.ffi.register_ffi_target(_CAUSAL, jax.ffi.pycapsule(library.Amd135mCausalAttention),
+                                platform="cpu")
+    jax.ffi.register_ffi_target(_CAUSAL_BACKWARD,
+                                jax.ffi.pycapsule(library.Amd135mCausalAttentionBackward),
                                 platform="cpu")
     return True
   except (OSError, RuntimeError) as e:
@@ -405,3 +412,47 @@ def _attention_backward(reference, args, g):
 
 
 cached_attention.defvjp(_attention_forward, _attention_backward)
+
+
+def causal_attention_applies(q: jax.Array, k: jax.Array, dtype) -> bool:
+  """Whether causal_attention takes this layer's attention: f32 throughout, a head dimension in
+  whole 16-lane vectors, on a CPU-capable build."""
+  return (q.dtype == jnp.float32 and k.dtype == jnp.float32 and jnp.dtype(dtype) == jnp.float32
+          and q.shape[-1] % 16 == 0 and q.shape[1] > 0 and available())
+
+
+def _causal_forward_call(q, k, v):
+  if not available():
+    raise RuntimeError("the CPU kernels are unavailable (see the warning above)")
+  b, t, n, _ = q.shape
+  call = jax.ffi.ffi_call(_CAUSAL, (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                                    jax.ShapeDtypeStruct((b, n, t), jnp.float32)),
+                          vmap_method="sequential")
+  return call(q, k, v)
+
+
+@jax.custom_vjp
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """Softmax attention with a causal mask and no cache, softmax(q k^T / sqrt(H)) v per head, in
+  one kernel call (blocks of 64 x 64 in local buffers, FlashAttention's online softmax; the
+  backward recomputes the probabilities from the log-sum-exp, FlashAttention-2). q [B, T, N,
+  H]; k, v [B, T, K, H] (query head n reads kv head n // (N / K)). Returns [B, T, N, H]. Callers
+  check causal_attention_applies."""
+  return _causal_forward_call(q, k, v)[0]
+
+
+def _causal_forward(q, k, v):
+  out, lse = _causal_forward_call(q, k, v)
+  return out, (q, k, v, out, lse)
+
+
+def _causal_backward(residuals, g):
+  q, k, v, out, lse = residuals
+  call = jax.ffi.ffi_call(_CAUSAL_BACKWARD, (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                                             jax.ShapeDtypeStruct(k.shape, jnp.float32),
+                                             jax.ShapeDtypeStruct(v.shape, jnp.float32)),
+                          vmap_method="sequential")
+  return call(q, k, v, out, lse, g.astype(jnp.float32))
+
+
+causal_attention.defvjp(_causal_forward, _causal_backward)

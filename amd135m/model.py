@@ -52,8 +52,8 @@ _SHARDING = contextvars.ContextVar("activation_sharding", default=None)
 @contextlib.contextmanager
 def logical_sharding(mesh, rules: dict):
   """While tracing inside it, `constrain` maps logical names to `mesh` axes by `rules` (name ->
-  mesh axis, axes or None). Training enters it, and passes allow_cpu_kernels=False (see `Llama`);
-  inference never does."""
+  mesh axis, axes or None). Training enters it, and passes allow_cpu_kernels=False on a mesh of
+  several devices (see `Llama`); inference never does."""
   token = _SHARDING.set((mesh, rules))
   try:
     yield
@@ -271,9 +271,11 @@ class Llama(nn.Module):
   cache.length[b] + [0, T) and attend to everything before them; the returned cache has
   length + T (move it back to roll back). Without a cache, a plain causal forward.
 
-  allow_cpu_kernels: the small products of a decode step or a verification, and cached
-  attention, may go to cpu_kernels (on CPUs, for the shapes and dtypes they take). True for
-  unsharded inference; the sharded train step (training.step.compile_step) passes False."""
+  allow_cpu_kernels: the small products of a decode step or a verification, cached attention
+  and f32 causal attention without a cache may go to cpu_kernels (on CPUs, for the shapes and
+  dtypes they take). True for
+  unsharded inference and a one-device train step; a train step on several devices
+  (training.step.compile_step) passes False."""
   config: ModelConfig
   allow_cpu_kernels: bool = True
 

@@ -210,6 +210,90 @@ def test_cached_attention_gradient_is_xlas():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def _causal_inputs(b, t, n, k, h, seed=0):
+  rng = np.random.default_rng(seed)
+  return [rng.standard_normal(shape).astype(np.float32)
+          for shape in ((b, t, n, h), (b, t, k, h), (b, t, k, h), (b, t, n, h))]
+
+
+def _causal_float64(q, k, v, grad):
+  """Dense causal attention and its gradient (dq, dk, dv) for the cotangent grad, in float64."""
+  q, k, v, grad = (x.astype(np.float64) for x in (q, k, v, grad))
+  b, t, n, h = q.shape
+  groups = n // k.shape[2]
+  kk, vv = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)
+  scores = np.einsum("btnh,bsnh->bnts", q, kk) / np.sqrt(h)
+  scores = np.where(np.tril(np.ones((t, t), bool)), scores, -np.inf)
+  p = np.exp(scores - scores.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  out = np.einsum("bnts,bsnh->btnh", p, vv)
+  dp = np.einsum("btnh,bsnh->bnts", grad, vv)
+  ds = p * (dp - (dp * p).sum(-1, keepdims=True)) / np.sqrt(h)
+  dq = np.einsum("bnts,bsnh->btnh", ds, kk)
+  per_head = lambda x: x.reshape(b, t, n // groups, groups, h).sum(3)
+  dk = per_head(np.einsum("bnts,btnh->bsnh", ds, q))
+  dv = per_head(np.einsum("bnts,btnh->bsnh", p, grad))
+  return out, (dq, dk, dv)
+
+
+# One token; a 16-wide head (the tiny config's) in two blocks with a tail; SmolLM2's heads (9
+# query heads on 3 kv heads) with a 2-row tail block; a single whole block.
+CAUSAL_SHAPES = [(1, 1, 2, 1, 16), (2, 100, 4, 2, 16), (2, 130, 9, 3, 64), (1, 64, 2, 2, 32)]
+
+
+@pytest.mark.parametrize("b,t,n,k,h", CAUSAL_SHAPES)
+def test_causal_attention_is_as_exact_as_xlas(b, t, n, k, h):
+  """The kernel's output and gradients against float64: within 1e-6 of each tensor's largest
+  value (a few f32 ulps; the kernel sums over blocks of 64 keys, XLA's dense form in one
+  product), as XLA's f32 form of the same (the dense grouped attention) is."""
+  q, k_, v, grad = _causal_inputs(b, t, n, k, h)
+  exact_out, exact_grads = _causal_float64(q, k_, v, grad)
+  mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+  xla = lambda q, k, v: attention_lib.grouped_attention(q, k, v, mask, jnp.float32)[0].reshape(
+      q.shape)
+  for name, attend in (("kernel", cpu_kernels.causal_attention), ("xla", xla)):
+    out, pullback = jax.vjp(jax.jit(attend), q, k_, v)
+    for what, ours, exact in zip(("out", "dq", "dk", "dv"), (out, *pullback(grad)),
+                                 (exact_out, *exact_grads)):
+      error = np.abs(np.asarray(ours, np.float64) - exact).max()
+      assert error <= 1e-6 * np.abs(exact).max(), (name, what, error, np.abs(exact).max())
+  assert "amd135m_causal_attention" in jax.jit(cpu_kernels.causal_attention).trace(
+      q, k_, v).lower().as_text()
+
+
+def test_causal_attention_never_reads_later_keys():
+  """Keys and values after a position change nothing before it, bitwise, and get no gradient
+  from it; they do change what comes after."""
+  q, k, v, _ = _causal_inputs(1, 150, 4, 2, 16, seed=2)
+  attend = jax.jit(cpu_kernels.causal_attention)
+  t0 = 70
+  out = attend(q, k, v)
+  k2, v2 = k.copy(), v.copy()
+  k2[:, t0 + 1:], v2[:, t0 + 1:] = 30.0, -30.0
+  changed = attend(q, k2, v2)
+  assert np.array_equal(out[:, :t0 + 1], changed[:, :t0 + 1])
+  assert np.abs(np.asarray(out[:, t0 + 1:]) - np.asarray(changed[:, t0 + 1:])).min() > 0
+  dk, dv = jax.grad(lambda k, v: attend(q, k, v)[:, :t0 + 1].sum(), (0, 1))(k, v)
+  assert np.all(np.asarray(dk)[:, t0 + 1:] == 0) and np.all(np.asarray(dv)[:, t0 + 1:] == 0)
+  assert np.abs(np.asarray(dk)[:, :t0 + 1]).max() > 0
+
+
+def test_a_one_device_train_step_attends_through_the_kernel():
+  """compile_step on a one-device mesh: the attention's forward and backward in the kernel, once
+  per layer each; the sharded step (allow_cpu_kernels=False) keeps XLA's form."""
+  from amd135m.training import step as step_lib
+  config = model_lib.ModelConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                 ffn_dim=48, max_seq_len=128, tie_embeddings=True)
+  params = model_lib.init_params(config, jax.random.PRNGKey(0))
+  batch = {"inputs": jnp.zeros((2, 100), jnp.int32), "targets": jnp.ones((2, 100), jnp.int32)}
+  for allow, count in ((True, config.n_layers), (False, 0)):
+    grads = jax.jit(lambda p, b: step_lib.loss_and_grads(p, config, b, 1,
+                                                        allow_cpu_kernels=allow))
+    text = grads.trace(params, batch).lower().compile().as_text()
+    assert text.count('custom_call_target="amd135m_causal_attention"') == count
+    assert text.count('custom_call_target="amd135m_causal_attention_backward"') == count
+
+
 def test_without_a_compiler_xla_does_the_work(tmp_path):
   """A machine where the kernels cannot be built warns once and runs everything through XLA."""
   script = (

@@ -171,9 +171,12 @@ def compile_step(config: ModelConfig, optimizer, lr_schedule, mesh: Mesh, rules,
 
   activation_rules = sharding.activation_rules(rules)
 
+  # The CPU kernels take whole arrays: on a one-device mesh (a laptop's or a CI machine's step)
+  # the f32 causal attention goes to its kernel (a 135M step on the Intel Xeon 4.3 -> 3.3 s).
+  unsharded = mesh.size == 1
+
   def on_mesh(fn):
-    """fn traced with the activation rules and the mesh in context (jit traces at first call);
-    the fns given it pass allow_cpu_kernels=False (the kernels take whole, unsharded arrays)."""
+    """fn traced with the activation rules and the mesh in context (jit traces at first call)."""
     def wrapped(*args):
       with model_lib.logical_sharding(mesh, activation_rules):
         return fn(*args)
@@ -181,7 +184,7 @@ def compile_step(config: ModelConfig, optimizer, lr_schedule, mesh: Mesh, rules,
 
   step = functools.partial(train_step, config=config, optimizer=optimizer,
                            accum_steps=accum_steps, lr_schedule=lr_schedule,
-                           batch_sharding=batch, teacher=teacher, allow_cpu_kernels=False)
+                           batch_sharding=batch, teacher=teacher, allow_cpu_kernels=unsharded)
   if teacher is None:
     step_fn = jax.jit(on_mesh(step), in_shardings=(shardings, batch),
                       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
@@ -194,7 +197,7 @@ def compile_step(config: ModelConfig, optimizer, lr_schedule, mesh: Mesh, rules,
                            donate_argnums=0)
     step_fn = lambda state, b: with_teacher(state, b, teacher_params)  # noqa: E731
   eval_fn = jax.jit(on_mesh(lambda params, b: eval_step(params, b, config=config,
-                                                        allow_cpu_kernels=False)),
+                                                        allow_cpu_kernels=unsharded)),
                     in_shardings=(shardings["params"], batch),
                     out_shardings=sharding.replicated(mesh))
   return Compiled(init=jax.jit(init, out_shardings=shardings), step=step_fn, eval=eval_fn,
