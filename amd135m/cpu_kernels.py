@@ -426,7 +426,7 @@ def _causal_forward_call(q, k, v):
     raise RuntimeError("the CPU kernels are unavailable (see the warning above)")
   b, t, n, _ = q.shape
   call = jax.ffi.ffi_call(_CAUSAL, (jax.ShapeDtypeStruct(q.shape, jnp.float32),
-                                    jax.ShapeDtypeStruct((b, n, t), jnp.float32)),
+                                    jax.ShapeDtypeStruct((b, n, t, 2), jnp.float32)),
                           vmap_method="sequential")
   return call(q, k, v)
 
@@ -435,24 +435,25 @@ def _causal_forward_call(q, k, v):
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   """Softmax attention with a causal mask and no cache, softmax(q k^T / sqrt(H)) v per head, in
   one kernel call (blocks of 64 x 64 in local buffers, FlashAttention's online softmax; the
-  backward recomputes the probabilities from the log-sum-exp, FlashAttention-2). q [B, T, N,
-  H]; k, v [B, T, K, H] (query head n reads kv head n // (N / K)). Returns [B, T, N, H]. Callers
-  check causal_attention_applies."""
+  backward recomputes the probabilities from each row's max and softmax sum, FlashAttention-2).
+  q [B, T, N, H]; k, v [B, T, K, H] (query head n reads kv head n // (N / K)). Returns [B, T, N,
+  H]. As exact as XLA's form against float64 (tests/test_cpu_kernels.py). Callers check
+  causal_attention_applies."""
   return _causal_forward_call(q, k, v)[0]
 
 
 def _causal_forward(q, k, v):
-  out, lse = _causal_forward_call(q, k, v)
-  return out, (q, k, v, out, lse)
+  out, stats = _causal_forward_call(q, k, v)
+  return out, (q, k, v, stats)
 
 
 def _causal_backward(residuals, g):
-  q, k, v, out, lse = residuals
+  q, k, v, stats = residuals
   call = jax.ffi.ffi_call(_CAUSAL_BACKWARD, (jax.ShapeDtypeStruct(q.shape, jnp.float32),
                                              jax.ShapeDtypeStruct(k.shape, jnp.float32),
                                              jax.ShapeDtypeStruct(v.shape, jnp.float32)),
                           vmap_method="sequential")
-  return call(q, k, v, out, lse, g.astype(jnp.float32))
+  return call(q, k, v, stats, g.astype(jnp.float32))
 
 
 causal_attention.defvjp(_causal_forward, _causal_backward)

@@ -1463,7 +1463,9 @@ ffi::Error CachedAttention(ffi::Buffer<ffi::F32> q,
 // kernel took 0.35 s. Here blocks of 64 queries x 64 keys live in small local buffers: a block's
 // scores, an online softmax (FlashAttention's running max and sum), the weighted values; the
 // backward recomputes each block's probabilities from the forward's log-sum-exp
-// (FlashAttention-2). Blocks above the diagonal are never computed. The queries are scaled by
+// (FlashAttention-2; from the rows' max and softmax sum, not their log-sum-exp, whose rounding
+// at |lse| ~ 10-20 made the gradients' error 1.5-2x XLA's). Blocks above the diagonal are never
+// computed. The queries are scaled by
 // 1/sqrt(H) before the product (XLA's form divides the scores): the same to f32 rounding.
 
 constexpr int64_t kAttnBlock = 64;
@@ -1480,13 +1482,20 @@ void Block64Strips(const float* a, int64_t depth, const float* b, int64_t n, flo
       for (int i = 0; i < R; ++i)
         for (int j = 0; j < CV; ++j)
           acc[i][j] = kAccumulate ? Load(c + (r + i) * n + c0 + j * kLanes) : vec{};
-      for (int64_t d = 0; d < depth; ++d) {
-        vec bv[CV];
-        for (int j = 0; j < CV; ++j) bv[j] = Load(b + d * n + c0 + j * kLanes);
-        for (int i = 0; i < R; ++i) {
-          const vec av = vec{} + a[(r + i) * depth + d];
-          for (int j = 0; j < CV; ++j) acc[i][j] += av * bv[j];
+      // Partial sums over runs of 16 of the depth, added to the running total after each: a
+      // chain of 64 FMAs (a head's scores) doubled the error of XLA's form against float64.
+      for (int64_t d0 = 0; d0 < depth; d0 += 16) {
+        vec part[R][CV] = {};
+        for (int64_t d = d0; d < std::min(depth, d0 + 16); ++d) {
+          vec bv[CV];
+          for (int j = 0; j < CV; ++j) bv[j] = Load(b + d * n + c0 + j * kLanes);
+          for (int i = 0; i < R; ++i) {
+            const vec av = vec{} + a[(r + i) * depth + d];
+            for (int j = 0; j < CV; ++j) part[i][j] += av * bv[j];
+          }
         }
+        for (int i = 0; i < R; ++i)
+          for (int j = 0; j < CV; ++j) acc[i][j] += part[i][j];
       }
       for (int i = 0; i < R; ++i)
         for (int j = 0; j < CV; ++j) Store(c + (r + i) * n + c0 + j * kLanes, acc[i][j]);
@@ -1515,6 +1524,13 @@ inline int64_t VisibleKeys(int64_t i, int64_t j, int64_t r, int64_t T) {
   return std::min(own, T - j * kAttnBlock);
 }
 
+// Lane l of the vector at column col is visible where col + l < visible.
+inline ivec Visible(int64_t col, int64_t visible) {
+  ivec lanes;
+  for (int l = 0; l < kLanes; ++l) lanes[l] = l;
+  return lanes + static_cast<int>(col) < (ivec{} + static_cast<int>(visible));
+}
+
 // One (b, kv head)'s keys or values: rows [Tp][H] from x [B, T, K, H] (zero past T), and
 // transposed by blocks [Tp / 64][H][64] where `transposed` is given.
 void PackHead(const float* x, int64_t b, int64_t kh, int64_t T, int64_t K, int64_t H,
@@ -1541,7 +1557,7 @@ ffi::Error CheckAttentionShapes(const ffi::Buffer<ffi::F32>& q, const ffi::Buffe
 
 ffi::Error CausalAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                            ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> out,
-                           ffi::ResultBuffer<ffi::F32> lse) {
+                           ffi::ResultBuffer<ffi::F32> stats) {
   if (auto error = CheckAttentionShapes(q, k, v); error.failure()) return error;
   auto qd = q.dimensions();
   const int64_t B = qd[0], T = qd[1], N = qd[2], H = qd[3], K = k.dimensions()[2], G = N / K;
@@ -1550,7 +1566,7 @@ ffi::Error CausalAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   const float scale = 1.0f / std::sqrt(static_cast<float>(H));
   const float* qp = q.typed_data();
   float* op = out->typed_data();
-  float* lp = lse->typed_data();
+  float* lp = stats->typed_data();
   // Each (b, kv head)'s keys transposed by block and values as rows, once: every query block
   // and every head of the group reads them.
   std::vector<float> keys(B * K * Tp * H), values(B * K * Tp * H);
@@ -1581,14 +1597,18 @@ ffi::Error CausalAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
         for (int64_t r = 0; r < kAttnBlock; ++r) {
           float* s = &scores[r * kAttnBlock];
           const int64_t visible = VisibleKeys(i, j, r, T);
+          const vec hidden = vec{} - INFINITY;
+          vec tops = hidden;
+          for (int64_t col = 0; col < kAttnBlock; col += kLanes) {
+            const vec x = Visible(col, visible) ? Load(s + col) : hidden;
+            tops = tops > x ? tops : x;
+          }
           float top = max[r];
-          for (int64_t col = 0; col < visible; ++col) top = std::max(top, s[col]);
+          for (int64_t lane = 0; lane < kLanes; ++lane) top = std::max(top, tops[lane]);
           const float shrink = std::exp(max[r] - top);  // 0 at the first block (max -inf)
           vec total = {};
           for (int64_t col = 0; col < kAttnBlock; col += kLanes) {
-            vec e = Exp(Load(s + col) - top);
-            for (int64_t lane = 0; lane < kLanes; ++lane)
-              if (col + lane >= visible) e[lane] = 0.0f;
+            const vec e = Visible(col, visible) ? Exp(Load(s + col) - top) : vec{};
             Store(s + col, e);
             total += e;
           }
@@ -1607,7 +1627,8 @@ ffi::Error CausalAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
         const int64_t t = i * kAttnBlock + r;
         const float inverse = 1.0f / sum[r];
         for (int64_t h = 0; h < H; ++h) op[((b * T + t) * N + n) * H + h] = acc[r * H + h] * inverse;
-        lp[(b * N + n) * T + t] = max[r] + std::log(sum[r]);
+        lp[((b * N + n) * T + t) * 2] = max[r];
+        lp[((b * N + n) * T + t) * 2 + 1] = inverse;
       }
     }
   });
@@ -1616,68 +1637,83 @@ ffi::Error CausalAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
 
 ffi::Error CausalAttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                                    ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                                   ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
-                                   ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
-                                   ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
+                                   ffi::Buffer<ffi::F32> stats, ffi::Buffer<ffi::F32> dout,
+                                   ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                                   ffi::ResultBuffer<ffi::F32> dv) {
   if (auto error = CheckAttentionShapes(q, k, v); error.failure()) return error;
   auto qd = q.dimensions();
   const int64_t B = qd[0], T = qd[1], N = qd[2], H = qd[3], K = k.dimensions()[2], G = N / K;
   if (B * T == 0) return ffi::Error::Success();
   const int64_t blocks = (T + kAttnBlock - 1) / kAttnBlock, Tp = blocks * kAttnBlock;
   const float scale = 1.0f / std::sqrt(static_cast<float>(H));
-  const float *qp = q.typed_data(), *op = out.typed_data(), *lp = lse.typed_data(),
-              *gp = dout.typed_data();
+  const float *qp = q.typed_data(), *lp = stats.typed_data(), *gp = dout.typed_data();
   float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
   // One chunk per (b, kv head): it owns the gradients of its keys and values and of its group's
   // queries, summed over every block pair in a fixed order (the same result for any split).
   RunChunksOn(pool, static_cast<int>(B * K), [&](int c) {
     const int64_t b = c / K, kh = c % K;
-    const size_t block = kAttnBlock * kAttnBlock;
+    const int64_t block = kAttnBlock * kAttnBlock;
     std::vector<float> key_rows(Tp * H), keys_t(Tp * H), values_t(Tp * H), value_rows(Tp * H),
         dkeys(Tp * H, 0.0f), dvalues(Tp * H, 0.0f), query(Tp * H), grad(Tp * H), dquery(Tp * H),
-        logsum(Tp), delta(Tp), p(block), dp(block), flipped(block);
+        top(Tp), inverse(Tp), p(blocks * block), dp(blocks * block), flipped(block);
     PackHead(k.typed_data(), b, kh, T, K, H, blocks, key_rows.data(), keys_t.data());
     PackHead(v.typed_data(), b, kh, T, K, H, blocks, value_rows.data(), values_t.data());
     for (int64_t g = 0; g < G; ++g) {
       const int64_t n = kh * G + g;
       for (int64_t t = 0; t < Tp; ++t) {
         const int64_t at = ((b * T + t) * N + n) * H;
-        float d = 0.0f;
         for (int64_t h = 0; h < H; ++h) {
           query[t * H + h] = t < T ? qp[at + h] * scale : 0.0f;
           grad[t * H + h] = t < T ? gp[at + h] : 0.0f;
-          if (t < T) d += gp[at + h] * op[at + h];
         }
-        delta[t] = d;  // rowsum(dO * O): the softmax's backward, per query
-        logsum[t] = t < T ? lp[(b * N + n) * T + t] : 0.0f;
+        top[t] = t < T ? lp[((b * N + n) * T + t) * 2] : 0.0f;
+        inverse[t] = t < T ? lp[((b * N + n) * T + t) * 2 + 1] : 0.0f;
       }
       std::fill(dquery.begin(), dquery.end(), 0.0f);
-      for (int64_t i = 0; i < blocks; ++i)
+      for (int64_t i = 0; i < blocks; ++i) {
+        const float* qi = &query[i * kAttnBlock * H];
+        const float* gi = &grad[i * kAttnBlock * H];
+        // The block row's probabilities P and dP = dO V^T, kept for its second pass; the
+        // softmax's backward needs each query's sum of P * dP over all its keys (taken from these
+        // P and dP rather than from dO . O, whose rounding of O made dq's error 1.5x XLA's).
+        vec sums[kAttnBlock] = {};
         for (int64_t j = 0; j <= i; ++j) {
-          const float* qi = &query[i * kAttnBlock * H];
-          const float* gi = &grad[i * kAttnBlock * H];
-          Block64<false>(qi, H, &keys_t[j * H * kAttnBlock], kAttnBlock, p.data());
-          Block64<false>(gi, H, &values_t[j * H * kAttnBlock], kAttnBlock, dp.data());
+          float* pj = &p[j * block];
+          float* dpj = &dp[j * block];
+          Block64<false>(qi, H, &keys_t[j * H * kAttnBlock], kAttnBlock, pj);
+          Block64<false>(gi, H, &values_t[j * H * kAttnBlock], kAttnBlock, dpj);
           for (int64_t r = 0; r < kAttnBlock; ++r) {
             const int64_t t = i * kAttnBlock + r;
             const int64_t visible = t < T ? VisibleKeys(i, j, r, T) : 0;
-            float* pr = &p[r * kAttnBlock];
-            float* dr = &dp[r * kAttnBlock];
             for (int64_t col = 0; col < kAttnBlock; col += kLanes) {
-              vec e = Exp(Load(pr + col) - logsum[t]);
-              for (int64_t lane = 0; lane < kLanes; ++lane)
-                if (col + lane >= visible) e[lane] = 0.0f;
-              Store(pr + col, e);
-              Store(dr + col, e * (Load(dr + col) - delta[t]));  // dS = P * (dP - delta)
+              float* at = pj + r * kAttnBlock + col;
+              const vec e = Visible(col, visible) ? Exp(Load(at) - top[t]) * inverse[t] : vec{};
+              Store(at, e);
+              sums[r] += e * Load(dpj + r * kAttnBlock + col);
             }
           }
-          Transpose64(p.data(), flipped.data());
+        }
+        float delta[kAttnBlock];
+        for (int64_t r = 0; r < kAttnBlock; ++r) {
+          delta[r] = 0.0f;
+          for (int64_t lane = 0; lane < kLanes; ++lane) delta[r] += sums[r][lane];
+        }
+        for (int64_t j = 0; j <= i; ++j) {
+          float* pj = &p[j * block];
+          float* dpj = &dp[j * block];
+          for (int64_t r = 0; r < kAttnBlock; ++r)  // dS = P * (dP - delta), in dP's place
+            for (int64_t col = 0; col < kAttnBlock; col += kLanes) {
+              float* at = dpj + r * kAttnBlock + col;
+              Store(at, Load(pj + r * kAttnBlock + col) * (Load(at) - delta[r]));
+            }
+          Transpose64(pj, flipped.data());
           Block64<true>(flipped.data(), kAttnBlock, gi, H, &dvalues[j * kAttnBlock * H]);
-          Transpose64(dp.data(), flipped.data());
+          Transpose64(dpj, flipped.data());
           Block64<true>(flipped.data(), kAttnBlock, qi, H, &dkeys[j * kAttnBlock * H]);
-          Block64<true>(dp.data(), kAttnBlock, &key_rows[j * kAttnBlock * H], H,
+          Block64<true>(dpj, kAttnBlock, &key_rows[j * kAttnBlock * H], H,
                         &dquery[i * kAttnBlock * H]);
         }
+      }
       for (int64_t t = 0; t < T; ++t)
         for (int64_t h = 0; h < H; ++h)
           dqp[((b * T + t) * N + n) * H + h] = dquery[t * H + h] * scale;
@@ -1753,7 +1789,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Amd135mCausalAttention, CausalAttention,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // k [B, T, K, H]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // v [B, T, K, H]
                                   .Ret<ffi::Buffer<ffi::F32>>()   // out [B, T, N, H]
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // log-sum-exp [B, N, T]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // max, 1 / sum [B, N, T, 2]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Amd135mCausalAttentionBackward, CausalAttentionBackward,
                               ffi::Ffi::Bind()
@@ -1761,8 +1797,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Amd135mCausalAttentionBackward, CausalAttentionBac
                                   .Arg<ffi::Buffer<ffi::F32>>()   // q
                                   .Arg<ffi::Buffer<ffi::F32>>()   // k
                                   .Arg<ffi::Buffer<ffi::F32>>()   // v
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // out
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // log-sum-exp
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // max, 1 / sum
                                   .Arg<ffi::Buffer<ffi::F32>>()   // d out
                                   .Ret<ffi::Buffer<ffi::F32>>()   // d q
                                   .Ret<ffi::Buffer<ffi::F32>>()   // d k
