@@ -1555,15 +1555,25 @@ ffi::Error CheckAttentionShapes(const ffi::Buffer<ffi::F32>& q, const ffi::Buffe
   return ffi::Error::Success();
 }
 
+// The sizes of q [B, T, N, H] and k [B, T, K, H]: G query heads a kv head, T in blocks of 64
+// (padded to Tp), the scores' scale 1/sqrt(H).
+struct AttentionShape {
+  AttentionShape(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k)
+      : B(q.dimensions()[0]), T(q.dimensions()[1]), N(q.dimensions()[2]), H(q.dimensions()[3]),
+        K(k.dimensions()[2]), G(N / K), blocks((T + kAttnBlock - 1) / kAttnBlock),
+        Tp(blocks * kAttnBlock), scale(1.0f / std::sqrt(static_cast<float>(H))) {}
+  const int64_t B, T, N, H, K, G, blocks, Tp;
+  const float scale;
+};
+
 ffi::Error CausalAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                            ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> out,
                            ffi::ResultBuffer<ffi::F32> stats) {
   if (auto error = CheckAttentionShapes(q, k, v); error.failure()) return error;
-  auto qd = q.dimensions();
-  const int64_t B = qd[0], T = qd[1], N = qd[2], H = qd[3], K = k.dimensions()[2], G = N / K;
+  const AttentionShape shape(q, k);
+  const int64_t B = shape.B, T = shape.T, N = shape.N, H = shape.H, K = shape.K, G = shape.G,
+                blocks = shape.blocks, Tp = shape.Tp;
   if (B * T == 0) return ffi::Error::Success();
-  const int64_t blocks = (T + kAttnBlock - 1) / kAttnBlock, Tp = blocks * kAttnBlock;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(H));
   const float* qp = q.typed_data();
   float* op = out->typed_data();
   float* lp = stats->typed_data();
@@ -1586,7 +1596,7 @@ ffi::Error CausalAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
       for (int64_t r = 0; r < kAttnBlock; ++r) {
         const int64_t t = i * kAttnBlock + r;
         for (int64_t h = 0; h < H; ++h)
-          query[r * H + h] = t < T ? qp[((b * T + t) * N + n) * H + h] * scale : 0.0f;
+          query[r * H + h] = t < T ? qp[((b * T + t) * N + n) * H + h] * shape.scale : 0.0f;
       }
       std::fill(acc.begin(), acc.end(), 0.0f);
       std::fill(max.begin(), max.end(), -INFINITY);
@@ -1626,7 +1636,8 @@ ffi::Error CausalAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
       for (int64_t r = 0; r < kAttnBlock && i * kAttnBlock + r < T; ++r) {
         const int64_t t = i * kAttnBlock + r;
         const float inverse = 1.0f / sum[r];
-        for (int64_t h = 0; h < H; ++h) op[((b * T + t) * N + n) * H + h] = acc[r * H + h] * inverse;
+        for (int64_t h = 0; h < H; ++h)
+          op[((b * T + t) * N + n) * H + h] = acc[r * H + h] * inverse;
         lp[((b * N + n) * T + t) * 2] = max[r];
         lp[((b * N + n) * T + t) * 2 + 1] = inverse;
       }
@@ -1641,11 +1652,10 @@ ffi::Error CausalAttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q
                                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                                    ffi::ResultBuffer<ffi::F32> dv) {
   if (auto error = CheckAttentionShapes(q, k, v); error.failure()) return error;
-  auto qd = q.dimensions();
-  const int64_t B = qd[0], T = qd[1], N = qd[2], H = qd[3], K = k.dimensions()[2], G = N / K;
+  const AttentionShape shape(q, k);
+  const int64_t B = shape.B, T = shape.T, N = shape.N, H = shape.H, K = shape.K, G = shape.G,
+                blocks = shape.blocks, Tp = shape.Tp;
   if (B * T == 0) return ffi::Error::Success();
-  const int64_t blocks = (T + kAttnBlock - 1) / kAttnBlock, Tp = blocks * kAttnBlock;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(H));
   const float *qp = q.typed_data(), *lp = stats.typed_data(), *gp = dout.typed_data();
   float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
   // One chunk per (b, kv head): it owns the gradients of its keys and values and of its group's
@@ -1663,7 +1673,7 @@ ffi::Error CausalAttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q
       for (int64_t t = 0; t < Tp; ++t) {
         const int64_t at = ((b * T + t) * N + n) * H;
         for (int64_t h = 0; h < H; ++h) {
-          query[t * H + h] = t < T ? qp[at + h] * scale : 0.0f;
+          query[t * H + h] = t < T ? qp[at + h] * shape.scale : 0.0f;
           grad[t * H + h] = t < T ? gp[at + h] : 0.0f;
         }
         top[t] = t < T ? lp[((b * N + n) * T + t) * 2] : 0.0f;
@@ -1716,7 +1726,7 @@ ffi::Error CausalAttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q
       }
       for (int64_t t = 0; t < T; ++t)
         for (int64_t h = 0; h < H; ++h)
-          dqp[((b * T + t) * N + n) * H + h] = dquery[t * H + h] * scale;
+          dqp[((b * T + t) * N + n) * H + h] = dquery[t * H + h] * shape.scale;
     }
     for (int64_t t = 0; t < T; ++t) {
       std::copy_n(&dkeys[t * H], H, dkp + ((b * T + t) * K + kh) * H);
