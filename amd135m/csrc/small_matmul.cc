@@ -1579,7 +1579,8 @@ ffi::Error CausalAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   float* lp = stats->typed_data();
   // Each (b, kv head)'s keys transposed by block and values as rows, once: every query block
   // and every head of the group reads them.
-  std::vector<float> keys(B * K * Tp * H), values(B * K * Tp * H);
+  // Uninitialized: PackHead writes every element (zeros past T), on the threads that read them.
+  std::unique_ptr<float[]> keys(new float[B * K * Tp * H]), values(new float[B * K * Tp * H]);
   RunChunksOn(pool, static_cast<int>(B * K), [&](int i) {
     std::vector<float> rows(Tp * H);
     PackHead(k.typed_data(), i / K, i % K, T, K, H, blocks, rows.data(), &keys[i * Tp * H]);
