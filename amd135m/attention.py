@@ -2,9 +2,9 @@
 
 Without a cache the mask is plain causal: a fused kernel (cuDNN) where the config asks for one,
 cpu_kernels' blocked kernel (f32 on CPUs, unsharded), else the queries in blocks that skip the
-scores above the diagonal. With a cache the new keys and
-values are written into it first: cpu_kernels' kernel where the caller allows it and it applies,
-else XLA's form. Returning the probabilities takes the dense forms, which hold them.
+scores above the diagonal. With a cache the new keys and values are written into it first:
+cpu_kernels' kernel where the caller allows it and it applies, else XLA's form. Returning the
+probabilities takes the dense forms, which hold them.
 """
 import functools
 
